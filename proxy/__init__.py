@@ -1,0 +1,3 @@
+"""port443: a TLS-terminating reverse proxy and HTTP-to-HTTPS redirector."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,358 @@
+"""Certificate issuance over ACME (RFC 8555) with the `acme` package, driven from trio.
+
+`acme` is synchronous (requests underneath), so each protocol request runs in a worker
+thread while every wait between requests happens in trio: a cancelled issuance stops at
+once and always removes its challenge files. Polling is ours, with short waits, because
+`ClientV2.poll_and_finalize` sleeps a whole second per round.
+
+The account key is created once per ACME directory and kept in
+`<certs>/acme/<directory host>/account.json`; registering is idempotent (the CA answers
+an existing key with its account), so every process start reuses the same account.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, TypeVar
+from urllib.parse import urlsplit
+
+import requests
+import trio
+from acme import challenges, crypto_util, messages
+from acme import client as acme_client
+from acme import errors as acme_errors
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from josepy.b64 import b64encode
+from josepy.jwa import ES256
+from josepy.jwk import JWK, JWKEC
+
+from proxy.certs.acme_challenges import write_http01, write_tls_alpn01
+from proxy.certs.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+ChallengeType = Literal["http-01", "tls-alpn-01"]
+KeyType = Literal["ecdsa-p256", "rsa-2048"]
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+ACCOUNT_FILE = "account.json"
+
+_BAD_NONCE_ATTEMPTS = 10  # RFC 8555 6.5: badNonce is retryable; CAs may reject good nonces
+_NETWORK_ATTEMPTS = 3
+_HTTP_TIMEOUT = 30  # seconds, per HTTP request to the CA
+_POLL_FIRST, _POLL_MAX = 0.05, 2.0  # seconds between polls of an authorization or order
+
+_T = TypeVar("_T")
+
+
+class AcmeError(Exception):
+    """An issuance failed; the message names the identifier, challenge and the CA's problem."""
+
+
+class IssuedCertificate(NamedTuple):
+    fullchain_pem: bytes
+    key_pem: bytes
+
+
+@dataclass(frozen=True)
+class ExternalAccountBinding:
+    """RFC 8555 7.3.4 credentials, for CAs that only serve pre-existing customers."""
+
+    kid: str
+    hmac_key: str  # base64url, as the CA hands it out
+
+
+class _ReadyResponse(challenges.KeyAuthorizationChallengeResponse):
+    """The `{}` POST that asks the CA to validate a challenge of any type.
+
+    `acme` 5 has no TLS-ALPN-01 classes; this body is the same for every type. The key
+    authorization field is never sent, it only keeps the object truthy so that `acme`
+    signs a `{}` payload instead of an empty POST-as-GET.
+    """
+
+    typ = "ready"
+
+
+class _Network(acme_client.ClientNetwork):
+    """A ClientNetwork that keeps retrying badNonce rejections, not only once."""
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        for attempt in range(1, _BAD_NONCE_ATTEMPTS + 1):
+            try:
+                return self._post_once(*args, **kwargs)
+            except messages.Error as error:
+                if error.code != "badNonce" or attempt == _BAD_NONCE_ATTEMPTS:
+                    raise
+                log.debug("ACME badNonce on attempt %d, retrying: %s", attempt, error)
+        raise AssertionError("unreachable")
+
+
+class AcmeClient:
+    """One ACME account at one CA; issues certificates for sets of names."""
+
+    def __init__(
+        self,
+        certs_dir: Path,
+        directory: str = LETS_ENCRYPT,
+        *,
+        email: str | None = None,
+        ca_bundle: Path | None = None,
+        challenges: Sequence[ChallengeType] = ("http-01", "tls-alpn-01"),
+        eab: ExternalAccountBinding | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        self.certs_dir = certs_dir
+        self.directory = directory
+        self.account_path = certs_dir / "acme" / _directory_dirname(directory) / ACCOUNT_FILE
+        self._email = email
+        self._verify: bool | str = str(ca_bundle) if ca_bundle is not None else True
+        self._challenges = tuple(challenges)
+        self._eab = eab
+        self._timeout = timeout
+        self._client: acme_client.ClientV2 | None = None
+        self._setup_lock = trio.Lock()
+        self._one_request = trio.CapacityLimiter(1)  # requests.Session is not thread-safe
+
+    async def account_uri(self) -> str:
+        """Register (or find) the account; returns its URL at the CA."""
+        client = await self._registered()
+        assert client.net.account is not None
+        return str(client.net.account.uri)
+
+    async def issue(
+        self,
+        names: Sequence[str],
+        key_type: KeyType = "ecdsa-p256",
+        challenges: Sequence[ChallengeType] | None = None,
+    ) -> IssuedCertificate:
+        """Order one certificate covering `names` with a fresh key; AcmeError on failure."""
+        names = list(dict.fromkeys(n.lower().rstrip(".") for n in names))
+        preference = tuple(challenges) if challenges is not None else self._challenges
+        key_pem = _new_key_pem(key_type)
+        csr_pem = crypto_util.make_csr(key_pem, names)
+        with trio.move_on_after(self._timeout) as scope:
+            try:
+                client = await self._registered()
+                order = await self._call(client.new_order, csr_pem)
+                await self._authorize(client, order, preference)
+                fullchain = await self._finalize(client, order)
+            except messages.Error as error:
+                raise AcmeError(f"{', '.join(names)}: {error}") from error
+            except (requests.RequestException, acme_errors.Error) as error:
+                raise AcmeError(f"{', '.join(names)}: {type(error).__name__}: {error}") from error
+        if scope.cancelled_caught:
+            raise AcmeError(f"{', '.join(names)}: no certificate within {self._timeout:g} s")
+        log.info("ACME: issued a certificate for %s by %s", ", ".join(names), self.directory)
+        return IssuedCertificate(fullchain.encode("ascii"), key_pem)
+
+    async def _registered(self) -> acme_client.ClientV2:
+        async with self._setup_lock:
+            if self._client is None:
+                self._client = await self._call(self._register)
+            return self._client
+
+    def _register(self) -> acme_client.ClientV2:
+        """Load or create the account key, then create or look up its account (blocking)."""
+        stored = self._load_account()
+        if stored is None:
+            key = JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+            self._save_account(key, None)  # before registering: a crash must not lose it
+        else:
+            key, _ = stored
+        # requests takes a CA file path as well as a bool; a path also beats REQUESTS_CA_BUNDLE
+        verify: Any = self._verify
+        net = _Network(key, alg=ES256, verify_ssl=verify, timeout=_HTTP_TIMEOUT)
+        net.user_agent = "port443"
+        directory = acme_client.ClientV2.get_directory(self.directory, net)
+        client = acme_client.ClientV2(directory, net)
+        binding = None
+        if self._eab is not None:
+            binding = messages.ExternalAccountBinding.from_data(
+                key.public_key(), self._eab.kid, self._eab.hmac_key, directory
+            )
+        elif client.external_account_required():
+            raise AcmeError(f"{self.directory} requires external account binding (eab_kid)")
+        registration = messages.NewRegistration.from_data(
+            email=self._email, terms_of_service_agreed=True, external_account_binding=binding
+        )
+        try:
+            uri = client.new_account(registration).uri
+            log.info("ACME: registered account %s at %s", uri, self.directory)
+        except acme_errors.ConflictError as existing:  # the key already has an account
+            uri = str(existing)
+            client.net.account = messages.RegistrationResource(
+                uri=uri, body=messages.Registration()
+            )
+        if stored is None or stored[1] != uri:
+            self._save_account(key, uri)
+        return client
+
+    def _load_account(self) -> tuple[JWKEC, str | None] | None:
+        try:
+            data = json.loads(self.account_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        key = JWK.from_json(data["key"])
+        if not isinstance(key, JWKEC):  # we only ever create P-256 keys, signed with ES256
+            raise AcmeError(f"{self.account_path}: the account key is not an EC key")
+        return key, data.get("uri")
+
+    def _save_account(self, key: JWKEC, uri: str | None) -> None:
+        data = {"directory": self.directory, "uri": uri, "key": key.to_json()}
+        self.account_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(self.account_path, json.dumps(data, indent=2).encode(), 0o600)
+
+    async def _authorize(
+        self,
+        client: acme_client.ClientV2,
+        order: messages.OrderResource,
+        preference: tuple[ChallengeType, ...],
+    ) -> None:
+        """Answer every pending authorization of `order` and wait until all are valid."""
+        published: list[Path] = []
+        pending: list[tuple[messages.AuthorizationResource, str]] = []
+        try:
+            for authz in order.authorizations:
+                if authz.body.status == messages.STATUS_VALID:  # reused by the CA
+                    continue
+                if authz.body.status != messages.STATUS_PENDING:
+                    raise AcmeError(_authz_failure(authz, None))
+                challb, typ = _pick_challenge(authz, preference)
+                published.append(self._publish(client, authz, challb, typ))
+                await self._call(client.answer_challenge, challb, _ReadyResponse())
+                pending.append((authz, typ))
+            for authz, typ in pending:
+                done = await self._poll_authorization(client, authz)
+                if done.body.status != messages.STATUS_VALID:
+                    raise AcmeError(_authz_failure(done, typ))
+        finally:
+            for path in published:
+                path.unlink(missing_ok=True)
+
+    def _publish(
+        self,
+        client: acme_client.ClientV2,
+        authz: messages.AuthorizationResource,
+        challb: messages.ChallengeBody,
+        typ: str,
+    ) -> Path:
+        token = str(challb.to_partial_json()["token"])
+        assert client.net.key is not None
+        thumbprint = client.net.key.public_key().thumbprint(hash_function=hashes.SHA256)
+        key_authorization = f"{token}.{b64encode(thumbprint).decode('ascii')}"
+        if typ == "http-01":
+            return write_http01(self.certs_dir, token, key_authorization)
+        return write_tls_alpn01(self.certs_dir, authz.body.identifier.value, key_authorization)
+
+    async def _poll_authorization(
+        self, client: acme_client.ClientV2, authz: messages.AuthorizationResource
+    ) -> messages.AuthorizationResource:
+        for delay in _poll_delays():
+            authz, response = await self._call(client.poll, authz)
+            if authz.body.status not in (messages.STATUS_PENDING, messages.STATUS_PROCESSING):
+                return authz
+            await trio.sleep(max(delay, _retry_after(response)))
+        raise AssertionError("unreachable")
+
+    async def _finalize(self, client: acme_client.ClientV2, order: messages.OrderResource) -> str:
+        """Submit the CSR, wait for the certificate and download the full chain."""
+        try:
+            await self._call(client.begin_finalization, order)
+        except messages.Error as error:
+            if error.code != "orderNotReady":  # a retried finalize that already went through
+                raise
+        new_nonce = client.directory["newNonce"]
+        for delay in _poll_delays():
+            response = await self._call(client.net.post, order.uri, None, new_nonce_url=new_nonce)
+            body = messages.Order.from_json(response.json())
+            if body.status == messages.STATUS_INVALID:
+                raise AcmeError(f"order {order.uri} became invalid: {body.error}")
+            if body.status == messages.STATUS_VALID and body.certificate:
+                cert = await self._call(
+                    client.net.post, body.certificate, None, new_nonce_url=new_nonce
+                )
+                return str(cert.text)
+            await trio.sleep(max(delay, _retry_after(response)))
+        raise AssertionError("unreachable")
+
+    async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Run one blocking `acme` call in a thread; connection failures are retried."""
+        for attempt in range(1, _NETWORK_ATTEMPTS + 1):
+            try:
+                return await trio.to_thread.run_sync(
+                    lambda: fn(*args, **kwargs), limiter=self._one_request
+                )
+            except (requests.ConnectionError, requests.Timeout) as error:
+                if attempt == _NETWORK_ATTEMPTS:
+                    raise
+                log.warning("ACME: %s unreachable (%s), retrying", self.directory, error)
+                await trio.sleep(attempt)
+        raise AssertionError("unreachable")
+
+
+def _pick_challenge(
+    authz: messages.AuthorizationResource, preference: tuple[ChallengeType, ...]
+) -> tuple[messages.ChallengeBody, str]:
+    offered = {str(c.to_partial_json()["type"]): c for c in authz.body.challenges}
+    for typ in preference:
+        if typ in offered:
+            return offered[typ], typ
+    raise AcmeError(
+        f"{authz.body.identifier.value}: the CA offers {sorted(offered)},"
+        f" none of the enabled challenges {list(preference)}"
+    )
+
+
+def _authz_failure(authz: messages.AuthorizationResource, typ: str | None) -> str:
+    """Say which identifier failed, with which challenge, and the CA's problem detail."""
+    name = authz.body.identifier.value
+    for challb in authz.body.challenges:
+        if challb.error is not None:
+            challenge_type = challb.to_partial_json()["type"]
+            return f"{name}: {challenge_type} validation failed: {challb.error}"
+    how = f" after {typ}" if typ else ""
+    return f"{name}: authorization is {authz.body.status}{how}, the CA gave no detail"
+
+
+def _poll_delays() -> Iterator[float]:
+    delay = _POLL_FIRST
+    while True:
+        yield delay
+        delay = min(delay * 2, _POLL_MAX)
+
+
+def _retry_after(response: requests.Response) -> float:
+    """Seconds the CA asked us to wait (RFC 8555 7.1.1 Retry-After), 0 when it did not."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return 0.0
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _new_key_pem(key_type: KeyType) -> bytes:
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    if key_type == "rsa-2048":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _directory_dirname(directory: str) -> str:
+    """`acme-v02.api.letsencrypt.org`, or `127.0.0.1_14000` when the port is explicit."""
+    return urlsplit(directory).netloc.lower().replace(":", "_")

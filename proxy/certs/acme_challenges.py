@@ -1,0 +1,136 @@
+"""ACME challenge responses kept on disk, so that any worker process can answer the CA.
+
+The ACME client writes each pending challenge under `<certs>/.challenges/`; whichever
+process accepts the CA's validation connection reads it back from there. Files are
+replaced atomically, so a reader sees either nothing or a whole response.
+
+- HTTP-01 (RFC 8555 8.3): `.challenges/http-01/<token>` holds the key authorization that
+  the port-80 listener returns for `GET /.well-known/acme-challenge/<token>`.
+- TLS-ALPN-01 (RFC 8737): `.challenges/tls-alpn-01/<name>.pem` holds a self-signed
+  certificate and its key, served to handshakes for `<name>` that offer ALPN `acme-tls/1`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.certs.store import atomic_write
+from proxy.tls.policy import server_context
+
+ACME_TLS_ALPN = "acme-tls/1"
+HTTP01_PATH_PREFIX = "/.well-known/acme-challenge/"
+CHALLENGES_DIR = ".challenges"
+
+# RFC 8737 section 3: id-pe-acmeIdentifier, a critical extension holding the DER
+# OCTET STRING (tag 0x04, length 32) of SHA-256(key authorization).
+_ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+
+# TLS-ALPN-01 contexts by file, reused while the file's (mtime, inode) stays the same.
+_alpn_contexts: dict[Path, tuple[tuple[int, int], ssl.SSLContext]] = {}
+
+
+def http01_path(certs_dir: Path, token: str) -> Path:
+    """Where the key authorization for `token` lives; ValueError for a malformed token."""
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"malformed ACME token {token!r}")
+    return certs_dir / CHALLENGES_DIR / "http-01" / token
+
+
+def tls_alpn01_path(certs_dir: Path, name: str) -> Path:
+    """Where the challenge certificate for `name` lives; ValueError for a malformed name."""
+    name = name.lower().rstrip(".")
+    if not _DNS_NAME.fullmatch(name):
+        raise ValueError(f"malformed DNS name {name!r}")
+    return certs_dir / CHALLENGES_DIR / "tls-alpn-01" / f"{name}.pem"
+
+
+def write_http01(certs_dir: Path, token: str, key_authorization: str) -> Path:
+    """Publish an HTTP-01 response; returns the file to remove once the authorization is done."""
+    path = http01_path(certs_dir, token)
+    _write(path, key_authorization.encode("ascii"))
+    return path
+
+
+def write_tls_alpn01(certs_dir: Path, name: str, key_authorization: str) -> Path:
+    """Publish a TLS-ALPN-01 certificate; returns the file to remove when the authz is done."""
+    path = tls_alpn01_path(certs_dir, name)
+    _write(path, tls_alpn01_certificate(name, key_authorization))
+    return path
+
+
+def http01_key_authorization(certs_dir: Path, token: str) -> bytes | None:
+    """The body to answer `GET /.well-known/acme-challenge/<token>` with, or None (404)."""
+    try:
+        return http01_path(certs_dir, token).read_bytes()
+    except (ValueError, FileNotFoundError):
+        return None
+
+
+def tls_alpn01_context(certs_dir: Path, server_name: str) -> ssl.SSLContext | None:
+    """A server context answering an `acme-tls/1` handshake for `server_name`, or None.
+
+    The peer's SNI picks the file, so it is validated before it touches the file system.
+    """
+    try:
+        path = tls_alpn01_path(certs_dir, server_name)
+    except ValueError:
+        return None
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        _alpn_contexts.pop(path, None)
+        return None
+    version = (st.st_mtime_ns, st.st_ino)
+    cached = _alpn_contexts.get(path)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    try:
+        ctx = server_context(path, path, [ACME_TLS_ALPN])
+    except (OSError, ssl.SSLError):  # replaced or removed between stat() and load
+        _alpn_contexts.pop(path, None)
+        return None
+    _alpn_contexts[path] = (version, ctx)
+    return ctx
+
+
+def tls_alpn01_certificate(name: str, key_authorization: str) -> bytes:
+    """PEM certificate and key proving control of `name` to a TLS-ALPN-01 validator."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(x509.Name([]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=True)
+        .add_extension(
+            x509.UnrecognizedExtension(_ACME_IDENTIFIER, b"\x04\x20" + digest), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM) + key_pem
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(path, data, 0o600)

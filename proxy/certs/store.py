@@ -1,0 +1,208 @@
+"""Certificates on disk: `<root>/<name>/{fullchain.pem,privkey.pem,meta.json}`.
+
+Several processes share one store without talking to each other, and a crash may happen
+at any moment, so a pair is replaced as a unit: the new files are written next to the
+old ones as `*.new`, `meta.json.new` is written last as the commit record, and only then
+are they renamed into place. Whoever loads next finishes or discards a half-done write.
+Each certificate directory is flock()ed while it is written or recovered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+log = logging.getLogger(__name__)
+
+CHAIN_FILE = "fullchain.pem"
+KEY_FILE = "privkey.pem"
+META_FILE = "meta.json"
+NEW_SUFFIX = ".new"
+_PAIR_FILES = (CHAIN_FILE, KEY_FILE)  # renamed before META_FILE, the commit record
+
+
+class InvalidCertificate(ValueError):
+    """A certificate/key pair that cannot be used: unparsable, empty, or not matching."""
+
+
+@dataclass(frozen=True)
+class StoredCert:
+    name: str
+    chain_path: Path
+    key_path: Path
+    names: tuple[str, ...]  # subjectAltName DNS names and IP addresses
+    not_before: datetime  # timezone-aware (UTC)
+    not_after: datetime
+    serial: int
+    meta: dict[str, object] = field(default_factory=dict, hash=False)
+
+
+class CertStore:
+    """The `certs/` directory: one sub-directory per certificate name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise ValueError(f"invalid certificate name {name!r}")
+        return self.root / name
+
+    def write(
+        self, name: str, fullchain_pem: bytes, key_pem: bytes, meta: dict[str, object]
+    ) -> None:
+        """Replace the pair `name` so that a crash leaves either the old or the new one."""
+        directory = self.path(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        with dir_lock(directory) as dir_fd:
+            _recover(directory, dir_fd)  # a stale commit record must not adopt our files
+            _write_file(directory / (CHAIN_FILE + NEW_SUFFIX), fullchain_pem, 0o644)
+            _write_file(directory / (KEY_FILE + NEW_SUFFIX), key_pem, 0o600)
+            meta_json = json.dumps(meta, sort_keys=True, indent=2).encode()
+            _write_file(directory / (META_FILE + NEW_SUFFIX), meta_json, 0o644)
+            os.fsync(dir_fd)
+            _roll_forward(directory, dir_fd)
+
+    def load(self, name: str) -> StoredCert | None:
+        """The pair `name`, or None when it is absent or unusable (logged, never raised)."""
+        directory = self.path(name)
+        if not directory.is_dir():
+            return None
+        try:
+            with dir_lock(directory) as dir_fd:
+                _recover(directory, dir_fd)
+                meta = json.loads((directory / META_FILE).read_bytes())
+                if not isinstance(meta, dict):
+                    raise InvalidCertificate(f"{META_FILE} is not a JSON object")
+                return read_pair(name, directory / CHAIN_FILE, directory / KEY_FILE, meta)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # InvalidCertificate and JSON errors included
+            log.warning("ignoring stored certificate %s in %s: %s", name, directory, exc)
+            return None
+
+
+def read_pair(
+    name: str, chain_path: Path, key_path: Path, meta: dict[str, object] | None = None
+) -> StoredCert:
+    """Parse a PEM chain and key; InvalidCertificate unless the key matches the leaf."""
+    try:
+        chain = x509.load_pem_x509_certificates(chain_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: encrypted key
+        raise InvalidCertificate(f"{chain_path} / {key_path}: {exc}") from exc
+    leaf = chain[0]
+    if _spki(key.public_key()) != _spki(leaf.public_key()):
+        raise InvalidCertificate(f"{key_path} does not belong to the certificate in {chain_path}")
+    return StoredCert(
+        name=name,
+        chain_path=chain_path,
+        key_path=key_path,
+        names=subject_alt_names(leaf),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        serial=leaf.serial_number,
+        meta=meta or {},
+    )
+
+
+def subject_alt_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """DNS names then IP addresses (as text) from the certificate's subjectAltName."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return (*san.get_values_for_type(x509.DNSName), *ips)
+
+
+def _spki(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _recover(directory: Path, dir_fd: int) -> None:
+    """Finish a write whose commit record is complete; otherwise drop its leftovers."""
+    commit = directory / (META_FILE + NEW_SUFFIX)
+    if commit.exists() and _is_json(commit):
+        _roll_forward(directory, dir_fd)
+        return
+    stray = [directory / (f + NEW_SUFFIX) for f in (*_PAIR_FILES, META_FILE)]
+    if any(p.exists() for p in stray):
+        for path in stray:
+            path.unlink(missing_ok=True)
+        os.fsync(dir_fd)
+
+
+def _is_json(path: Path) -> bool:
+    """A commit record cut short by power loss is not valid JSON, so it does not count."""
+    try:
+        json.loads(path.read_bytes())
+    except ValueError:
+        return False
+    return True
+
+
+def _roll_forward(directory: Path, dir_fd: int) -> None:
+    for filename in (*_PAIR_FILES, META_FILE):
+        new = directory / (filename + NEW_SUFFIX)
+        if new.exists():  # absent when an earlier roll-forward renamed it already
+            os.replace(new, directory / filename)
+    os.fsync(dir_fd)
+
+
+@contextlib.contextmanager
+def dir_lock(directory: Path) -> Iterator[int]:
+    """Hold an exclusive flock() on `directory`; yields its fd (for fsyncing entries)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that readers and crashes see the old or new content."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        _write_file(Path(tmp), data, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames and creations in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write and fsync `path` with permissions `mode`; it never has wider ones meanwhile."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, mode)
+        f.write(data)
+        f.flush()
+        os.fsync(fd)

@@ -1,0 +1,78 @@
+"""Command line: `port443 run` serves, `port443 check` validates a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from proxy.config import Config
+from proxy.config_load import ConfigError, load_config
+from proxy.server import Server
+
+DEFAULT_CONFIG = Path("config/port443.toml")
+log = logging.getLogger("proxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="port443", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "run the proxy"),
+        ("check", "validate a configuration file and exit 0 (valid) or 1"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument(
+            "-c", "--config", type=Path, default=DEFAULT_CONFIG, help=f"TOML file (default {DEFAULT_CONFIG})"
+        )
+    return parser
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"port443: invalid configuration:\n{exc}", file=sys.stderr)
+        return None
+
+
+async def _serve(config: Config) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    server = Server(config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_handle_signals, server, nursery.cancel_scope)
+        await server.run()
+        nursery.cancel_scope.cancel()
+
+
+async def _handle_signals(server: Server, stop_now: trio.CancelScope) -> None:
+    """First SIGTERM/SIGINT drains gracefully; a second one cuts the grace period short."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if server.shutting_down:
+                log.warning("received %s again: stopping now", signal.Signals(signum).name)
+                stop_now.cancel()
+                return
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            server.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = _load(args.config)
+    if config is None:
+        return 1
+    if args.command == "check":
+        print(f"{args.config}: OK ({len(config.sites)} sites)")
+        return 0
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    trio.run(_serve, config)
+    return 0

@@ -1,0 +1,434 @@
+"""TOML config file -> `Config`, or one `ConfigError` listing every problem with its line.
+
+All problems are collected before raising, so a user fixes a config in one pass rather than
+one error per attempt; each names the file, line and key (`config/x.toml:3: listen.https: ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any, TypeVar, cast, get_args, get_type_hints
+from urllib.parse import urlsplit
+
+from proxy.config import (
+    CertsConfig,
+    Config,
+    HSTSConfig,
+    Issuer,
+    LimitsConfig,
+    ListenConfig,
+    SiteConfig,
+    TLSConfig,
+    Upstream,
+    UpstreamScheme,
+)
+from proxy.toml_lines import KeyLocator, KeyPath
+
+T = TypeVar("T")
+Table = dict[str, object]
+
+_TOP_KEYS = ("log_level", "listen", "certs", "hsts", "limits", "tls", "sites")
+_LISTEN_KEYS = ("address", "http", "https")
+_CERTS_KEYS = ("dir", "issuer")
+_HSTS_KEYS = tuple(f.name for f in dataclasses.fields(HSTSConfig))
+_LIMITS_TYPES = get_type_hints(LimitsConfig)
+_TLS_KEYS = ("default_site",)
+_SITE_KEYS = ("hosts", "upstreams", "cert", "key")
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_DEFAULT_PORTS: dict[UpstreamScheme, int] = {"http": 80, "h2c": 80, "https": 443}
+_PRELOAD_MIN_AGE = 31536000  # one year: hstspreload.org's minimum
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_HOST_WITH_PORT = re.compile(r"[^:]+:\d*|\[[^\]]*\]:\d*")
+_TOML_ERROR_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+class ConfigError(Exception):
+    """The config file is unusable; `problems` holds one `FILE:LINE: key: message` each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Invalid(ValueError):
+    """A value failed a check; the message is reported against the value's key."""
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the config file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: config is not UTF-8: {exc}"]) from exc
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate TOML `text`; `path` is only used in messages and as `Config.path`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = _TOML_ERROR_LINE.search(str(exc))
+        line = match.group(1) if match else max(1, len(text.splitlines()))
+        raise ConfigError([f"{path}:{line}: invalid TOML: {exc}"]) from None
+    reader = _Reader(path, KeyLocator(text))
+    config = reader.config(data)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return config
+
+
+class _Reader:
+    """Walks the parsed TOML tree into the model, collecting problems instead of raising."""
+
+    def __init__(self, path: Path, locator: KeyLocator) -> None:
+        self._path = path
+        self._locator = locator
+        self._problems: list[tuple[float, str]] = []  # (line, message); no line sorts last
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem found, in file order."""
+        return [message for _, message in sorted(self._problems, key=lambda found: found[0])]
+
+    def config(self, data: Table) -> Config:
+        """The model built from `data`; meaningless if any problem was found."""
+        root = self._table(data, (), _TOP_KEYS) or {}
+        log_level = self._value(root, (), "log_level", "info", _choice(_LOG_LEVELS))
+        certs = self._certs(root)
+        sites = self._sites(root, certs.issuer)
+        return Config(
+            path=self._path,
+            listen=self._listen(root),
+            certs=certs,
+            hsts=self._hsts(root),
+            limits=self._limits(root),
+            tls=self._tls(root, sites),
+            sites=sites,
+            log_level=log_level,
+        )
+
+    def _listen(self, root: Table) -> ListenConfig:
+        key: KeyPath = ("listen",)
+        table = self._section(root, "listen", _LISTEN_KEYS)
+        default = ListenConfig()
+        addresses = self._value(table, key, "address", default.addresses, _ip_addresses)
+        http = self._value(table, key, "http", default.http, _port(0))
+        https = self._value(table, key, "https", default.https, _port(1))
+        if http == https:
+            self._problem((*key, "http"), f"must differ from listen.https (both are {https})")
+        return ListenConfig(addresses, http, https)
+
+    def _certs(self, root: Table) -> CertsConfig:
+        key: KeyPath = ("certs",)
+        table = self._section(root, "certs", _CERTS_KEYS)
+        default = CertsConfig()
+        directory = self._value(table, key, "dir", default.dir.absolute(), _path)
+        issuers: tuple[Issuer, ...] = get_args(Issuer)
+        issuer = self._value(table, key, "issuer", default.issuer, _choice(issuers))
+        return CertsConfig(directory, issuer)
+
+    def _hsts(self, root: Table) -> HSTSConfig:
+        key: KeyPath = ("hsts",)
+        table = self._section(root, "hsts", _HSTS_KEYS)
+        default = HSTSConfig()
+        hsts = HSTSConfig(
+            max_age=self._value(table, key, "max_age", default.max_age, _integer(0)),
+            include_subdomains=self._value(
+                table, key, "include_subdomains", default.include_subdomains, _boolean
+            ),
+            preload=self._value(table, key, "preload", default.preload, _boolean),
+        )
+        if hsts.preload and not hsts.include_subdomains:
+            self._problem((*key, "preload"), "requires include_subdomains = true")
+        if hsts.preload and hsts.max_age < _PRELOAD_MIN_AGE:
+            self._problem(
+                (*key, "preload"),
+                f"requires max_age >= {_PRELOAD_MIN_AGE} (one year), got {hsts.max_age}",
+            )
+        return hsts
+
+    def _limits(self, root: Table) -> LimitsConfig:
+        key: KeyPath = ("limits",)
+        table = self._section(root, "limits", _LIMITS_TYPES)
+        default = LimitsConfig()
+        values: dict[str, Any] = {
+            name: self._value(
+                table,
+                key,
+                name,
+                getattr(default, name),
+                _integer(1) if kind is int else _positive_number,
+            )
+            for name, kind in _LIMITS_TYPES.items()
+        }
+        return LimitsConfig(**values)
+
+    def _tls(self, root: Table, sites: tuple[SiteConfig, ...]) -> TLSConfig:
+        key: KeyPath = ("tls",)
+        table = self._section(root, "tls", _TLS_KEYS)
+        default_site = self._value(table, key, "default_site", None, _host)
+        hosts = [host for site in sites for host in site.hosts]
+        if default_site is not None and hosts and default_site not in hosts:
+            self._problem(
+                (*key, "default_site"), f"{_show(default_site)} is not a host of any site"
+            )
+        return TLSConfig(default_site)
+
+    def _sites(self, root: Table, issuer: Issuer) -> tuple[SiteConfig, ...]:
+        key: KeyPath = ("sites",)
+        raw = root.get("sites", [])
+        if not isinstance(raw, list):
+            self._problem(key, f"must be an array of tables ([[sites]]), got {_show(raw)}")
+            return ()
+        if not raw:
+            self._problem(key, "at least one [[sites]] table is required")
+        sites: list[SiteConfig] = []
+        served_by: dict[str, KeyPath] = {}
+        for index, item in enumerate(raw):
+            site_key = (*key, index)
+            table = self._table(item, site_key, _SITE_KEYS)
+            if table is None:
+                continue
+            hosts = self._each(table, site_key, "hosts", _host)
+            for host_key, host in hosts.items():
+                if host in served_by:
+                    owner = _dotted(served_by[host])
+                    self._problem(host_key, f"host {_show(host)} is already served by {owner}")
+                served_by.setdefault(host, site_key)
+            upstreams = self._each(table, site_key, "upstreams", _upstream)
+            cert, private_key = (
+                self._site_file(table, site_key, name, issuer) for name in ("cert", "key")
+            )
+            sites.append(
+                SiteConfig(tuple(hosts.values()), tuple(upstreams.values()), cert, private_key)
+            )
+        return tuple(sites)
+
+    def _site_file(self, table: Table, site_key: KeyPath, name: str, issuer: Issuer) -> Path | None:
+        """A site's cert or key path: required and existing with issuer "files", else absent."""
+        key = (*site_key, name)
+        path = self._value(table, site_key, name, None, _path)
+        if issuer != "files" and name in table:
+            self._problem(key, f'is only used with certs.issuer = "files" (issuer is "{issuer}")')
+        elif issuer == "files" and name not in table:
+            self._problem(key, 'is required with certs.issuer = "files"')
+        elif path is not None and not path.is_file():
+            self._problem(key, f"file not found: {path}")
+        return path
+
+    # -- generic checks -------------------------------------------------------------------
+
+    def _problem(self, key: KeyPath, message: str) -> None:
+        line = self._locator.line(key)
+        where = f"{self._path}:{line}" if line else str(self._path)
+        self._problems.append((line or math.inf, f"{where}: {_dotted(key)}: {message}"))
+
+    def _section(self, root: Table, name: str, known: Collection[str]) -> Table:
+        """The top-level table `name`; empty when absent or not a table."""
+        return self._table(root.get(name, {}), (name,), known) or {}
+
+    def _table(self, value: object, key: KeyPath, known: Collection[str]) -> Table | None:
+        """`value` as a table after reporting its unknown keys; None if it is not a table."""
+        if not isinstance(value, dict):
+            self._problem(key, f"must be a table, got {_show(value)}")
+            return None
+        for name in value:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                self._problem((*key, name), f"unknown key{hint}")
+        return value
+
+    def _value(
+        self, table: Table, key: KeyPath, name: str, default: T, convert: Callable[[object], T]
+    ) -> T:
+        """`table[name]` converted, or `default` when absent or invalid (then reported)."""
+        if name not in table:
+            return default
+        try:
+            return convert(table[name])
+        except _Invalid as exc:
+            self._problem((*key, name), str(exc))
+            return default
+
+    def _each(
+        self, table: Table, key: KeyPath, name: str, convert: Callable[[object], T]
+    ) -> dict[KeyPath, T]:
+        """The required non-empty array `table[name]`, converted, keyed by element key path.
+
+        Bad elements are reported at their own index (`sites[0].hosts[2]`) and left out.
+        """
+        array_key = (*key, name)
+        raw = table.get(name)
+        if raw is None:
+            self._problem(array_key, "is required")
+            return {}
+        if not isinstance(raw, list) or not raw:
+            self._problem(array_key, f"must be a non-empty array, got {_show(raw)}")
+            return {}
+        converted: dict[KeyPath, T] = {}
+        for index, element in enumerate(raw):
+            try:
+                converted[(*array_key, index)] = convert(element)
+            except _Invalid as exc:
+                self._problem((*array_key, index), str(exc))
+        return converted
+
+
+# -- converters: value -> model value, or raise _Invalid ------------------------------------
+
+
+def _choice(options: tuple[T, ...]) -> Callable[[object], T]:
+    def convert(value: object) -> T:
+        for option in options:
+            if value == option:
+                return option
+        shown = ", ".join(_show(option) for option in options)
+        raise _Invalid(f"must be one of {shown}, got {_show(value)}")
+
+    return convert
+
+
+def _port(low: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if type(value) is int and low <= value <= 65535:
+            return value
+        raise _Invalid(f"must be an integer port {low}-65535, got {_show(value)}")
+
+    return convert
+
+
+def _integer(minimum: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if type(value) is int and value >= minimum:
+            return value
+        raise _Invalid(f"must be an integer >= {minimum}, got {_show(value)}")
+
+    return convert
+
+
+def _positive_number(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
+        return float(value)
+    raise _Invalid(f"must be a number > 0, got {_show(value)}")
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid(f"must be true or false, got {_show(value)}")
+
+
+def _path(value: object) -> Path:
+    """A file system path; relative ones are taken from the current working directory."""
+    if isinstance(value, str) and value:
+        return Path(value).absolute()
+    raise _Invalid(f"must be a non-empty path string, got {_show(value)}")
+
+
+def _ip_addresses(value: object) -> tuple[str, ...]:
+    """One IP address or a non-empty array of them; repeats are dropped."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise _Invalid("must not be an empty array")
+    return tuple(dict.fromkeys(_ip_address(element) for element in values))
+
+
+def _ip_address(value: object) -> str:
+    try:
+        return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+    except ValueError:
+        raise _Invalid(
+            f'must be an IP address such as "0.0.0.0" or "::", got {_show(value)}'
+        ) from None
+
+
+def _host(value: object) -> str:
+    """A site host as clients send it: a lower-case DNS name (A-label) or a bare IP literal."""
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a host name string, got {_show(value)}")
+    literal = value[1:-1] if value[:1] == "[" and value[-1:] == "]" else value
+    try:
+        return str(ipaddress.ip_address(literal))
+    except ValueError:
+        pass
+    if _HOST_WITH_PORT.fullmatch(value):
+        raise _Invalid(f"host {_show(value)} must not include a port")
+    try:
+        name = value.removesuffix(".").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        name = ""
+    labels = name.split(".")
+    if (
+        len(name) > 253
+        or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise _Invalid(f"host {_show(value)} is not a valid DNS name or IP address")
+    return name
+
+
+def _upstream(value: object) -> Upstream:
+    """An upstream base URL: scheme and authority only, the request supplies the path."""
+    if not isinstance(value, str) or "://" not in value:
+        raise _Invalid(f'must be a URL such as "http://127.0.0.1:8000", got {_show(value)}')
+    url = urlsplit(value)
+    scheme = cast(UpstreamScheme, url.scheme.lower())
+    if scheme not in _DEFAULT_PORTS:
+        raise _Invalid(f"scheme must be http, h2c or https, got {_show(value)}")
+    if "@" in url.netloc:
+        raise _Invalid(f"must not contain user info, got {_show(value)}")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise _Invalid(f"must not have a path, query or fragment, got {_show(value)}")
+    if not url.hostname:
+        raise _Invalid(f"must name a host, got {_show(value)}")
+    try:
+        port = url.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise _Invalid(f"port must be 1-65535, got {_show(value)}")
+    port = port or _DEFAULT_PORTS[scheme]
+    authority = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    return Upstream(f"{scheme}://{authority}:{port}", scheme, url.hostname, port)
+
+
+# -- message formatting ----------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """`value` as a user would write it in TOML, or its kind when that would be long."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array" if value else "an empty array"
+    return str(value)
+
+
+def _dotted(key: KeyPath) -> str:
+    """("sites", 1, "hosts", 0) -> "sites[1].hosts[0]"."""
+    text = ""
+    for part in key:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            text += f".{name}" if text else name
+    return text

@@ -1,0 +1,1 @@
+"""HTTP front ends (h11, h2), the shared request model and header policy."""

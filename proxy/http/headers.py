@@ -1,0 +1,89 @@
+"""Header policy for forwarded messages (RFC 9110 §7.6): what a proxy removes and adds."""
+
+from __future__ import annotations
+
+from proxy.http.model import Headers, Request
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+VIA_NAME = b"port443"
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Header names listed in Connection: they are hop-by-hop for this message only."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def without_hop_by_hop(headers: Headers) -> Headers:
+    named = _connection_tokens(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if name not in HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")
+    ]
+
+
+def _via(http_version: bytes) -> bytes:
+    return http_version + b" " + VIA_NAME
+
+
+def upstream_request_headers(request: Request, chunked: bool) -> Headers:
+    """Headers sent upstream: Host kept, hop-by-hop dropped, X-Forwarded-* and Via added.
+
+    `chunked` adds Transfer-Encoding for a body of unknown length (h11 needs the framing).
+    Expect is dropped: like nginx and Go, we answer 100-continue ourselves when we start
+    reading the body, so backends that ignore Expect cannot stall the upload.
+    """
+    forwarded_for = request.client_ip.encode("ascii")
+    via = _via(request.http_version)
+    out: Headers = [(b"host", request.host)]
+    for name, value in without_hop_by_hop(request.headers):
+        if name == b"x-forwarded-for":
+            forwarded_for = value + b", " + forwarded_for
+        elif name == b"via":
+            via = value + b", " + via
+        elif name not in (b"x-forwarded-proto", b"x-forwarded-host", b"expect"):
+            out.append((name, value))
+    out.append((b"x-forwarded-for", forwarded_for))
+    out.append((b"x-forwarded-proto", b"https"))
+    out.append((b"x-forwarded-host", request.host))
+    out.append((b"via", via))
+    if chunked:
+        out.append((b"transfer-encoding", b"chunked"))
+    return out
+
+
+def client_response_headers(
+    headers: Headers, upstream_version: bytes, hsts: bytes | None
+) -> Headers:
+    """Headers sent to the client: hop-by-hop dropped, Via added, HSTS unless upstream set it."""
+    out = without_hop_by_hop(headers)
+    via = _via(upstream_version)
+    has_hsts = False
+    for i, (name, value) in enumerate(out):
+        if name == b"via":
+            via = value + b", " + via
+            out[i] = (b"via", via)
+            via = b""
+        elif name == b"strict-transport-security":
+            has_hsts = True
+    if via:
+        out.append((b"via", via))
+    if hsts is not None and not has_hsts:
+        out.append((b"strict-transport-security", hsts))
+    return out

@@ -1,0 +1,78 @@
+"""The request/response model every front end produces and the forwarding core consumes.
+
+Front ends (HTTP/1.1 via h11, HTTP/2 via h2) translate their protocol events into these
+objects and implement `Exchange`; everything after that point is protocol-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+Headers = list[tuple[bytes, bytes]]  # lower-case names
+
+
+class ClientGone(Exception):
+    """The client closed or broke its connection (or stream) mid-exchange."""
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    target: bytes  # origin-form: path and query, or b"*"
+    host: bytes  # the Host header or :authority, as sent (may carry a port)
+    headers: Headers  # as received, without Host; hop-by-hop headers not yet removed
+    http_version: bytes  # b"1.0", b"1.1" or b"2"
+    has_body: bool  # whether body data follows (known from framing)
+    client_ip: str
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    headers: Headers
+
+
+class Exchange(Protocol):
+    """One request/response on a client connection, as the forwarding core sees it."""
+
+    request: Request
+    head_sent: bool
+
+    async def receive_data(self) -> bytes:
+        """The next piece of request body; b"" once it has ended. Raises ClientGone."""
+        ...
+
+    @property
+    def request_trailers(self) -> Headers | None:
+        """Trailers that ended the request body, available once receive_data returned b""."""
+        ...
+
+    async def send_informational(self, head: ResponseHead) -> None:
+        """Relay a 1xx response (e.g. 103 Early Hints)."""
+        ...
+
+    async def send_head(self, head: ResponseHead, body: bytes, end: bool) -> None:
+        """Send the final response head with the body bytes at hand, in one write."""
+        ...
+
+    async def send_data(self, data: bytes) -> None: ...
+
+    async def send_end(self, trailers: Headers | None = None) -> None: ...
+
+    async def abort(self) -> None:
+        """The response cannot be completed: make the client see an error, not a short body."""
+        ...
+
+
+def plain_response(
+    status: int, message: str, *extra: tuple[bytes, bytes]
+) -> tuple[ResponseHead, bytes]:
+    """A short text/plain response the proxy itself generates (errors, redirects)."""
+    body = message.encode("utf-8") + b"\n"
+    headers: Headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode("ascii")),
+        *extra,
+    ]
+    return ResponseHead(status, headers), body

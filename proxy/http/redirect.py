@@ -1,0 +1,52 @@
+"""The plain-HTTP port: ACME HTTP-01 answers, and a 308 to https for everything else."""
+
+from __future__ import annotations
+
+import re
+
+from proxy.http.h1 import CONNECTION_CLOSE
+from proxy.http.model import Exchange, plain_response
+
+ACME_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+# reg-name or IPv4 (RFC 3986 host), or a bracketed IPv6 literal; optional port.
+_HOST = re.compile(rb"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def https_location(host: bytes, target: bytes, https_port: int) -> bytes | None:
+    """The https URL for a plain-HTTP request, or None if Host is missing or malformed."""
+    if not _HOST.fullmatch(host):
+        return None
+    if host.startswith(b"["):
+        name = host[: host.index(b"]") + 1]
+    else:
+        name = host.partition(b":")[0]
+    if target.startswith((b"http://", b"https://")):  # absolute-form: keep only path?query
+        after_scheme = target.partition(b"://")[2]
+        slash = after_scheme.find(b"/")
+        target = after_scheme[slash:] if slash >= 0 else b"/"
+    elif not target.startswith(b"/"):
+        target = b"/"  # asterisk-form (OPTIONS *)
+    port = b"" if https_port == 443 else b":%d" % https_port
+    return b"https://" + name.lower() + port + target
+
+
+class Redirector:
+    """Request handler of the HTTP listener. Closes every connection after one answer,
+    as Caddy does: a client that was redirected has no more business on this port."""
+
+    def __init__(self, https_port: int) -> None:
+        self._https_port = https_port
+
+    async def __call__(self, exchange: Exchange) -> None:
+        request = exchange.request
+        if request.target.startswith(ACME_CHALLENGE_PREFIX):
+            head, body = plain_response(404, "Not Found", CONNECTION_CLOSE)
+        else:
+            location = https_location(request.host, request.target, self._https_port)
+            if location is None:
+                head, body = plain_response(400, "Bad Request: missing or invalid Host", CONNECTION_CLOSE)
+            else:
+                head, body = plain_response(
+                    308, "Permanent Redirect", (b"location", location), CONNECTION_CLOSE
+                )
+        await exchange.send_head(head, body, end=True)

@@ -1,0 +1,134 @@
+"""Byte streams over raw non-blocking sockets, driven by trio's readiness waits.
+
+trio's SocketStream/SSLStream layers cost more CPU per request than the protocol work itself,
+so the hot path talks to the socket directly: try the syscall, and only when it would block,
+wait for readiness. Timeouts are absolute trio deadlines and cost nothing unless we block.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import socket
+from typing import Protocol
+
+import trio
+
+RECEIVE_SIZE = 65536
+NO_DEADLINE = math.inf
+
+
+class StreamTimeout(Exception):
+    """The peer did not make progress before the deadline."""
+
+
+class ByteStream(Protocol):
+    """What the HTTP front ends need from a connection: plain TCP or TLS."""
+
+    async def receive_some(self, deadline: float = NO_DEADLINE) -> bytes: ...
+
+    async def send_all(self, data: bytes | memoryview, deadline: float = NO_DEADLINE) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def wait_readable(sock: socket.socket, deadline: float) -> None:
+    """Wait until `sock` is readable; StreamTimeout past `deadline`."""
+    if deadline == NO_DEADLINE:
+        await trio.lowlevel.wait_readable(sock)
+        return
+    with trio.move_on_at(deadline):
+        await trio.lowlevel.wait_readable(sock)
+        return
+    raise StreamTimeout
+
+
+async def wait_writable(sock: socket.socket, deadline: float) -> None:
+    """Wait until `sock` is writable; StreamTimeout past `deadline`."""
+    if deadline == NO_DEADLINE:
+        await trio.lowlevel.wait_writable(sock)
+        return
+    with trio.move_on_at(deadline):
+        await trio.lowlevel.wait_writable(sock)
+        return
+    raise StreamTimeout
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close a socket other tasks may be waiting on, waking them first (trio requires it)."""
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+class SocketStream:
+    """A plain TCP connection: the port-80 redirector and upstream connections use it."""
+
+    __slots__ = ("socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+
+    async def receive_some(self, deadline: float = NO_DEADLINE) -> bytes:
+        """Up to 64 KiB, or b"" at EOF. A reset connection reads as EOF."""
+        sock = self.socket
+        while True:
+            try:
+                return sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                await wait_readable(sock, deadline)
+            except ConnectionResetError:
+                return b""
+
+    async def send_all(self, data: bytes | memoryview, deadline: float = NO_DEADLINE) -> None:
+        sock = self.socket
+        view = memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                await wait_writable(sock, deadline)
+                continue
+            view = view[sent:]
+
+    async def aclose(self) -> None:
+        close_socket(self.socket)
+
+
+async def connect_tcp(host: str, port: int, deadline: float) -> socket.socket:
+    """Open a non-blocking TCP connection (first address that answers), StreamTimeout past deadline.
+
+    OSError carries the reason (refused, unreachable) for the caller's 502 log line.
+    """
+    with trio.move_on_at(deadline):
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        last_error: OSError = OSError(errno.EHOSTUNREACH, f"no address for {host}")
+        for family, type_, proto, _, address in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await _connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        raise last_error
+    raise StreamTimeout
+
+
+async def _connect(sock: socket.socket, address: tuple[object, ...] | str) -> None:
+    try:
+        sock.connect(address)
+        return
+    except BlockingIOError:
+        pass
+    await trio.lowlevel.wait_writable(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"connect to {address}: {errno.errorcode.get(err, err)}")

@@ -1,0 +1,185 @@
+"""Listeners, accept loops and the lifetime of one proxy process.
+
+Nursery layout: `services` (certificate manager) outlives `connections` (one task per client
+connection), which outlives the accept loops. Shutdown closes the listeners first, drains
+connections for the grace period, then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from proxy.certs.manager import CertManager
+from proxy.config import Config
+from proxy.forward import Forwarder
+from proxy.http.h1 import H1Connection, Handler
+from proxy.http.redirect import Redirector
+from proxy.lifecycle import Lifecycle
+from proxy.netio import SocketStream, StreamTimeout, close_socket
+from proxy.tls.clienthello import ClientHelloError
+from proxy.tls.stream import TLSStream, peek_client_hello
+from proxy.upstream.pool import Upstreams
+
+log = logging.getLogger(__name__)
+
+ConnectionHandler = Callable[[socket.socket, str], Awaitable[None]]
+
+ALPN = ("http/1.1",)
+LISTEN_BACKLOG = 1024
+HTTP_ON_TLS_PORT = (
+    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    b"Client sent an HTTP request to an HTTPS server.\n"
+)
+
+
+@dataclass(frozen=True)
+class BoundAddress:
+    kind: str  # "https" or "http"
+    host: str
+    port: int
+
+
+def bind_listener(address: str, port: int) -> socket.socket:
+    """A non-blocking listening socket. SO_REUSEPORT lets worker processes share the port;
+    IPv6 sockets are v6-only so "0.0.0.0" and "::" can be listed side by side."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """One proxy process: binds, serves, and shuts down gracefully on `shutdown()`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.certs = CertManager(config, ALPN)
+        self.lifecycle = Lifecycle(config.limits.max_connections)
+        self._upstreams = Upstreams(config.sites, config.limits)
+        self._forwarder = Forwarder(config, self._upstreams)
+        self._redirector = Redirector(config.listen.https)
+        self._shutdown = trio.Event()
+
+    def shutdown(self) -> None:
+        self._shutdown.set()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    async def run(self, *, task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED) -> None:
+        listen = self.config.listen
+        async with trio.open_nursery() as services:
+            await services.start(self.certs.run)
+            listeners: list[tuple[socket.socket, str]] = []
+            try:
+                for address in listen.addresses:
+                    listeners.append((bind_listener(address, listen.https), "https"))
+                    if listen.http:
+                        listeners.append((bind_listener(address, listen.http), "http"))
+                bound = [BoundAddress(kind, *sock.getsockname()[:2]) for sock, kind in listeners]
+                for b in bound:
+                    log.info("listening for %s on %s port %d", b.kind, b.host, b.port)
+                async with trio.open_nursery() as connections:
+                    async with trio.open_nursery() as acceptors:
+                        for sock, kind in listeners:
+                            serve = self._serve_tls if kind == "https" else self._serve_http
+                            acceptors.start_soon(self._accept_loop, sock, serve, connections)
+                        task_status.started(bound)
+                        await self._shutdown.wait()
+                        acceptors.cancel_scope.cancel()
+                    await self._drain(connections)
+            finally:
+                for sock, _ in listeners:
+                    close_socket(sock)
+                self._upstreams.close_all()
+            services.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _drain(self, connections: trio.Nursery) -> None:
+        grace = self.config.limits.grace_period
+        log.info("shutting down: %d connections open, grace period %gs", self.lifecycle.open_connections, grace)
+        self.lifecycle.drain()
+        with trio.move_on_after(grace):
+            await self.lifecycle.wait_all_closed()
+        if self.lifecycle.open_connections:
+            log.warning("grace period over: closing %d connections", self.lifecycle.open_connections)
+        connections.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: socket.socket, serve: ConnectionHandler, connections: trio.Nursery) -> None:
+        lifecycle = self.lifecycle
+        while True:
+            await lifecycle.wait_for_capacity()
+            await trio.lowlevel.wait_readable(listener)
+            while lifecycle.open_connections < lifecycle.max_connections:
+                try:
+                    sock, address = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    log.error("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    break
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                lifecycle.opened()
+                connections.start_soon(self._run_connection, serve, sock, address[0])
+
+    async def _run_connection(self, serve: ConnectionHandler, sock: socket.socket, client_ip: str) -> None:
+        try:
+            await serve(sock, client_ip)
+        finally:
+            self.lifecycle.closed()
+
+    async def _serve_http(self, sock: socket.socket, client_ip: str) -> None:
+        stream = SocketStream(sock)
+        await self._h1(stream, sock, client_ip, self._redirector)
+
+    async def _serve_tls(self, sock: socket.socket, client_ip: str) -> None:
+        deadline = trio.current_time() + self.config.limits.header_timeout
+        try:
+            hello = await peek_client_hello(sock, deadline)
+        except ClientHelloError:
+            await self._refuse_non_tls(sock, client_ip)
+            return
+        except (EOFError, StreamTimeout, OSError) as exc:
+            log.debug("client %s: no ClientHello: %r", client_ip, exc)
+            close_socket(sock)
+            return
+        stream = TLSStream(sock, self.certs.context_for(hello.server_name))
+        try:
+            await stream.do_handshake(deadline)
+        except (ssl.SSLError, StreamTimeout, OSError) as exc:
+            log.info("client %s: TLS handshake failed (SNI %s): %s", client_ip, hello.server_name, exc)
+            await stream.aclose()
+            return
+        await self._h1(stream, stream.socket, client_ip, self._forwarder)
+
+    async def _h1(self, stream: SocketStream | TLSStream, sock: socket.socket, client_ip: str, handler: Handler) -> None:
+        limits = self.config.limits
+        await H1Connection(stream, sock, client_ip, handler, limits, self.lifecycle).serve()
+
+    async def _refuse_non_tls(self, sock: socket.socket, client_ip: str) -> None:
+        """Plain HTTP sent to the TLS port gets a readable answer, as Go and Caddy give."""
+        log.info("client %s: non-TLS bytes on the HTTPS port", client_ip)
+        try:
+            await SocketStream(sock).send_all(HTTP_ON_TLS_PORT, trio.current_time() + 1)
+        except (OSError, StreamTimeout):
+            pass
+        close_socket(sock)

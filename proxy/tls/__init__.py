@@ -1,0 +1,1 @@
+"""TLS termination: ClientHello inspection, context policy, the TLS byte stream."""

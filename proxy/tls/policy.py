@@ -1,0 +1,89 @@
+"""The one place that decides how TLS is spoken: every server SSLContext comes from here.
+
+The policy is Mozilla's "intermediate" profile: TLS 1.2 and 1.3, forward-secret AEAD
+ciphers only, the client's cipher preference, and the X25519/P-256/P-384 groups.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import ctypes
+import ssl
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+GROUPS = "X25519:P-256:P-384"
+
+_SSL_CTRL_SET_GROUPS_LIST = 92
+
+
+def server_context(chain: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext:
+    """A server context for one certificate chain and key, offering `alpn` in that order."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites keep OpenSSL's defaults, all AEAD
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # Python turns server preference on; Mozilla intermediate leaves the choice to clients,
+    # which know whether they have AES hardware (else they prefer ChaCha20).
+    ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    set_groups(ctx, GROUPS)
+    ctx.load_cert_chain(chain, key)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def reject_context() -> ssl.SSLContext:
+    """A context that refuses every handshake with the `unrecognized_name` alert (112).
+
+    Used for names we hold no certificate for: the client learns why at once instead of
+    seeing some other site's certificate. OpenSSL calls the servername callback even
+    when the client sends no SNI, so that case is refused the same way.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sni_callback = _refuse_name
+    return ctx
+
+
+def _refuse_name(_sock: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> int:
+    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+
+
+def set_groups(ctx: ssl.SSLContext, groups: str) -> None:
+    """Limit the key-exchange groups of `ctx` to the OpenSSL group list `groups`.
+
+    `SSLContext.set_groups` only exists from Python 3.15 and `set_ecdh_curve` takes a
+    single curve, so older interpreters call SSL_CTX_ctrl(SSL_CTRL_SET_GROUPS_LIST) in the
+    OpenSSL that `_ssl` is linked against. The SSL_CTX pointer is the first field after
+    the object header of CPython's PySSLContext struct.
+    """
+    native = getattr(ctx, "set_groups", None)
+    if native is not None:
+        native(groups)
+        return
+    ctrl = _ssl_ctx_ctrl()
+    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ssl_ctx:
+        raise RuntimeError("SSLContext has no SSL_CTX")
+    if ctrl(ssl_ctx, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode("ascii"))) != 1:
+        raise ssl.SSLError(f"OpenSSL refused the group list {groups!r}")
+
+
+@cache
+def _ssl_ctx_ctrl() -> Callable[..., int]:
+    ctrl = ctypes.CDLL(_ssl.__file__).SSL_CTX_ctrl
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    ctrl.restype = ctypes.c_long
+    return ctrl

@@ -1,0 +1,133 @@
+"""Server-side TLS over a raw non-blocking socket.
+
+`ssl.SSLSocket` does the record layer in C; we only translate its want-read/want-write
+signals into trio readiness waits. This is several times cheaper per request than
+`trio.SSLStream` over `trio.SocketStream` (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import trio
+
+from proxy.netio import (
+    NO_DEADLINE,
+    RECEIVE_SIZE,
+    StreamTimeout,
+    close_socket,
+    wait_readable,
+    wait_writable,
+)
+from proxy.tls.clienthello import ClientHello, parse_client_hello
+
+
+class TLSStream:
+    """One accepted TLS connection. Only one task may receive and one may send at a time."""
+
+    __slots__ = ("_ssl",)
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        # wrap_socket takes over the file descriptor; `sock` is detached afterwards.
+        self._ssl = context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True
+        )
+        self._ssl.setblocking(False)
+
+    @property
+    def socket(self) -> ssl.SSLSocket:
+        return self._ssl
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
+    @property
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    async def do_handshake(self, deadline: float = NO_DEADLINE) -> None:
+        """Complete the handshake; ssl.SSLError on a failed one, StreamTimeout if too slow."""
+        tls = self._ssl
+        while True:
+            try:
+                tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                await wait_readable(tls, deadline)
+            except ssl.SSLWantWriteError:
+                await wait_writable(tls, deadline)
+
+    async def receive_some(self, deadline: float = NO_DEADLINE) -> bytes:
+        """Up to 64 KiB of plaintext, or b"" at EOF (close_notify, TCP FIN or reset)."""
+        tls = self._ssl
+        while True:
+            try:
+                return tls.recv(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                await wait_readable(tls, deadline)
+            except ssl.SSLWantWriteError:
+                await wait_writable(tls, deadline)
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError):
+                return b""
+
+    async def send_all(self, data: bytes | memoryview, deadline: float = NO_DEADLINE) -> None:
+        """Encrypt and send everything. OpenSSL keeps a partly sent record and wants the
+        same buffer again on retry, so we only advance by what `send` reports written."""
+        tls = self._ssl
+        view = memoryview(data)
+        while view:
+            try:
+                sent = tls.send(view)
+            except ssl.SSLWantWriteError:
+                await wait_writable(tls, deadline)
+                continue
+            except ssl.SSLWantReadError:
+                await wait_readable(tls, deadline)
+                continue
+            except ssl.SSLEOFError as exc:
+                raise BrokenPipeError(str(exc)) from exc
+            view = view[sent:]
+
+    async def aclose(self) -> None:
+        """Send close_notify if the socket takes it right away, then close. Waiting for the
+        peer's close_notify gains nothing for HTTP (message framing already ended)."""
+        tls = self._ssl
+        if tls.fileno() == -1:
+            return
+        try:
+            tls.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass
+        close_socket(tls)
+
+
+PEEK_SIZE = 16384 + 5 + 4  # the largest ClientHello we accept, in one TLS record
+PARTIAL_HELLO_RETRY = 0.005  # a peeked socket stays readable: poll while a hello trickles in
+
+
+async def peek_client_hello(sock: socket.socket, deadline: float) -> ClientHello:
+    """Read SNI and ALPN without consuming anything, so OpenSSL later sees the whole hello.
+
+    Raises ClientHelloError for non-TLS bytes, EOFError if the client leaves first,
+    StreamTimeout past the deadline.
+    """
+    seen = -1
+    while True:
+        try:
+            data = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+        except BlockingIOError:
+            await wait_readable(sock, deadline)
+            continue
+        if not data:
+            raise EOFError("client closed before its ClientHello")
+        hello = parse_client_hello(data)
+        if hello is not None:
+            return hello
+        if len(data) == seen:
+            with trio.move_on_at(deadline):
+                await trio.sleep(PARTIAL_HELLO_RETRY)
+                continue
+            raise StreamTimeout
+        seen = len(data)

@@ -1,0 +1,1 @@
+"""Clients for upstream backends and their connection pools."""

@@ -1,0 +1,153 @@
+"""A real HTTP/1.1 backend for tests (trio + h11), with one route per behaviour under test.
+
+Routes:
+  /echo             JSON of method, target, headers and the request body's length
+  /bytes/N          N bytes streamed in 64 KiB chunks with Content-Length
+  /chunked/N        N bytes, chunked
+  /upload           reads the body as it streams, answers its length and sha256
+  /sleep/S          answers after S seconds (drain tests)
+  /stall            never answers (504 tests)
+  /status/N         an empty response with status N (204, 304, ...)
+  /early/413        answers 413 without reading the request body
+  /hints            103 Early Hints, then 200
+  /hsts             sets its own Strict-Transport-Security
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+CHUNK = 65536
+
+
+@dataclass
+class Backend:
+    port: int = 0
+    requests: list[dict[str, object]] = field(default_factory=list)
+    connections: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def _send(stream: trio.SocketStream, conn: h11.Connection, *events: h11.Event) -> None:
+    data = b"".join(conn.send(e) or b"" for e in events)
+    await stream.send_all(data)
+
+
+async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> bytes | None:
+    """The whole body hashed as it arrives: returns (len, sha256) encoded, None if cut off."""
+    digest = hashlib.sha256()
+    size = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(CHUNK)
+            conn.receive_data(data)
+            if not data:
+                return None
+            continue
+        if isinstance(event, h11.Data):
+            digest.update(event.data)
+            size += len(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            return json.dumps({"length": size, "sha256": digest.hexdigest()}).encode()
+        else:
+            return None
+
+
+async def _respond(stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, backend: Backend) -> None:
+    path = request.target.decode()
+    headers = {k.decode(): v.decode() for k, v in request.headers}
+    backend.requests.append({"method": request.method.decode(), "target": path, "headers": headers})
+    ok = 200
+    if path.startswith("/bytes/") or path.startswith("/chunked/"):
+        await _read_body(stream, conn)
+        size = int(path.rsplit("/", 1)[1])
+        fixed = path.startswith("/bytes/")
+        resp_headers = [("content-length", str(size))] if fixed else []
+        await _send(stream, conn, h11.Response(status_code=ok, headers=resp_headers))
+        block = b"x" * CHUNK
+        sent = 0
+        while sent < size:
+            piece = block[: min(CHUNK, size - sent)]
+            await _send(stream, conn, h11.Data(data=piece))
+            sent += len(piece)
+        await _send(stream, conn, h11.EndOfMessage())
+        return
+    if path == "/upload":
+        body = await _read_body(stream, conn)
+        if body is None:
+            return
+        await _send(stream, conn, _ok(body), h11.Data(data=body), h11.EndOfMessage())
+        return
+    if path.startswith("/early/"):
+        status = int(path.rsplit("/", 1)[1])
+        await _send(
+            stream,
+            conn,
+            h11.Response(status_code=status, headers=[("content-length", "0"), ("connection", "close")]),
+            h11.EndOfMessage(),
+        )
+        return
+    body = await _read_body(stream, conn)
+    if path.startswith("/sleep/"):
+        await trio.sleep(float(path.rsplit("/", 1)[1]))
+    elif path == "/stall":
+        await trio.sleep(math.inf)
+    elif path.startswith("/status/"):
+        status = int(path.rsplit("/", 1)[1])
+        await _send(stream, conn, h11.Response(status_code=status, headers=[]), h11.EndOfMessage())
+        return
+    elif path == "/hints":
+        await _send(stream, conn, h11.InformationalResponse(status_code=103, headers=[("link", "</a.css>; rel=preload")]))
+    echo = {
+        "method": request.method.decode(),
+        "target": path,
+        "headers": headers,
+        "body": json.loads(body) if body else None,
+    }
+    payload = json.dumps(echo).encode()
+    extra = [("strict-transport-security", "max-age=5")] if path == "/hsts" else []
+    await _send(stream, conn, _ok(payload, extra), h11.Data(data=payload), h11.EndOfMessage())
+
+
+def _ok(body: bytes, extra: list[tuple[str, str]] | None = None) -> h11.Response:
+    headers = [("content-type", "application/json"), ("content-length", str(len(body))), *(extra or [])]
+    return h11.Response(status_code=200, headers=headers)
+
+
+async def _connection(stream: trio.SocketStream, backend: Backend) -> None:
+    backend.connections += 1
+    conn = h11.Connection(h11.SERVER)
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(CHUNK))
+                continue
+            if isinstance(event, h11.Request):
+                await _respond(stream, conn, event, backend)
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+                    continue
+            return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+        return
+    finally:
+        await stream.aclose()
+
+
+async def serve_backend(backend: Backend, *, task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    backend.port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, lambda s: _connection(s, backend), listeners)
+        task_status.started(backend)

@@ -1,0 +1,156 @@
+"""A real Pebble ACME server on loopback, with pebble-challtestsrv as its DNS.
+
+Every name resolves to 127.0.0.1 (and has no AAAA record, else Pebble would validate
+against ::1), and Pebble validates HTTP-01 and TLS-ALPN-01 on the ports we give it, where
+the code under test listens. Pebble's own HTTPS certificate is minted here, and its
+issuing root, regenerated at every start, is fetched from the management `/roots/0`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+
+from tests.proxyproc import free_port
+
+START_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class Pebble:
+    directory: str  # the ACME directory URL
+    ca_bundle: Path  # trust root for Pebble's own HTTPS (not the issuing root)
+    root_pem: bytes  # the root that issued certificates chain to
+    http_port: int  # where Pebble sends HTTP-01 validation requests
+    tls_port: int  # where Pebble sends TLS-ALPN-01 validation handshakes
+
+
+def free_dns_port() -> int:
+    """A loopback port free for both TCP and UDP right now, as a DNS server needs."""
+    while True:
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+@contextmanager
+def run_pebble(
+    workdir: Path,
+    *,
+    http_port: int,
+    tls_port: int,
+    env: Mapping[str, str] | None = None,
+    validity_seconds: int | None = None,
+    eab_keys: Mapping[str, str] | None = None,
+) -> Iterator[Pebble]:
+    """Run Pebble until the block ends; `env` adds PEBBLE_* settings (e.g. nonce rejection)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca_bundle, cert, key = workdir / "ca.pem", workdir / "cert.pem", workdir / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_bundle))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+
+    acme_port, management_port, dns_management_port = (free_port() for _ in range(3))
+    dns_port = free_dns_port()
+    config: dict[str, object] = {
+        "listenAddress": f"127.0.0.1:{acme_port}",
+        "managementListenAddress": f"127.0.0.1:{management_port}",
+        "certificate": str(cert),
+        "privateKey": str(key),
+        "httpPort": http_port,
+        "tlsPort": tls_port,
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": bool(eab_keys),
+    }
+    if eab_keys:
+        config["externalAccountMACKeys"] = dict(eab_keys)
+    if validity_seconds is not None:
+        config["certificateValidityPeriod"] = validity_seconds
+    config_path = workdir / "pebble-config.json"
+    config_path.write_text(json.dumps({"pebble": config}, indent=2))
+
+    dns = [
+        "pebble-challtestsrv",
+        *("-http01", "", "-https01", "", "-tlsalpn01", ""),
+        *("-dns01", f"127.0.0.1:{dns_port}"),
+        *("-management", f"127.0.0.1:{dns_management_port}"),
+        *("-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""),
+    ]
+    pebble = ["pebble", "-config", str(config_path), "-dnsserver", f"127.0.0.1:{dns_port}"]
+    pebble_env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", **(env or {})}
+    with ExitStack() as stack:
+        dns_proc = stack.enter_context(_process(dns, workdir / "challtestsrv.log", os.environ))
+        pebble_proc = stack.enter_context(_process(pebble, workdir / "pebble.log", pebble_env))
+        context = ssl.create_default_context(cafile=str(ca_bundle))
+        directory = f"https://127.0.0.1:{acme_port}/dir"
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            _wait_tcp(dns_proc, dns_management_port, deadline)
+            _get(pebble_proc, directory, context, deadline)
+            roots = f"https://127.0.0.1:{management_port}/roots/0"
+            root_pem = _get(pebble_proc, roots, context, deadline)
+        except RuntimeError as exc:
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in workdir.glob("*.log"))
+            raise RuntimeError(f"{exc}\n{logs}") from None
+        yield Pebble(directory, ca_bundle, root_pem, http_port, tls_port)
+
+
+@contextmanager
+def _process(
+    argv: list[str], log_path: Path, env: Mapping[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(env))
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_tcp(proc: subprocess.Popen[bytes], port: int, deadline: float) -> None:
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            _check_alive(proc, deadline)
+
+
+def _get(
+    proc: subprocess.Popen[bytes], url: str, context: ssl.SSLContext, deadline: float
+) -> bytes:
+    while True:
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=2) as response:
+                return bytes(response.read())
+        except OSError:
+            _check_alive(proc, deadline)
+
+
+def _check_alive(proc: subprocess.Popen[bytes], deadline: float) -> None:
+    if proc.poll() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f"{proc.args[0]} did not start (exit status {proc.poll()})")
+    time.sleep(0.05)
