@@ -27,7 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument(
-            "-c", "--config", type=Path, default=DEFAULT_CONFIG, help=f"TOML file (default {DEFAULT_CONFIG})"
+            "-c",
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help=f"TOML file (default {DEFAULT_CONFIG})",
         )
     return parser
 

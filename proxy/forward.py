@@ -94,7 +94,9 @@ class Forwarder:
         limits = self._config.limits
         deadline = trio.current_time() + limits.upstream_timeout
         try:
-            head_bytes = conn.request_bytes(request.method, request.target, headers, not request.has_body)
+            head_bytes = conn.request_bytes(
+                request.method, request.target, headers, not request.has_body
+            )
             await conn.send(head_bytes, deadline)
         except OSError as exc:
             raise UpstreamClosed(f"sending request: {exc}") from exc
@@ -116,7 +118,9 @@ class Forwarder:
         try:
             while data := await exchange.receive_data():
                 await conn.send(conn.data_bytes(data), trio.current_time() + timeout)
-            await conn.send(conn.end_bytes(exchange.request_trailers), trio.current_time() + timeout)
+            await conn.send(
+                conn.end_bytes(exchange.request_trailers), trio.current_time() + timeout
+            )
         except (OSError, StreamTimeout, h11.LocalProtocolError) as exc:
             # The upstream stopped reading; its response (if any) still decides the outcome.
             log.debug("upstream %s stopped taking the request body: %r", conn.upstream.url, exc)
@@ -124,9 +128,12 @@ class Forwarder:
     async def _relay_response(self, exchange: Exchange, conn: UpstreamConnection) -> None:
         timeout = self._config.limits.upstream_timeout
         try:
+            await conn.wait_for_response(timeout)
             event = await conn.next_event(timeout)
             while type(event) is h11.InformationalResponse:
-                await exchange.send_informational(ResponseHead(event.status_code, list(event.headers)))
+                await exchange.send_informational(
+                    ResponseHead(event.status_code, list(event.headers))
+                )
                 event = await conn.next_event(timeout)
             if type(event) is not h11.Response:
                 raise UpstreamClosed(f"unexpected {type(event).__name__} before the response")
@@ -152,7 +159,9 @@ class Forwarder:
                 raise UpstreamClosed(f"unexpected {type(event).__name__} in the response body")
             await exchange.send_end(list(event.headers) or None)
         except StreamTimeout as exc:
-            raise UpstreamTimeout(f"no response from {conn.upstream.url} within {timeout:g}s") from exc
+            raise UpstreamTimeout(
+                f"no response from {conn.upstream.url} within {timeout:g}s"
+            ) from exc
         except OSError as exc:
             raise UpstreamClosed(f"reading response from {conn.upstream.url}: {exc}") from exc
 

@@ -27,6 +27,10 @@ class ByteStream(Protocol):
 
     async def receive_some(self, deadline: float = NO_DEADLINE) -> bytes: ...
 
+    async def wait_readable(self, deadline: float = NO_DEADLINE) -> None:
+        """Wait for input when a reply cannot have arrived yet: cheaper than a failed read."""
+        ...
+
     async def send_all(self, data: bytes | memoryview, deadline: float = NO_DEADLINE) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -80,6 +84,9 @@ class SocketStream:
                 await wait_readable(sock, deadline)
             except ConnectionResetError:
                 return b""
+
+    async def wait_readable(self, deadline: float = NO_DEADLINE) -> None:
+        await wait_readable(self.socket, deadline)
 
     async def send_all(self, data: bytes | memoryview, deadline: float = NO_DEADLINE) -> None:
         sock = self.socket

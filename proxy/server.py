@@ -83,7 +83,9 @@ class Server:
     def shutting_down(self) -> bool:
         return self._shutdown.is_set()
 
-    async def run(self, *, task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         listen = self.config.listen
         async with trio.open_nursery() as services:
             await services.start(self.certs.run)
@@ -104,6 +106,8 @@ class Server:
                         task_status.started(bound)
                         await self._shutdown.wait()
                         acceptors.cancel_scope.cancel()
+                    for sock, _ in listeners:  # new clients are refused, not left in a backlog
+                        close_socket(sock)
                     await self._drain(connections)
             finally:
                 for sock, _ in listeners:
@@ -114,15 +118,23 @@ class Server:
 
     async def _drain(self, connections: trio.Nursery) -> None:
         grace = self.config.limits.grace_period
-        log.info("shutting down: %d connections open, grace period %gs", self.lifecycle.open_connections, grace)
+        log.info(
+            "shutting down: %d connections open, grace period %gs",
+            self.lifecycle.open_connections,
+            grace,
+        )
         self.lifecycle.drain()
         with trio.move_on_after(grace):
             await self.lifecycle.wait_all_closed()
         if self.lifecycle.open_connections:
-            log.warning("grace period over: closing %d connections", self.lifecycle.open_connections)
+            log.warning(
+                "grace period over: closing %d connections", self.lifecycle.open_connections
+            )
         connections.cancel_scope.cancel()
 
-    async def _accept_loop(self, listener: socket.socket, serve: ConnectionHandler, connections: trio.Nursery) -> None:
+    async def _accept_loop(
+        self, listener: socket.socket, serve: ConnectionHandler, connections: trio.Nursery
+    ) -> None:
         lifecycle = self.lifecycle
         while True:
             await lifecycle.wait_for_capacity()
@@ -141,7 +153,9 @@ class Server:
                 lifecycle.opened()
                 connections.start_soon(self._run_connection, serve, sock, address[0])
 
-    async def _run_connection(self, serve: ConnectionHandler, sock: socket.socket, client_ip: str) -> None:
+    async def _run_connection(
+        self, serve: ConnectionHandler, sock: socket.socket, client_ip: str
+    ) -> None:
         try:
             await serve(sock, client_ip)
         finally:
@@ -166,12 +180,20 @@ class Server:
         try:
             await stream.do_handshake(deadline)
         except (ssl.SSLError, StreamTimeout, OSError) as exc:
-            log.info("client %s: TLS handshake failed (SNI %s): %s", client_ip, hello.server_name, exc)
+            log.info(
+                "client %s: TLS handshake failed (SNI %s): %s", client_ip, hello.server_name, exc
+            )
             await stream.aclose()
             return
         await self._h1(stream, stream.socket, client_ip, self._forwarder)
 
-    async def _h1(self, stream: SocketStream | TLSStream, sock: socket.socket, client_ip: str, handler: Handler) -> None:
+    async def _h1(
+        self,
+        stream: SocketStream | TLSStream,
+        sock: socket.socket,
+        client_ip: str,
+        handler: Handler,
+    ) -> None:
         limits = self.config.limits
         await H1Connection(stream, sock, client_ip, handler, limits, self.lifecycle).serve()
 

@@ -63,7 +63,9 @@ async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> bytes |
             return None
 
 
-async def _respond(stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, backend: Backend) -> None:
+async def _respond(
+    stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, backend: Backend
+) -> None:
     path = request.target.decode()
     headers = {k.decode(): v.decode() for k, v in request.headers}
     backend.requests.append({"method": request.method.decode(), "target": path, "headers": headers})
@@ -93,7 +95,9 @@ async def _respond(stream: trio.SocketStream, conn: h11.Connection, request: h11
         await _send(
             stream,
             conn,
-            h11.Response(status_code=status, headers=[("content-length", "0"), ("connection", "close")]),
+            h11.Response(
+                status_code=status, headers=[("content-length", "0"), ("connection", "close")]
+            ),
             h11.EndOfMessage(),
         )
         return
@@ -107,7 +111,11 @@ async def _respond(stream: trio.SocketStream, conn: h11.Connection, request: h11
         await _send(stream, conn, h11.Response(status_code=status, headers=[]), h11.EndOfMessage())
         return
     elif path == "/hints":
-        await _send(stream, conn, h11.InformationalResponse(status_code=103, headers=[("link", "</a.css>; rel=preload")]))
+        await _send(
+            stream,
+            conn,
+            h11.InformationalResponse(status_code=103, headers=[("link", "</a.css>; rel=preload")]),
+        )
     echo = {
         "method": request.method.decode(),
         "target": path,
@@ -120,7 +128,11 @@ async def _respond(stream: trio.SocketStream, conn: h11.Connection, request: h11
 
 
 def _ok(body: bytes, extra: list[tuple[str, str]] | None = None) -> h11.Response:
-    headers = [("content-type", "application/json"), ("content-length", str(len(body))), *(extra or [])]
+    headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+        *(extra or []),
+    ]
     return h11.Response(status_code=200, headers=headers)
 
 
@@ -145,7 +157,9 @@ async def _connection(stream: trio.SocketStream, backend: Backend) -> None:
         await stream.aclose()
 
 
-async def serve_backend(backend: Backend, *, task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_backend(
+    backend: Backend, *, task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED
+) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     backend.port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:

@@ -111,13 +111,19 @@ async def start_proxy(directory: Path, body: str, *, http: bool = True) -> Proxy
     raise RuntimeError(f"proxy did not start:\n{proxy.log()}")
 
 
-async def run(*argv: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[bytes]:
+async def run(
+    *argv: str, timeout: float = 60, check: bool = False
+) -> subprocess.CompletedProcess[bytes]:
     """Run a real client (curl, openssl, h2load) with a bound on its time."""
     with trio.fail_after(timeout):
-        return await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=check)
+        return await trio.run_process(
+            list(argv), capture_stdout=True, capture_stderr=True, check=check
+        )
 
 
-def curl_args(proxy: ProxyProcess, path: str = "/", host: str = "localhost", *extra: str) -> list[str]:
+def curl_args(
+    proxy: ProxyProcess, path: str = "/", host: str = "localhost", *extra: str
+) -> list[str]:
     return [
         "curl", "-sS", "--max-time", "30", "--cacert", str(proxy.root_ca),
         "--resolve", proxy.resolve(host), *extra, proxy.url(path, host),

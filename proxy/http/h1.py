@@ -23,7 +23,14 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[["H1Connection"], Awaitable[None]]
 CONNECTION_CLOSE = (b"connection", b"close")
+LINGER_SECONDS = 2.0
 REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+
+
+def _informational(status: int, headers: Headers) -> h11.InformationalResponse:
+    return h11.InformationalResponse(
+        status_code=status, headers=headers, reason=REASONS.get(status, b"")
+    )
 
 
 class H1Connection:
@@ -70,7 +77,20 @@ class H1Connection:
             log.debug("client %s: connection ended: %r", self.client_ip, exc)
         finally:
             self._lifecycle.unregister(self)
+            if self.head_sent and self._h11.their_state in (h11.SEND_BODY, h11.ERROR):
+                await self._linger()
             await self._stream.aclose()
+
+    async def _linger(self) -> None:
+        """Discard what the client is still sending before closing, as nginx's lingering
+        close does: closing with unread input makes the kernel send a reset, which can
+        destroy our response (a 431 or 413) before the client has read it."""
+        deadline = trio.current_time() + LINGER_SECONDS
+        try:
+            while await self._stream.receive_some(deadline):
+                pass
+        except (OSError, StreamTimeout):
+            pass
 
     def close_if_idle(self) -> None:
         if self._idle:
@@ -100,6 +120,8 @@ class H1Connection:
                 event = conn.next_event()
                 if event is not h11.NEED_DATA:
                     break
+                if not started:
+                    await self._stream.wait_readable(deadline)
                 data = await self._stream.receive_some(deadline)
                 if not started and data:
                     started = True
@@ -150,7 +172,7 @@ class H1Connection:
     async def receive_data(self) -> bytes:
         conn = self._h11
         if conn.they_are_waiting_for_100_continue:
-            await self._send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await self._send(conn.send(_informational(100, [])))
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -171,9 +193,7 @@ class H1Connection:
     async def send_informational(self, head: ResponseHead) -> None:
         if head.status == 100:
             return  # we sent our own 100 Continue when the body was first read
-        await self._send(
-            self._h11.send(h11.InformationalResponse(status_code=head.status, headers=head.headers))
-        )
+        await self._send(self._h11.send(_informational(head.status, head.headers)))
 
     async def send_head(self, head: ResponseHead, body: bytes, end: bool) -> None:
         conn = self._h11

@@ -72,6 +72,10 @@ class TLSStream:
             except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError):
                 return b""
 
+    async def wait_readable(self, deadline: float = NO_DEADLINE) -> None:
+        if not self._ssl.pending():  # plaintext OpenSSL already decrypted needs no wait
+            await wait_readable(self._ssl, deadline)
+
     async def send_all(self, data: bytes | memoryview, deadline: float = NO_DEADLINE) -> None:
         """Encrypt and send everything. OpenSSL keeps a partly sent record and wants the
         same buffer again on retry, so we only advance by what `send` reports written."""

@@ -48,6 +48,10 @@ class UpstreamConnection:
     async def send(self, data: bytes, deadline: float) -> None:
         await self.stream.send_all(data, deadline)
 
+    async def wait_for_response(self, timeout: float) -> None:
+        """Right after sending a request nothing can be there yet: wait, don't read."""
+        await self.stream.wait_readable(trio.current_time() + timeout)
+
     async def next_event(self, timeout: float) -> UpstreamEvent:
         """The next response event, reading as needed; each read may wait up to `timeout`."""
         conn = self._h11
