@@ -9,6 +9,8 @@ import trio
 from tests.backend import Backend, serve_backend
 from tests.proxyproc import ProxyProcess, sites_toml, start_proxy
 
+pytest_plugins = ["tests.conftest_pebble"]
+
 
 @pytest.fixture
 async def backend(nursery: trio.Nursery) -> Backend:

@@ -30,6 +30,7 @@ from acme import errors as acme_errors
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from josepy.b64 import b64encode
+from josepy.errors import DeserializationError
 from josepy.jwa import ES256
 from josepy.jwk import JWK, JWKEC
 
@@ -186,7 +187,7 @@ class AcmeClient:
             uri = client.new_account(registration).uri
             log.info("ACME: registered account %s at %s", uri, self.directory)
         except acme_errors.ConflictError as existing:  # the key already has an account
-            uri = str(existing)
+            uri = existing.location
             client.net.account = messages.RegistrationResource(
                 uri=uri, body=messages.Registration()
             )
@@ -197,9 +198,11 @@ class AcmeClient:
     def _load_account(self) -> tuple[JWKEC, str | None] | None:
         try:
             data = json.loads(self.account_path.read_bytes())
+            key = JWK.from_json(data["key"])
         except FileNotFoundError:
             return None
-        key = JWK.from_json(data["key"])
+        except (ValueError, KeyError, TypeError, DeserializationError) as error:
+            raise AcmeError(f"{self.account_path}: unreadable account file: {error}") from error
         if not isinstance(key, JWKEC):  # we only ever create P-256 keys, signed with ES256
             raise AcmeError(f"{self.account_path}: the account key is not an EC key")
         return key, data.get("uri")
@@ -263,15 +266,10 @@ class AcmeClient:
 
     async def _finalize(self, client: acme_client.ClientV2, order: messages.OrderResource) -> str:
         """Submit the CSR, wait for the certificate and download the full chain."""
-        try:
-            await self._call(client.begin_finalization, order)
-        except messages.Error as error:
-            if error.code != "orderNotReady":  # a retried finalize that already went through
-                raise
+        body = (await self._call(client.begin_finalization, order)).body
         new_nonce = client.directory["newNonce"]
+        wait = 0.0
         for delay in _poll_delays():
-            response = await self._call(client.net.post, order.uri, None, new_nonce_url=new_nonce)
-            body = messages.Order.from_json(response.json())
             if body.status == messages.STATUS_INVALID:
                 raise AcmeError(f"order {order.uri} became invalid: {body.error}")
             if body.status == messages.STATUS_VALID and body.certificate:
@@ -279,7 +277,9 @@ class AcmeClient:
                     client.net.post, body.certificate, None, new_nonce_url=new_nonce
                 )
                 return str(cert.text)
-            await trio.sleep(max(delay, _retry_after(response)))
+            await trio.sleep(max(delay, wait))
+            response = await self._call(client.net.post, order.uri, None, new_nonce_url=new_nonce)
+            body, wait = messages.Order.from_json(response.json()), _retry_after(response)
         raise AssertionError("unreachable")
 
     async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -290,10 +290,10 @@ class AcmeClient:
                     lambda: fn(*args, **kwargs), limiter=self._one_request
                 )
             except (requests.ConnectionError, requests.Timeout) as error:
-                if attempt == _NETWORK_ATTEMPTS:
+                if attempt == _NETWORK_ATTEMPTS or isinstance(error, requests.exceptions.SSLError):
                     raise
                 log.warning("ACME: %s unreachable (%s), retrying", self.directory, error)
-                await trio.sleep(attempt)
+                await trio.sleep(0.5 * attempt)
         raise AssertionError("unreachable")
 
 

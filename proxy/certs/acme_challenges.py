@@ -49,10 +49,7 @@ def http01_path(certs_dir: Path, token: str) -> Path:
 
 def tls_alpn01_path(certs_dir: Path, name: str) -> Path:
     """Where the challenge certificate for `name` lives; ValueError for a malformed name."""
-    name = name.lower().rstrip(".")
-    if not _DNS_NAME.fullmatch(name):
-        raise ValueError(f"malformed DNS name {name!r}")
-    return certs_dir / CHALLENGES_DIR / "tls-alpn-01" / f"{name}.pem"
+    return certs_dir / CHALLENGES_DIR / "tls-alpn-01" / f"{_dns_name(name)}.pem"
 
 
 def write_http01(certs_dir: Path, token: str, key_authorization: str) -> Path:
@@ -65,7 +62,7 @@ def write_http01(certs_dir: Path, token: str, key_authorization: str) -> Path:
 def write_tls_alpn01(certs_dir: Path, name: str, key_authorization: str) -> Path:
     """Publish a TLS-ALPN-01 certificate; returns the file to remove when the authz is done."""
     path = tls_alpn01_path(certs_dir, name)
-    _write(path, tls_alpn01_certificate(name, key_authorization))
+    _write(path, tls_alpn01_certificate(_dns_name(name), key_authorization))
     return path
 
 
@@ -129,6 +126,14 @@ def tls_alpn01_certificate(name: str, key_authorization: str) -> bytes:
         serialization.NoEncryption(),
     )
     return cert.public_bytes(serialization.Encoding.PEM) + key_pem
+
+
+def _dns_name(name: str) -> str:
+    """`name` in the lower-case form used for files; ValueError unless it is a DNS name."""
+    normal = name.lower().rstrip(".")
+    if not _DNS_NAME.fullmatch(normal):
+        raise ValueError(f"malformed DNS name {name!r}")
+    return normal
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -1,0 +1,37 @@
+# The two commands the README starts with: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# sslyze pins an older cryptography than acme: it gets its own venv.
+SSLYZE_VENV := .venv-sslyze
+
+.PHONY: run test lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(SSLYZE_VENV)/.installed:
+	$(PYTHON) -m venv $(SSLYZE_VENV)
+	$(SSLYZE_VENV)/bin/pip install -q sslyze
+	touch $@
+
+# The demo: a backend on 127.0.0.1:8000 and port443 in front of it (https 8443, http 8080)
+# with a certificate for localhost from the built-in local CA.
+run: $(VENV)/.installed
+	@$(PY) -m proxy.demo --port 8000 & backend=$$!; trap 'kill $$backend' EXIT INT TERM; \
+	echo "try: curl --cacert certs/local/root.pem https://localhost:8443/"; \
+	$(PY) -m proxy run -c config/port443.toml
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check proxy tests bench
+	$(VENV)/bin/ruff format --check proxy tests bench
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.installed $(SSLYZE_VENV)/.installed lint
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/run.py
