@@ -1,23 +1,21 @@
 """The forwarding core: one request from any front end to an upstream and back.
 
-Protocol-agnostic: it sees an `Exchange` (the client side) and an upstream connection.
-Bodies are pumped a chunk at a time in both directions, so memory stays bounded and a slow
-reader slows the writer (backpressure) instead of filling buffers.
+Protocol-agnostic on both sides: it sees an `Exchange` (the client's request) and an
+`UpstreamStream`. Bodies are pumped a chunk at a time in both directions, so memory stays
+bounded and a slow reader slows the writer (backpressure) instead of filling buffers.
 """
 
 from __future__ import annotations
 
 import logging
 
-import h11
 import trio
 
 from proxy.config import Config, SiteConfig
 from proxy.http.headers import client_response_headers, upstream_request_headers
-from proxy.http.model import Exchange, ResponseHead, plain_response
-from proxy.netio import StreamTimeout
-from proxy.upstream.h1 import UpstreamClosed, UpstreamConnection
-from proxy.upstream.pool import ConnectionPool, Upstreams, UpstreamUnavailable
+from proxy.http.model import Exchange, Headers, ResponseHead, plain_response
+from proxy.upstream.pool import Upstreams, UpstreamUnavailable
+from proxy.upstream.stream import BodyEnd, UpstreamClosed, UpstreamStream, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +28,12 @@ def host_without_port(host: bytes) -> str:
     return text.rpartition(":")[0] if ":" in text else text
 
 
-class UpstreamTimeout(Exception):
-    pass
-
-
 class Forwarder:
     """The request handler of the HTTPS listener for one configuration."""
 
     def __init__(self, config: Config, upstreams: Upstreams) -> None:
         self._config = config
+        self._timeout = config.limits.upstream_timeout
         self._upstreams = upstreams
         self._hsts = config.hsts.header_value()
         default = config.tls.default_site
@@ -54,8 +49,7 @@ class Forwarder:
             await self._forward(exchange, site)
         except UpstreamUnavailable as exc:
             log.error("site %s: upstream unavailable: %s", site.name, exc)
-            status = 504 if exc.timed_out else 502
-            await self._fail(exchange, status, "upstream unavailable")
+            await self._fail(exchange, 504 if exc.timed_out else 502, "upstream unavailable")
         except UpstreamTimeout as exc:
             log.error("site %s: upstream timed out: %s", site.name, exc)
             await self._fail(exchange, 504, "Gateway Timeout")
@@ -71,99 +65,77 @@ class Forwarder:
         # A pooled connection may have been closed by the upstream just as we reused it:
         # retry a body-less request once on a fresh connection, as nginx does.
         for attempt in (1, 2):
-            pool, conn = await upstreams.connect()
+            upstream = await upstreams.open_stream()
             try:
-                await self._exchange(exchange, pool, conn, headers)
-                return
+                await self._exchange(exchange, upstream, headers)
             except UpstreamClosed:
-                await conn.aclose()
-                if attempt == 2 or not conn.reused or request.has_body or exchange.head_sent:
+                await upstream.aclose()
+                retry = attempt == 1 and upstream.reused and not request.has_body
+                if not retry or exchange.head_sent:
                     raise
             except BaseException:
-                await conn.aclose()
+                await upstream.aclose()
                 raise
+            else:
+                upstream.release()
+                return
 
     async def _exchange(
-        self,
-        exchange: Exchange,
-        pool: ConnectionPool,
-        conn: UpstreamConnection,
-        headers: list[tuple[bytes, bytes]],
+        self, exchange: Exchange, upstream: UpstreamStream, headers: Headers
     ) -> None:
         request = exchange.request
-        limits = self._config.limits
-        deadline = trio.current_time() + limits.upstream_timeout
-        try:
-            head_bytes = conn.request_bytes(
-                request.method, request.target, headers, not request.has_body
-            )
-            await conn.send(head_bytes, deadline)
-        except OSError as exc:
-            raise UpstreamClosed(f"sending request: {exc}") from exc
-        except StreamTimeout as exc:
-            raise UpstreamTimeout("sending request") from exc
+        await upstream.send_head(
+            request.method, request.target, headers, not request.has_body, self._timeout
+        )
         if not request.has_body:
-            await self._relay_response(exchange, conn)
-        else:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_request_body, exchange, conn)
-                await self._relay_response(exchange, conn)
-                # An upstream may answer before reading the whole body (e.g. 413): then the
-                # rest of the upload is abandoned and neither connection is reused.
-                nursery.cancel_scope.cancel()
-        pool.release(conn)
+            await self._relay_response(exchange, upstream)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_request_body, exchange, upstream)
+            await self._relay_response(exchange, upstream)
+            # An upstream may answer before reading the whole body (e.g. 413): the rest of
+            # the upload is then abandoned, and the front end does not reuse the connection.
+            nursery.cancel_scope.cancel()
 
-    async def _pump_request_body(self, exchange: Exchange, conn: UpstreamConnection) -> None:
-        timeout = self._config.limits.upstream_timeout
+    async def _pump_request_body(self, exchange: Exchange, upstream: UpstreamStream) -> None:
+        timeout = self._timeout
         try:
             while data := await exchange.receive_data():
-                await conn.send(conn.data_bytes(data), trio.current_time() + timeout)
-            await conn.send(
-                conn.end_bytes(exchange.request_trailers), trio.current_time() + timeout
-            )
-        except (OSError, StreamTimeout, h11.LocalProtocolError) as exc:
+                await upstream.send_data(data, timeout)
+            await upstream.send_end(exchange.request_trailers, timeout)
+        except (UpstreamClosed, UpstreamTimeout) as exc:
             # The upstream stopped reading; its response (if any) still decides the outcome.
-            log.debug("upstream %s stopped taking the request body: %r", conn.upstream.url, exc)
+            log.debug("upstream %s stopped taking the request body: %s", upstream.url, exc)
 
-    async def _relay_response(self, exchange: Exchange, conn: UpstreamConnection) -> None:
-        timeout = self._config.limits.upstream_timeout
-        try:
-            await conn.wait_for_response(timeout)
-            event = await conn.next_event(timeout)
-            while type(event) is h11.InformationalResponse:
-                await exchange.send_informational(
-                    ResponseHead(event.status_code, list(event.headers))
-                )
-                event = await conn.next_event(timeout)
-            if type(event) is not h11.Response:
-                raise UpstreamClosed(f"unexpected {type(event).__name__} before the response")
-            head = ResponseHead(
-                event.status_code,
-                client_response_headers(list(event.headers), event.http_version, self._hsts),
-            )
-            # Coalesce the head with whatever body bytes arrived with it.
-            body = b""
-            buffered = conn.buffered_event()
-            while type(buffered) is h11.Data:
-                body += buffered.data
-                buffered = conn.buffered_event()
-            if type(buffered) is h11.EndOfMessage and not buffered.headers:
-                await exchange.send_head(head, body, end=True)
-                return
-            await exchange.send_head(head, body, end=False)
-            event = buffered if buffered is not None else await conn.next_event(timeout)
-            while type(event) is h11.Data:
-                await exchange.send_data(event.data)
-                event = await conn.next_event(timeout)
-            if type(event) is not h11.EndOfMessage:
-                raise UpstreamClosed(f"unexpected {type(event).__name__} in the response body")
-            await exchange.send_end(list(event.headers) or None)
-        except StreamTimeout as exc:
-            raise UpstreamTimeout(
-                f"no response from {conn.upstream.url} within {timeout:g}s"
-            ) from exc
-        except OSError as exc:
-            raise UpstreamClosed(f"reading response from {conn.upstream.url}: {exc}") from exc
+    async def _relay_response(self, exchange: Exchange, upstream: UpstreamStream) -> None:
+        timeout = self._timeout
+        first = await upstream.next_event(timeout)
+        while isinstance(first, ResponseHead) and first.status < 200:
+            await exchange.send_informational(first)
+            first = await upstream.next_event(timeout)
+        if not isinstance(first, ResponseHead):
+            raise UpstreamClosed(f"{upstream.url} sent body data before a response head")
+        head = ResponseHead(
+            first.status, client_response_headers(first.headers, first.http_version, self._hsts)
+        )
+        # Coalesce the head with whatever body bytes arrived with it: one write.
+        body = b""
+        event = upstream.buffered_event()
+        while isinstance(event, bytes):
+            body += event
+            event = upstream.buffered_event()
+        if isinstance(event, BodyEnd) and not event.trailers:
+            await exchange.send_head(head, body, end=True)
+            return
+        await exchange.send_head(head, body, end=False)
+        if event is None:
+            event = await upstream.next_event(timeout)
+        while isinstance(event, bytes):
+            await exchange.send_data(event)
+            event = await upstream.next_event(timeout)
+        if not isinstance(event, BodyEnd):
+            raise UpstreamClosed(f"{upstream.url} sent a second response head")
+        await exchange.send_end(event.trailers)
 
     async def _fail(self, exchange: Exchange, status: int, message: str) -> None:
         """Report an upstream failure: an error response if none started, else abort."""

@@ -7,6 +7,7 @@ connections for the grace period, then cancels what is left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -200,8 +201,6 @@ class Server:
     async def _refuse_non_tls(self, sock: socket.socket, client_ip: str) -> None:
         """Plain HTTP sent to the TLS port gets a readable answer, as Go and Caddy give."""
         log.info("client %s: non-TLS bytes on the HTTPS port", client_ip)
-        try:
+        with contextlib.suppress(OSError, StreamTimeout):
             await SocketStream(sock).send_all(HTTP_ON_TLS_PORT, trio.current_time() + 1)
-        except (OSError, StreamTimeout):
-            pass
         close_socket(sock)

@@ -79,7 +79,8 @@ def write_config(directory: Path, body: str, *, http_port: int, https_port: int)
     certs = directory / "certs"
     config = directory / "port443.toml"
     config.write_text(
-        f'log_level = "debug"\n[listen]\naddress = "127.0.0.1"\nhttp = {http_port}\nhttps = {https_port}\n'
+        f'log_level = "debug"\n[listen]\naddress = "127.0.0.1"\n'
+        f"http = {http_port}\nhttps = {https_port}\n"
         f'[certs]\ndir = "{certs}"\nissuer = "local"\n' + body
     )
     return config

@@ -52,8 +52,8 @@ async def test_get_through_proxy_carries_forwarded_headers_and_hsts(proxy: Proxy
 async def test_hop_by_hop_headers_are_not_forwarded(proxy: ProxyProcess) -> None:
     _, body = await curl(
         proxy, "/echo", "-H", "Connection: keep-alive, X-Secret", "-H", "X-Secret: 1",
-        "-H", "Keep-Alive: timeout=5", "-H", "Proxy-Authorization: Basic eA==", "-H", "TE: trailers",
-        "-H", "X-Kept: yes",
+        "-H", "Keep-Alive: timeout=5", "-H", "Proxy-Authorization: Basic eA==",
+        "-H", "TE: trailers", "-H", "X-Kept: yes",
     )  # fmt: skip
     h = json.loads(body)["headers"]
     for name in ("connection", "x-secret", "keep-alive", "proxy-authorization", "te"):
@@ -155,7 +155,7 @@ async def test_upstream_stall_gives_504(tmp_path: Path, backend: Backend) -> Non
     body = "[limits]\nupstream_timeout = 1\n" + sites_toml((["localhost"], [backend.url]))
     proxy = await start_proxy(tmp_path, body)
     try:
-        lines, text = await curl(proxy, "/stall")
+        lines, _text = await curl(proxy, "/stall")
         assert lines[0] == "HTTP/1.1 504 Gateway Timeout"
         assert "upstream timed out" in proxy.log()
         lines, _ = await curl(proxy, "/echo")

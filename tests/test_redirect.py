@@ -55,7 +55,9 @@ async def test_missing_or_malformed_host_is_400(proxy: ProxyProcess, request_byt
 
 
 async def test_acme_challenge_path_is_not_redirected(proxy: ProxyProcess) -> None:
-    reply = await _raw(proxy, b"GET /.well-known/acme-challenge/unknown HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    reply = await _raw(
+        proxy, b"GET /.well-known/acme-challenge/unknown HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    )
     assert reply.startswith(b"HTTP/1.1 404 Not Found\r\n")
 
 

@@ -162,13 +162,8 @@ class CertManager:
         cert = await trio.to_thread.run_sync(self._store.load, site.name)
         if cert is None or not _covers(site, cert):
             raise InvalidCertificate("the issued certificate is unusable or lacks site names")
+        log.info("issued a new certificate for site %s", site.name)
         await self._install(site, cert)
-        log.info(
-            "issued certificate for %s, serial %x, valid until %s",
-            site.name,
-            cert.serial,
-            cert.not_after,
-        )
         if renewal_time(cert) <= datetime.now(UTC):
             raise InvalidCertificate("the issued certificate is already due for renewal")
 
@@ -182,6 +177,12 @@ class CertManager:
             for host in site.hosts:
                 self._contexts[host.lower()] = context  # atomic swap per name
             self._certs[site.name] = cert
+            log.info(
+                "site %s: serving certificate %x, valid until %s",
+                site.name,
+                cert.serial,
+                cert.not_after,
+            )
         if self._issuer is not None:
             self._due[site.name] = renewal_time(cert)
 

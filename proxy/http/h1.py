@@ -6,6 +6,7 @@ at a time), so a keep-alive request costs no task and no extra objects beyond h1
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -94,10 +95,8 @@ class H1Connection:
 
     def close_if_idle(self) -> None:
         if self._idle:
-            try:
+            with contextlib.suppress(OSError):
                 self._socket.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
 
     def _ready_for_next(self) -> bool:
         conn = self._h11
@@ -155,10 +154,8 @@ class H1Connection:
             return
         reason = "Request Header Fields Too Large" if status == 431 else "Bad Request"
         head, body = plain_response(status, reason, CONNECTION_CLOSE)
-        try:
+        with contextlib.suppress(OSError, StreamTimeout, h11.LocalProtocolError):
             await self.send_head(head, body, end=True)
-        except (OSError, StreamTimeout, h11.LocalProtocolError):
-            pass
 
     # -- Exchange ------------------------------------------------------------------------
 
@@ -182,13 +179,12 @@ class H1Connection:
                     raise ClientGone(f"reading request body: {exc!r}") from exc
                 conn.receive_data(data)
                 continue
-            kind = type(event)
-            if kind is h11.Data:
+            if isinstance(event, h11.Data):
                 return bytes(event.data)
-            if kind is h11.EndOfMessage:
+            if isinstance(event, h11.EndOfMessage):
                 self._trailers = list(event.headers) or None
                 return b""
-            raise ClientGone(f"client closed mid-body ({kind.__name__})")
+            raise ClientGone(f"client closed mid-body ({event!r})")
 
     async def send_informational(self, head: ResponseHead) -> None:
         if head.status == 100:

@@ -31,6 +31,7 @@ class Request:
 class ResponseHead:
     status: int
     headers: Headers
+    http_version: bytes = b"1.1"  # of the upstream that sent it (for Via)
 
 
 class Exchange(Protocol):

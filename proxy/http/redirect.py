@@ -16,10 +16,7 @@ def https_location(host: bytes, target: bytes, https_port: int) -> bytes | None:
     """The https URL for a plain-HTTP request, or None if Host is missing or malformed."""
     if not _HOST.fullmatch(host):
         return None
-    if host.startswith(b"["):
-        name = host[: host.index(b"]") + 1]
-    else:
-        name = host.partition(b":")[0]
+    name = host[: host.index(b"]") + 1] if host.startswith(b"[") else host.partition(b":")[0]
     if target.startswith((b"http://", b"https://")):  # absolute-form: keep only path?query
         after_scheme = target.partition(b"://")[2]
         slash = after_scheme.find(b"/")
@@ -44,7 +41,9 @@ class Redirector:
         else:
             location = https_location(request.host, request.target, self._https_port)
             if location is None:
-                head, body = plain_response(400, "Bad Request: missing or invalid Host", CONNECTION_CLOSE)
+                head, body = plain_response(
+                    400, "Bad Request: missing or invalid Host", CONNECTION_CLOSE
+                )
             else:
                 head, body = plain_response(
                     308, "Permanent Redirect", (b"location", location), CONNECTION_CLOSE

@@ -7,6 +7,7 @@ signals into trio readiness waits. This is several times cheaper per request tha
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 
@@ -20,7 +21,7 @@ from proxy.netio import (
     wait_readable,
     wait_writable,
 )
-from proxy.tls.clienthello import ClientHello, parse_client_hello
+from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
 
 
 class TLSStream:
@@ -100,14 +101,11 @@ class TLSStream:
         tls = self._ssl
         if tls.fileno() == -1:
             return
-        try:
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
             tls.unwrap()
-        except (ssl.SSLError, OSError, ValueError):
-            pass
         close_socket(tls)
 
 
-PEEK_SIZE = 16384 + 5 + 4  # the largest ClientHello we accept, in one TLS record
 PARTIAL_HELLO_RETRY = 0.005  # a peeked socket stays readable: poll while a hello trickles in
 
 
@@ -120,7 +118,7 @@ async def peek_client_hello(sock: socket.socket, deadline: float) -> ClientHello
     seen = -1
     while True:
         try:
-            data = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+            data = sock.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
         except BlockingIOError:
             await wait_readable(sock, deadline)
             continue

@@ -1,85 +1,99 @@
-"""An HTTP/1.1 connection to an upstream backend (h11, client role)."""
+"""HTTP/1.1 upstream connections (h11, client role) and their keep-alive pool."""
 
 from __future__ import annotations
 
 import socket
+from collections import deque
 from typing import Any
 
 import h11
 import trio
 
-from proxy.config import Upstream
-from proxy.http.model import Headers
-from proxy.netio import SocketStream
+from proxy.config import LimitsConfig, Upstream
+from proxy.http.model import Headers, ResponseHead
+from proxy.netio import SocketStream, StreamTimeout, close_socket, connect_tcp
+from proxy.upstream.stream import BodyEnd, UpstreamClosed, UpstreamEvent, UpstreamTimeout
 
-UpstreamEvent = h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
-
-
-class UpstreamClosed(Exception):
-    """The upstream closed the connection or broke the protocol before the response ended."""
+IDLE_LIFETIME = 60.0  # seconds an idle pooled connection is kept (nginx: keepalive_timeout 60s)
 
 
-class UpstreamConnection:
-    """One keep-alive connection; used by one request at a time, pooled while idle."""
+class H1UpstreamConnection:
+    """One keep-alive connection. It is the `UpstreamStream` of the one request it carries
+    at a time, and goes back to its pool when that exchange completes cleanly."""
 
-    __slots__ = ("_h11", "idle_since", "reused", "stream", "upstream")
+    __slots__ = ("_h11", "_pool", "_waited", "idle_since", "reused", "stream", "url")
 
-    def __init__(self, sock: socket.socket, upstream: Upstream, max_head_bytes: int) -> None:
+    def __init__(self, sock: socket.socket, pool: H1Pool, max_head_bytes: int) -> None:
         self.stream = SocketStream(sock)
-        self.upstream = upstream
+        self.url = pool.upstream.url
+        self._pool = pool
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+        self._waited = False
         self.reused = False
         self.idle_since = 0.0
 
-    def request_bytes(self, method: bytes, target: bytes, headers: Headers, end: bool) -> bytes:
-        """The request head, plus the end of message when there is no body: one write."""
+    async def _send(self, data: bytes, timeout: float) -> None:
+        try:
+            await self.stream.send_all(data, trio.current_time() + timeout)
+        except StreamTimeout as exc:
+            raise UpstreamTimeout(f"{self.url} stopped reading the request") from exc
+        except OSError as exc:
+            raise UpstreamClosed(f"sending to {self.url}: {exc}") from exc
+
+    async def send_head(
+        self, method: bytes, target: bytes, headers: Headers, end: bool, timeout: float
+    ) -> None:
         conn = self._h11
         data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
-        if end:
+        if end:  # no body: head and end of message in one write
             data += conn.send(h11.EndOfMessage()) or b""
-        return data
+        self._waited = False
+        await self._send(data, timeout)
 
-    def data_bytes(self, data: bytes) -> bytes:
-        return self._h11.send(h11.Data(data=data)) or b""
+    async def send_data(self, data: bytes, timeout: float) -> None:
+        await self._send(self._h11.send(h11.Data(data=data)) or b"", timeout)
 
-    def end_bytes(self, trailers: Headers | None) -> bytes:
-        return self._h11.send(h11.EndOfMessage(headers=trailers or [])) or b""
-
-    async def send(self, data: bytes, deadline: float) -> None:
-        await self.stream.send_all(data, deadline)
-
-    async def wait_for_response(self, timeout: float) -> None:
-        """Right after sending a request nothing can be there yet: wait, don't read."""
-        await self.stream.wait_readable(trio.current_time() + timeout)
+    async def send_end(self, trailers: Headers | None, timeout: float) -> None:
+        await self._send(self._h11.send(h11.EndOfMessage(headers=trailers or [])) or b"", timeout)
 
     async def next_event(self, timeout: float) -> UpstreamEvent:
-        """The next response event, reading as needed; each read may wait up to `timeout`."""
         conn = self._h11
         try:
             while True:
-                event: Any = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await self.stream.receive_some(trio.current_time() + timeout)
-                    conn.receive_data(data)
-                    continue
-                if type(event) is h11.ConnectionClosed or event is h11.PAUSED:
-                    raise UpstreamClosed("upstream closed the connection")
-                return event  # type: ignore[no-any-return]
-        except h11.RemoteProtocolError as exc:
-            raise UpstreamClosed(f"upstream broke HTTP/1.1: {exc}") from exc
+                event = self._decode(conn.next_event())
+                if event is not None:
+                    return event
+                deadline = trio.current_time() + timeout
+                if not self._waited:  # right after the request nothing can be there yet
+                    self._waited = True
+                    await self.stream.wait_readable(deadline)
+                conn.receive_data(await self.stream.receive_some(deadline))
+        except StreamTimeout as exc:
+            raise UpstreamTimeout(f"no response from {self.url} within {timeout:g}s") from exc
+        except OSError as exc:
+            raise UpstreamClosed(f"reading from {self.url}: {exc}") from exc
 
     def buffered_event(self) -> UpstreamEvent | None:
-        """An event already decodable from received bytes, without reading: lets the
-        forwarder coalesce a response head with the body bytes that came with it."""
-        try:
-            event: Any = self._h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise UpstreamClosed(f"upstream broke HTTP/1.1: {exc}") from exc
-        if event is h11.NEED_DATA or event is h11.PAUSED:
+        return self._decode(self._h11.next_event())
+
+    def _decode(self, event: Any) -> UpstreamEvent | None:
+        """h11's event as an UpstreamEvent; None when more input is needed."""
+        kind = type(event)
+        if kind is h11.Data:
+            return bytes(event.data)
+        if kind is h11.Response or kind is h11.InformationalResponse:
+            return ResponseHead(event.status_code, list(event.headers), event.http_version)
+        if kind is h11.EndOfMessage:
+            return BodyEnd(list(event.headers) or None)
+        if event is h11.NEED_DATA:
             return None
-        if type(event) is h11.ConnectionClosed:
-            raise UpstreamClosed("upstream closed the connection")
-        return event  # type: ignore[no-any-return]
+        raise UpstreamClosed(f"{self.url} closed the connection mid-response")
+
+    def release(self) -> None:
+        self._pool.release(self)
+
+    async def aclose(self) -> None:
+        close_socket(self.stream.socket)
 
     def finish_cycle(self) -> bool:
         """True if both sides completed cleanly and the connection can serve another request."""
@@ -99,5 +113,41 @@ class UpstreamConnection:
             return True
         return True  # EOF, or bytes nobody asked for
 
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+
+class H1Pool:
+    """Idle connections to one upstream, most recently used first (warm sockets, and the
+    upstream's idle timeout closes the cold ones at the other end)."""
+
+    def __init__(self, upstream: Upstream, limits: LimitsConfig) -> None:
+        self.upstream = upstream
+        self._limits = limits
+        self._idle: deque[H1UpstreamConnection] = deque()
+
+    async def open_stream(self) -> H1UpstreamConnection:
+        """A live idle connection, or a new one. Raises OSError or StreamTimeout."""
+        idle = self._idle
+        now = trio.current_time()
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < IDLE_LIFETIME and not conn.is_stale():
+                conn.reused = True
+                return conn
+            close_socket(conn.stream.socket)
+        upstream = self.upstream
+        deadline = now + self._limits.upstream_connect_timeout
+        sock = await connect_tcp(upstream.host, upstream.port, deadline)
+        return H1UpstreamConnection(sock, self, self._limits.max_header_bytes)
+
+    def release(self, conn: H1UpstreamConnection) -> None:
+        """Keep a connection whose exchange completed cleanly; close anything else."""
+        if not conn.finish_cycle():
+            close_socket(conn.stream.socket)
+            return
+        conn.idle_since = trio.current_time()
+        self._idle.append(conn)
+        if len(self._idle) > self._limits.upstream_keepalive:
+            close_socket(self._idle.popleft().stream.socket)
+
+    def close_all(self) -> None:
+        while self._idle:
+            close_socket(self._idle.pop().stream.socket)

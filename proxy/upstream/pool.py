@@ -1,19 +1,17 @@
-"""Keep-alive connection pools, one per upstream, and the choice of upstream for a site."""
+"""The choice of upstream for a site, over one pool per upstream.
+
+A pool hands out `UpstreamStream`s: a pooled HTTP/1.1 connection or a stream on a shared
+HTTP/2 connection. Round-robin across a site's upstreams, moving on when one cannot connect.
+"""
 
 from __future__ import annotations
 
-import logging
-from collections import deque
-
-import trio
+from typing import Protocol
 
 from proxy.config import LimitsConfig, SiteConfig, Upstream
-from proxy.netio import StreamTimeout, close_socket, connect_tcp
-from proxy.upstream.h1 import UpstreamConnection
-
-log = logging.getLogger(__name__)
-
-IDLE_LIFETIME = 60.0  # seconds an idle pooled connection is kept (nginx: keepalive_timeout 60s)
+from proxy.netio import StreamTimeout
+from proxy.upstream.h1 import H1Pool
+from proxy.upstream.stream import UpstreamStream
 
 
 class UpstreamUnavailable(Exception):
@@ -24,54 +22,30 @@ class UpstreamUnavailable(Exception):
         self.timed_out = timed_out
 
 
-class ConnectionPool:
-    """Idle connections to one upstream, most recently used first (warm sockets, and the
-    upstream's idle timeout closes the cold ones at the other end)."""
+class Pool(Protocol):
+    upstream: Upstream
 
-    def __init__(self, upstream: Upstream, limits: LimitsConfig) -> None:
-        self.upstream = upstream
-        self._limits = limits
-        self._idle: deque[UpstreamConnection] = deque()
+    async def open_stream(self) -> UpstreamStream:
+        """Raises OSError (refused, unreachable) or StreamTimeout (connect timed out)."""
+        ...
 
-    async def acquire(self) -> UpstreamConnection:
-        """A live idle connection, or a new one. Raises OSError or StreamTimeout."""
-        idle = self._idle
-        now = trio.current_time()
-        while idle:
-            conn = idle.pop()
-            if now - conn.idle_since < IDLE_LIFETIME and not conn.is_stale():
-                conn.reused = True
-                return conn
-            close_socket(conn.stream.socket)
-        upstream = self.upstream
-        sock = await connect_tcp(
-            upstream.host, upstream.port, now + self._limits.upstream_connect_timeout
-        )
-        return UpstreamConnection(sock, upstream, self._limits.max_header_bytes)
+    def close_all(self) -> None: ...
 
-    def release(self, conn: UpstreamConnection) -> None:
-        """Keep a connection whose exchange completed cleanly; close anything else."""
-        if not conn.finish_cycle():
-            close_socket(conn.stream.socket)
-            return
-        conn.idle_since = trio.current_time()
-        self._idle.append(conn)
-        if len(self._idle) > self._limits.upstream_keepalive:
-            close_socket(self._idle.popleft().stream.socket)
 
-    def close_all(self) -> None:
-        while self._idle:
-            close_socket(self._idle.pop().stream.socket)
+def make_pool(upstream: Upstream, limits: LimitsConfig) -> Pool:
+    if upstream.scheme == "http":
+        return H1Pool(upstream, limits)
+    raise ValueError(f"upstream scheme {upstream.scheme!r} is not supported yet")
 
 
 class SiteUpstreams:
     """Round-robin over a site's upstreams, moving on to the next one when a connect fails."""
 
-    def __init__(self, site: SiteConfig, pools: dict[Upstream, ConnectionPool]) -> None:
+    def __init__(self, site: SiteConfig, pools: dict[Upstream, Pool]) -> None:
         self._pools = [pools[u] for u in site.upstreams]
         self._next = 0
 
-    async def connect(self) -> tuple[ConnectionPool, UpstreamConnection]:
+    async def open_stream(self) -> UpstreamStream:
         pools = self._pools
         start = self._next
         self._next = (start + 1) % len(pools)
@@ -80,7 +54,7 @@ class SiteUpstreams:
         for i in range(len(pools)):
             pool = pools[(start + i) % len(pools)]
             try:
-                return pool, await pool.acquire()
+                return await pool.open_stream()
             except StreamTimeout:
                 timed_out = True
                 errors.append(f"{pool.upstream.url}: connect timed out")
@@ -93,11 +67,11 @@ class Upstreams:
     """All pools of one configuration, shared by every connection of the process."""
 
     def __init__(self, sites: tuple[SiteConfig, ...], limits: LimitsConfig) -> None:
-        pools: dict[Upstream, ConnectionPool] = {}
+        pools: dict[Upstream, Pool] = {}
         for site in sites:
             for upstream in site.upstreams:
                 if upstream not in pools:
-                    pools[upstream] = ConnectionPool(upstream, limits)
+                    pools[upstream] = make_pool(upstream, limits)
         self._pools = pools
         self._sites = {site.name: SiteUpstreams(site, pools) for site in sites}
 

@@ -1,0 +1,60 @@
+"""What the forwarding core needs from an upstream, whatever protocol carries it.
+
+An `UpstreamStream` is one request/response exchange: an HTTP/1.1 connection serving one
+request, or one HTTP/2 stream on a shared connection. Events coming back are protocol-neutral.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.http.model import Headers, ResponseHead
+
+
+class UpstreamClosed(Exception):
+    """The upstream closed, reset or broke the protocol before the response ended (502)."""
+
+
+class UpstreamTimeout(Exception):
+    """The upstream did not make progress within upstream_timeout (504)."""
+
+
+@dataclass(slots=True)
+class BodyEnd:
+    trailers: Headers | None = None
+
+
+# A ResponseHead with a 1xx status is informational; bytes are body data.
+UpstreamEvent = ResponseHead | bytes | BodyEnd
+
+
+class UpstreamStream(Protocol):
+    url: str
+    reused: bool  # carried by a connection that already served requests (retry policy)
+
+    async def send_head(
+        self, method: bytes, target: bytes, headers: Headers, end: bool, timeout: float
+    ) -> None:
+        """Send the request head; `headers` start with Host. `end` when there is no body."""
+        ...
+
+    async def send_data(self, data: bytes, timeout: float) -> None: ...
+
+    async def send_end(self, trailers: Headers | None, timeout: float) -> None: ...
+
+    async def next_event(self, timeout: float) -> UpstreamEvent:
+        """The next response event, waiting up to `timeout` for each piece of input."""
+        ...
+
+    def buffered_event(self) -> UpstreamEvent | None:
+        """An event available without waiting, so a head can be sent with its first bytes."""
+        ...
+
+    def release(self) -> None:
+        """The exchange completed: the connection may serve another request."""
+        ...
+
+    async def aclose(self) -> None:
+        """The exchange failed or was abandoned: never reuse what carried it."""
+        ...

@@ -1,0 +1,226 @@
+"""The TLS policy as seen by a real `openssl s_client` talking to a real server."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from proxy.tls.policy import reject_context, server_context, set_groups
+
+ALPN = ("h2", "http/1.1")
+
+
+def self_signed(directory: Path, key_type: str) -> tuple[Path, Path]:
+    """A throwaway certificate of the given key type ("ecdsa" or "rsa")."""
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    if key_type == "ecdsa":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "policy.test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("policy.test")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    chain, key_path = directory / f"{key_type}.pem", directory / f"{key_type}.key"
+    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return chain, key_path
+
+
+@contextlib.contextmanager
+def tls_server(ctx: ssl.SSLContext) -> Iterator[int]:
+    """Serve handshakes on a loopback port from a thread; each connection is read to EOF."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):  # failed handshakes are the point
+                conn.settimeout(10)
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    while tls.recv(4096):
+                        pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+    """One server per certificate type: RSA-only suites need an RSA certificate to exist."""
+    directory = tmp_path_factory.mktemp("policy")
+    with contextlib.ExitStack() as stack:
+        yield {
+            key_type: stack.enter_context(
+                tls_server(server_context(*self_signed(directory, key_type), ALPN))
+            )
+            for key_type in ("ecdsa", "rsa")
+        } | {"reject": stack.enter_context(tls_server(reject_context()))}
+
+
+class Handshake:
+    def __init__(self, port: int, *args: str) -> None:
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.output = result.stdout + result.stderr
+        match = re.search(r"^New, (\S+), Cipher is (\S+)$", result.stdout, re.MULTILINE)
+        self.ok = result.returncode == 0 and match is not None and match[2] != "(NONE)"
+        self.protocol, self.cipher = (match[1], match[2]) if match else ("", "")
+
+    def __repr__(self) -> str:
+        return self.output
+
+
+@pytest.mark.parametrize(
+    ("key_type", "args", "protocol"),
+    [
+        ("ecdsa", ["-tls1_3"], "TLSv1.3"),
+        ("rsa", ["-tls1_3"], "TLSv1.3"),
+        ("ecdsa", ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"], "TLSv1.2"),
+        ("ecdsa", ["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"], "TLSv1.2"),
+        ("rsa", ["-tls1_2", "-cipher", "ECDHE-RSA-AES256-GCM-SHA384"], "TLSv1.2"),
+        ("rsa", ["-tls1_2", "-cipher", "ECDHE-RSA-CHACHA20-POLY1305"], "TLSv1.2"),
+    ],
+)
+def test_accepted(ports: dict[str, int], key_type: str, args: list[str], protocol: str) -> None:
+    hs = Handshake(ports[key_type], *args)
+    assert hs.ok, hs
+    assert hs.protocol == protocol
+    if "-cipher" in args:
+        assert hs.cipher == args[-1]
+
+
+@pytest.mark.parametrize(
+    ("key_type", "args"),
+    [
+        ("rsa", ["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]),
+        ("ecdsa", ["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]),
+        ("rsa", ["-tls1_2", "-cipher", "AES128-SHA"]),  # RSA key exchange, CBC
+        ("rsa", ["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),  # RSA key exchange
+        ("rsa", ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA256"]),  # CBC (Python allows it)
+        ("ecdsa", ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA384"]),  # CBC
+    ],
+)
+def test_refused_versions_and_ciphers(
+    ports: dict[str, int], key_type: str, args: list[str]
+) -> None:
+    hs = Handshake(ports[key_type], *args)
+    assert not hs.ok, hs
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+@pytest.mark.parametrize("groups", [["-groups", "X448"], ["-curves", "secp521r1"]])
+def test_other_groups_refused(ports: dict[str, int], version: str, groups: list[str]) -> None:
+    # RSA: a TLS 1.2 client's groups also limit ECDSA certificate curves, which would
+    # refuse these handshakes whatever the key-exchange policy.
+    hs = Handshake(ports["rsa"], version, *groups)
+    assert not hs.ok, hs
+
+
+@pytest.mark.parametrize("group", ["X25519", "P-256", "P-384"])
+def test_allowed_groups(ports: dict[str, int], group: str) -> None:
+    hs = Handshake(ports["ecdsa"], "-tls1_3", "-groups", group)
+    assert hs.ok, hs
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+        ["ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+        ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"],
+    ],
+)
+def test_client_cipher_preference_wins(ports: dict[str, int], order: list[str]) -> None:
+    hs = Handshake(ports["ecdsa"], "-tls1_2", "-cipher", ":".join(order))
+    assert hs.cipher == order[0], hs
+
+
+@pytest.mark.parametrize(
+    ("offer", "expected"),
+    [
+        (["-alpn", "http/1.1"], "ALPN protocol: http/1.1"),
+        (["-alpn", "http/1.1,h2"], "ALPN protocol: h2"),  # the server's order decides
+        (["-alpn", "spdy/3"], "No ALPN negotiated"),
+        ([], "No ALPN negotiated"),
+    ],
+)
+def test_alpn(ports: dict[str, int], offer: list[str], expected: str) -> None:
+    hs = Handshake(ports["ecdsa"], *offer)
+    assert hs.ok, hs
+    assert expected in hs.output
+
+
+@pytest.mark.parametrize("sni", [["-servername", "unknown.test"], ["-noservername"]])
+def test_reject_context_sends_unrecognized_name(ports: dict[str, int], sni: list[str]) -> None:
+    hs = Handshake(ports["reject"], *sni)
+    assert not hs.ok
+    assert "unrecognized name" in hs.output, hs
+    assert "alert number 112" in hs.output, hs
+
+
+def test_context_options(tmp_path: Path) -> None:
+    ctx = server_context(*self_signed(tmp_path, "ecdsa"), ALPN)
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.maximum_version == ssl.TLSVersion.TLSv1_3
+    assert ctx.options & ssl.OP_NO_COMPRESSION
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
+    assert not ctx.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    tls12 = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 == {
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    }
+
+
+def test_unknown_group_is_an_error() -> None:
+    with pytest.raises(ssl.SSLError):
+        set_groups(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), "X25519:no-such-group")
