@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
+from proxy.certs.acme_challenges import ACME_TLS_ALPN, tls_alpn01_context
 from proxy.certs.manager import CertManager
 from proxy.config import Config
 from proxy.forward import Forwarder
@@ -23,7 +24,7 @@ from proxy.http.h1 import H1Connection, Handler
 from proxy.http.redirect import Redirector
 from proxy.lifecycle import Lifecycle
 from proxy.netio import SocketStream, StreamTimeout, close_socket
-from proxy.tls.clienthello import ClientHelloError
+from proxy.tls.clienthello import ClientHello, ClientHelloError
 from proxy.tls.stream import TLSStream, peek_client_hello
 from proxy.upstream.pool import Upstreams
 
@@ -74,7 +75,7 @@ class Server:
         self.lifecycle = Lifecycle(config.limits.max_connections)
         self._upstreams = Upstreams(config.sites, config.limits)
         self._forwarder = Forwarder(config, self._upstreams)
-        self._redirector = Redirector(config.listen.https)
+        self._redirector = Redirector(config.listen.https, config.certs.dir)
         self._shutdown = trio.Event()
 
     def shutdown(self) -> None:
@@ -177,7 +178,7 @@ class Server:
             log.debug("client %s: no ClientHello: %r", client_ip, exc)
             close_socket(sock)
             return
-        stream = TLSStream(sock, self.certs.context_for(hello.server_name))
+        stream = TLSStream(sock, self._context_for(hello))
         try:
             await stream.do_handshake(deadline)
         except (ssl.SSLError, StreamTimeout, OSError) as exc:
@@ -186,7 +187,19 @@ class Server:
             )
             await stream.aclose()
             return
+        if stream.alpn_protocol == ACME_TLS_ALPN:
+            await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
+            return
         await self._h1(stream, stream.socket, client_ip, self._forwarder)
+
+    def _context_for(self, hello: ClientHello) -> ssl.SSLContext:
+        """The certificate for this ClientHello. A pending TLS-ALPN-01 challenge (RFC 8737)
+        wins when the client offers acme-tls/1: only an ACME validator does that."""
+        if ACME_TLS_ALPN in hello.alpn and hello.server_name:
+            challenge = tls_alpn01_context(self.config.certs.dir, hello.server_name)
+            if challenge is not None:
+                return challenge
+        return self.certs.context_for(hello.server_name)
 
     async def _h1(
         self,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+from proxy.certs.acme_challenges import HTTP01_PATH_PREFIX, http01_key_authorization
 from proxy.http.h1 import CONNECTION_CLOSE
-from proxy.http.model import Exchange, plain_response
+from proxy.http.model import Exchange, ResponseHead, plain_response
 
-ACME_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+ACME_CHALLENGE_PREFIX = HTTP01_PATH_PREFIX.encode("ascii")
 # reg-name or IPv4 (RFC 3986 host), or a bracketed IPv6 literal; optional port.
 _HOST = re.compile(rb"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -31,13 +33,14 @@ class Redirector:
     """Request handler of the HTTP listener. Closes every connection after one answer,
     as Caddy does: a client that was redirected has no more business on this port."""
 
-    def __init__(self, https_port: int) -> None:
+    def __init__(self, https_port: int, certs_dir: Path) -> None:
         self._https_port = https_port
+        self._certs_dir = certs_dir
 
     async def __call__(self, exchange: Exchange) -> None:
         request = exchange.request
         if request.target.startswith(ACME_CHALLENGE_PREFIX):
-            head, body = plain_response(404, "Not Found", CONNECTION_CLOSE)
+            head, body = self._acme_http01(request.target)
         else:
             location = https_location(request.host, request.target, self._https_port)
             if location is None:
@@ -49,3 +52,17 @@ class Redirector:
                     308, "Permanent Redirect", (b"location", location), CONNECTION_CLOSE
                 )
         await exchange.send_head(head, body, end=True)
+
+    def _acme_http01(self, target: bytes) -> tuple[ResponseHead, bytes]:
+        """The key authorization of a pending HTTP-01 challenge (RFC 8555 §8.3), never
+        redirected: the CA fetches it over plain HTTP."""
+        token = target[len(ACME_CHALLENGE_PREFIX) :].partition(b"?")[0]
+        answer = http01_key_authorization(self._certs_dir, token.decode("ascii", "replace"))
+        if answer is None:
+            return plain_response(404, "Not Found", CONNECTION_CLOSE)
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(len(answer)).encode("ascii")),
+            CONNECTION_CLOSE,
+        ]
+        return ResponseHead(200, headers), answer
