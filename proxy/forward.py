@@ -8,12 +8,13 @@ bounded and a slow reader slows the writer (backpressure) instead of filling buf
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 
 from proxy.config import Config, SiteConfig
 from proxy.http.headers import client_response_headers, upstream_request_headers
-from proxy.http.model import Exchange, Headers, ResponseHead, plain_response
+from proxy.http.model import Exchange, Headers, Observer, Outcome, ResponseHead, plain_response
 from proxy.upstream.pool import Upstreams, UpstreamUnavailable
 from proxy.upstream.stream import BodyEnd, UpstreamClosed, UpstreamStream, UpstreamTimeout
 
@@ -31,10 +32,13 @@ def host_without_port(host: bytes) -> str:
 class Forwarder:
     """The request handler of the HTTPS listener for one configuration."""
 
-    def __init__(self, config: Config, upstreams: Upstreams) -> None:
+    def __init__(
+        self, config: Config, upstreams: Upstreams, observers: Sequence[Observer] = ()
+    ) -> None:
         self._config = config
         self._timeout = config.limits.upstream_timeout
         self._upstreams = upstreams
+        self._observers = tuple(observers)
         self._hsts = config.hsts.header_value()
         default = config.tls.default_site
         self._default_site = config.site_for_host(default) if default else None
@@ -42,22 +46,38 @@ class Forwarder:
     async def __call__(self, exchange: Exchange) -> None:
         request = exchange.request
         site = self._config.site_for_host(host_without_port(request.host)) or self._default_site
-        if site is None:
-            await self._respond(exchange, 421, "Misdirected Request: no site for this host")
-            return
+        now = trio.current_time()
+        site_name = site.name if site else None
+        outcome = Outcome(request, exchange.info, site_name, 0, 0, 0, now, now)
         try:
-            await self._forward(exchange, site)
+            if site is None:
+                await self._respond(
+                    exchange, outcome, 421, "Misdirected Request: no site for this host"
+                )
+            else:
+                await self._forward_or_fail(exchange, site, outcome)
+        finally:
+            outcome.finished = trio.current_time()
+            for observer in self._observers:
+                observer.record(outcome)
+
+    async def _forward_or_fail(
+        self, exchange: Exchange, site: SiteConfig, outcome: Outcome
+    ) -> None:
+        try:
+            await self._forward(exchange, site, outcome)
         except UpstreamUnavailable as exc:
             log.error("site %s: upstream unavailable: %s", site.name, exc)
-            await self._fail(exchange, 504 if exc.timed_out else 502, "upstream unavailable")
+            status = 504 if exc.timed_out else 502
+            await self._fail(exchange, outcome, status, "upstream unavailable")
         except UpstreamTimeout as exc:
             log.error("site %s: upstream timed out: %s", site.name, exc)
-            await self._fail(exchange, 504, "Gateway Timeout")
+            await self._fail(exchange, outcome, 504, "Gateway Timeout")
         except UpstreamClosed as exc:
             log.error("site %s: upstream error: %s", site.name, exc)
-            await self._fail(exchange, 502, "Bad Gateway")
+            await self._fail(exchange, outcome, 502, "Bad Gateway")
 
-    async def _forward(self, exchange: Exchange, site: SiteConfig) -> None:
+    async def _forward(self, exchange: Exchange, site: SiteConfig, outcome: Outcome) -> None:
         request = exchange.request
         chunked = request.has_body and not any(n == b"content-length" for n, _ in request.headers)
         headers = upstream_request_headers(request, chunked)
@@ -66,8 +86,9 @@ class Forwarder:
         # retry a body-less request once on a fresh connection, as nginx does.
         for attempt in (1, 2):
             upstream = await upstreams.open_stream()
+            outcome.upstream = upstream.url
             try:
-                await self._exchange(exchange, upstream, headers)
+                await self._exchange(exchange, upstream, headers, outcome)
             except UpstreamClosed:
                 await upstream.aclose()
                 retry = attempt == 1 and upstream.reused and not request.has_body
@@ -81,33 +102,38 @@ class Forwarder:
                 return
 
     async def _exchange(
-        self, exchange: Exchange, upstream: UpstreamStream, headers: Headers
+        self, exchange: Exchange, upstream: UpstreamStream, headers: Headers, outcome: Outcome
     ) -> None:
         request = exchange.request
         await upstream.send_head(
             request.method, request.target, headers, not request.has_body, self._timeout
         )
         if not request.has_body:
-            await self._relay_response(exchange, upstream)
+            await self._relay_response(exchange, upstream, outcome)
             return
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_request_body, exchange, upstream)
-            await self._relay_response(exchange, upstream)
+            nursery.start_soon(self._pump_request_body, exchange, upstream, outcome)
+            await self._relay_response(exchange, upstream, outcome)
             # An upstream may answer before reading the whole body (e.g. 413): the rest of
             # the upload is then abandoned, and the front end does not reuse the connection.
             nursery.cancel_scope.cancel()
 
-    async def _pump_request_body(self, exchange: Exchange, upstream: UpstreamStream) -> None:
+    async def _pump_request_body(
+        self, exchange: Exchange, upstream: UpstreamStream, outcome: Outcome
+    ) -> None:
         timeout = self._timeout
         try:
             while data := await exchange.receive_data():
+                outcome.bytes_in += len(data)
                 await upstream.send_data(data, timeout)
             await upstream.send_end(exchange.request_trailers, timeout)
         except (UpstreamClosed, UpstreamTimeout) as exc:
             # The upstream stopped reading; its response (if any) still decides the outcome.
             log.debug("upstream %s stopped taking the request body: %s", upstream.url, exc)
 
-    async def _relay_response(self, exchange: Exchange, upstream: UpstreamStream) -> None:
+    async def _relay_response(
+        self, exchange: Exchange, upstream: UpstreamStream, outcome: Outcome
+    ) -> None:
         timeout = self._timeout
         first = await upstream.next_event(timeout)
         while isinstance(first, ResponseHead) and first.status < 200:
@@ -115,15 +141,18 @@ class Forwarder:
             first = await upstream.next_event(timeout)
         if not isinstance(first, ResponseHead):
             raise UpstreamClosed(f"{upstream.url} sent body data before a response head")
+        outcome.upstream_time = trio.current_time() - outcome.started
         head = ResponseHead(
             first.status, client_response_headers(first.headers, first.http_version, self._hsts)
         )
+        outcome.status = head.status
         # Coalesce the head with whatever body bytes arrived with it: one write.
         body = b""
         event = upstream.buffered_event()
         while isinstance(event, bytes):
             body += event
             event = upstream.buffered_event()
+        outcome.bytes_out = len(body)
         if isinstance(event, BodyEnd) and not event.trailers:
             await exchange.send_head(head, body, end=True)
             return
@@ -131,21 +160,25 @@ class Forwarder:
         if event is None:
             event = await upstream.next_event(timeout)
         while isinstance(event, bytes):
+            outcome.bytes_out += len(event)
             await exchange.send_data(event)
             event = await upstream.next_event(timeout)
         if not isinstance(event, BodyEnd):
             raise UpstreamClosed(f"{upstream.url} sent a second response head")
         await exchange.send_end(event.trailers)
 
-    async def _fail(self, exchange: Exchange, status: int, message: str) -> None:
+    async def _fail(self, exchange: Exchange, outcome: Outcome, status: int, message: str) -> None:
         """Report an upstream failure: an error response if none started, else abort."""
         if exchange.head_sent:
             await exchange.abort()
         else:
-            await self._respond(exchange, status, message)
+            await self._respond(exchange, outcome, status, message)
 
-    async def _respond(self, exchange: Exchange, status: int, message: str) -> None:
+    async def _respond(
+        self, exchange: Exchange, outcome: Outcome, status: int, message: str
+    ) -> None:
         head, body = plain_response(status, message)
         if self._hsts is not None:
             head.headers.append((b"strict-transport-security", self._hsts))
+        outcome.status, outcome.bytes_out = status, len(body)
         await exchange.send_head(head, body, end=True)

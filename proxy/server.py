@@ -21,9 +21,10 @@ from proxy.certs.manager import CertManager
 from proxy.config import Config
 from proxy.forward import Forwarder
 from proxy.http.h1 import H1Connection, Handler
+from proxy.http.model import ConnectionInfo
 from proxy.http.redirect import Redirector
 from proxy.lifecycle import Lifecycle
-from proxy.netio import SocketStream, StreamTimeout, close_socket
+from proxy.netio import ByteStream, SocketStream, StreamTimeout, close_socket
 from proxy.tls.clienthello import ClientHello, ClientHelloError
 from proxy.tls.stream import TLSStream, peek_client_hello
 from proxy.upstream.pool import Upstreams
@@ -165,7 +166,8 @@ class Server:
 
     async def _serve_http(self, sock: socket.socket, client_ip: str) -> None:
         stream = SocketStream(sock)
-        await self._h1(stream, sock, client_ip, self._redirector)
+        info = ConnectionInfo(client_ip, None, None)
+        await self._h1(stream, sock, info, self._redirector)
 
     async def _serve_tls(self, sock: socket.socket, client_ip: str) -> None:
         deadline = trio.current_time() + self.config.limits.header_timeout
@@ -190,7 +192,8 @@ class Server:
         if stream.alpn_protocol == ACME_TLS_ALPN:
             await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
             return
-        await self._h1(stream, stream.socket, client_ip, self._forwarder)
+        info = ConnectionInfo(client_ip, stream.version, stream.alpn_protocol)
+        await self._h1(stream, stream.socket, info, self._forwarder)
 
     def _context_for(self, hello: ClientHello) -> ssl.SSLContext:
         """The certificate for this ClientHello. A pending TLS-ALPN-01 challenge (RFC 8737)
@@ -202,14 +205,10 @@ class Server:
         return self.certs.context_for(hello.server_name)
 
     async def _h1(
-        self,
-        stream: SocketStream | TLSStream,
-        sock: socket.socket,
-        client_ip: str,
-        handler: Handler,
+        self, stream: ByteStream, sock: socket.socket, info: ConnectionInfo, handler: Handler
     ) -> None:
         limits = self.config.limits
-        await H1Connection(stream, sock, client_ip, handler, limits, self.lifecycle).serve()
+        await H1Connection(stream, sock, info, handler, limits, self.lifecycle).serve()
 
     async def _refuse_non_tls(self, sock: socket.socket, client_ip: str) -> None:
         """Plain HTTP sent to the TLS port gets a readable answer, as Go and Caddy give."""

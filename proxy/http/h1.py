@@ -16,7 +16,14 @@ import h11
 import trio
 
 from proxy.config import LimitsConfig
-from proxy.http.model import ClientGone, Headers, Request, ResponseHead, plain_response
+from proxy.http.model import (
+    ClientGone,
+    ConnectionInfo,
+    Headers,
+    Request,
+    ResponseHead,
+    plain_response,
+)
 from proxy.lifecycle import Lifecycle
 from proxy.netio import ByteStream, StreamTimeout
 
@@ -41,7 +48,7 @@ class H1Connection:
         self,
         stream: ByteStream,
         sock: socket.socket,
-        client_ip: str,
+        info: ConnectionInfo,
         handler: Handler,
         limits: LimitsConfig,
         lifecycle: Lifecycle,
@@ -53,7 +60,8 @@ class H1Connection:
         self._lifecycle = lifecycle
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self._idle = False
-        self.client_ip = client_ip
+        self.info = info
+        self.client_ip = client_ip = info.client_ip
         # The exchange in progress:
         self.request: Request = Request(b"", b"", b"", [], b"1.1", False, client_ip)
         self.head_sent = False

@@ -34,10 +34,42 @@ class ResponseHead:
     http_version: bytes = b"1.1"  # of the upstream that sent it (for Via)
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """What the access log and metrics say about the client connection."""
+
+    client_ip: str
+    tls_version: str | None  # "TLSv1.3"; None on plain HTTP
+    alpn: str | None  # "h2", "http/1.1"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one request: the input of access logs and metrics."""
+
+    request: Request
+    info: ConnectionInfo
+    site: str | None
+    status: int  # 0 if the client went away before any response
+    bytes_in: int  # request body bytes forwarded
+    bytes_out: int  # response body bytes sent
+    started: float  # trio.current_time() when forwarding began
+    finished: float
+    upstream: str | None = None
+    upstream_time: float | None = None  # from request sent to response head received
+
+
+class Observer(Protocol):
+    def record(self, outcome: Outcome) -> None:
+        """Called once per request, after it ended; must not block."""
+        ...
+
+
 class Exchange(Protocol):
     """One request/response on a client connection, as the forwarding core sees it."""
 
     request: Request
+    info: ConnectionInfo
     head_sent: bool
 
     async def receive_data(self) -> bytes:
