@@ -1,9 +1,10 @@
-"""Command line: `port443 run` serves, `port443 check` validates a configuration."""
+"""Command line: `port443 run` serves, `check` validates a configuration, `reload` applies it."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import trio
 
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
+from proxy.pidfile import read_pid, remove_pid, write_pid
 from proxy.server import Server
 
 DEFAULT_CONFIG = Path("config/port443.toml")
@@ -24,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("run", "run the proxy"),
         ("check", "validate a configuration file and exit 0 (valid) or 1"),
+        ("reload", "validate a configuration, then make the running proxy apply it (SIGHUP)"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument(
@@ -47,16 +50,46 @@ def _load(path: Path) -> Config | None:
 async def _serve(config: Config) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
     server = Server(config)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, server, nursery.cancel_scope)
-        await server.run()
-        nursery.cancel_scope.cancel()
+    write_pid(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_handle_signals, server, nursery.cancel_scope)
+            await server.run()
+            nursery.cancel_scope.cancel()
+    finally:
+        remove_pid(config)
+
+
+async def _reload(server: Server) -> None:
+    """SIGHUP: re-read the file the server was started with; keep the old config if broken."""
+    path = server.config.path
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running configuration:\n%s", exc)
+        return
+    await server.reload(config)
+
+
+def _signal_reload(config: Config) -> int:
+    try:
+        pid = read_pid(config)
+    except (OSError, ValueError) as exc:
+        print(f"port443: no running proxy for {config.path} ({exc})", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"port443: asked process {pid} to reload {config.path}")
+    return 0
 
 
 async def _handle_signals(server: Server, stop_now: trio.CancelScope) -> None:
-    """First SIGTERM/SIGINT drains gracefully; a second one cuts the grace period short."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """SIGHUP reloads. The first SIGTERM/SIGINT drains gracefully; a second one cuts the
+    grace period short."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                await _reload(server)
+                continue
             if server.shutting_down:
                 log.warning("received %s again: stopping now", signal.Signals(signum).name)
                 stop_now.cancel()
@@ -73,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"{args.config}: OK ({len(config.sites)} sites)")
         return 0
+    if args.command == "reload":
+        return _signal_reload(config)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,15 +19,13 @@ import trio
 from proxy.certs.acme_challenges import ACME_TLS_ALPN, tls_alpn01_context
 from proxy.certs.manager import CertManager
 from proxy.config import Config
-from proxy.forward import Forwarder
+from proxy.generation import Generation, describe_changes
 from proxy.http.h1 import H1Connection, Handler
-from proxy.http.model import ConnectionInfo
-from proxy.http.redirect import Redirector
+from proxy.http.model import ConnectionInfo, Exchange, Observer
 from proxy.lifecycle import Lifecycle
 from proxy.netio import ByteStream, SocketStream, StreamTimeout, close_socket
 from proxy.tls.clienthello import ClientHello, ClientHelloError
 from proxy.tls.stream import TLSStream, peek_client_hello
-from proxy.upstream.pool import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +69,39 @@ class Server:
     """One proxy process: binds, serves, and shuts down gracefully on `shutdown()`."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.certs = CertManager(config, ALPN)
         self.lifecycle = Lifecycle(config.limits.max_connections)
-        self._upstreams = Upstreams(config.sites, config.limits)
-        self._forwarder = Forwarder(config, self._upstreams)
-        self._redirector = Redirector(config.listen.https, config.certs.dir)
+        self._observers: list[Observer] = []
+        self._current = Generation(config, ALPN, self._observers)
         self._shutdown = trio.Event()
+
+    @property
+    def config(self) -> Config:
+        return self._current.config
+
+    @property
+    def certs(self) -> CertManager:
+        return self._current.certs
+
+    async def _forward(self, exchange: Exchange) -> None:
+        await self._current.forwarder(exchange)
+
+    async def _redirect(self, exchange: Exchange) -> None:
+        await self._current.redirector(exchange)
+
+    async def reload(self, config: Config) -> None:
+        """Switch to a new, already validated configuration without dropping anything open.
+
+        Listen addresses and ports are bound once: changing them needs a restart.
+        """
+        old = self._current
+        if config.listen != old.config.listen:
+            log.warning("reload: [listen] changes take effect only after a restart")
+        new = Generation(config, ALPN, self._observers)
+        await self._services.start(new.run)
+        self._current = new
+        old.retire()
+        changes = describe_changes(old.config, config)
+        log.info("reloaded %s: %s", config.path, "; ".join(changes) or "no changes")
 
     def shutdown(self) -> None:
         self._shutdown.set()
@@ -91,7 +115,8 @@ class Server:
     ) -> None:
         listen = self.config.listen
         async with trio.open_nursery() as services:
-            await services.start(self.certs.run)
+            self._services = services
+            await services.start(self._current.run)
             listeners: list[tuple[socket.socket, str]] = []
             try:
                 for address in listen.addresses:
@@ -115,7 +140,7 @@ class Server:
             finally:
                 for sock, _ in listeners:
                     close_socket(sock)
-                self._upstreams.close_all()
+                self._current.retire()
             services.cancel_scope.cancel()
         log.info("stopped")
 
@@ -167,7 +192,7 @@ class Server:
     async def _serve_http(self, sock: socket.socket, client_ip: str) -> None:
         stream = SocketStream(sock)
         info = ConnectionInfo(client_ip, None, None)
-        await self._h1(stream, sock, info, self._redirector)
+        await self._h1(stream, sock, info, self._redirect)
 
     async def _serve_tls(self, sock: socket.socket, client_ip: str) -> None:
         deadline = trio.current_time() + self.config.limits.header_timeout
@@ -193,7 +218,7 @@ class Server:
             await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
             return
         info = ConnectionInfo(client_ip, stream.version, stream.alpn_protocol)
-        await self._h1(stream, stream.socket, info, self._forwarder)
+        await self._h1(stream, stream.socket, info, self._forward)
 
     def _context_for(self, hello: ClientHello) -> ssl.SSLContext:
         """The certificate for this ClientHello. A pending TLS-ALPN-01 challenge (RFC 8737)

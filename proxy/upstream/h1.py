@@ -122,6 +122,7 @@ class H1Pool:
         self.upstream = upstream
         self._limits = limits
         self._idle: deque[H1UpstreamConnection] = deque()
+        self._closed = False
 
     async def open_stream(self) -> H1UpstreamConnection:
         """A live idle connection, or a new one. Raises OSError or StreamTimeout."""
@@ -140,7 +141,7 @@ class H1Pool:
 
     def release(self, conn: H1UpstreamConnection) -> None:
         """Keep a connection whose exchange completed cleanly; close anything else."""
-        if not conn.finish_cycle():
+        if self._closed or not conn.finish_cycle():
             close_socket(conn.stream.socket)
             return
         conn.idle_since = trio.current_time()
@@ -149,5 +150,7 @@ class H1Pool:
             close_socket(self._idle.popleft().stream.socket)
 
     def close_all(self) -> None:
+        """Close idle connections; those in use close when released (a retired pool)."""
+        self._closed = True
         while self._idle:
             close_socket(self._idle.pop().stream.socket)
