@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from proxy.tls.policy import reject_context, server_context, set_groups
+from tests.openssl import Handshake
 
 ALPN = ("h2", "http/1.1")
 
@@ -95,24 +94,6 @@ def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
             )
             for key_type in ("ecdsa", "rsa")
         } | {"reject": stack.enter_context(tls_server(reject_context()))}
-
-
-class Handshake:
-    def __init__(self, port: int, *args: str) -> None:
-        result = subprocess.run(
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        self.output = result.stdout + result.stderr
-        match = re.search(r"^New, (\S+), Cipher is (\S+)$", result.stdout, re.MULTILINE)
-        self.ok = result.returncode == 0 and match is not None and match[2] != "(NONE)"
-        self.protocol, self.cipher = (match[1], match[2]) if match else ("", "")
-
-    def __repr__(self) -> str:
-        return self.output
 
 
 @pytest.mark.parametrize(
