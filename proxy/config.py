@@ -57,6 +57,7 @@ class LimitsConfig:
     upstream_timeout: float = 60.0  # waiting for the upstream's response head or next byte
     upstream_keepalive: int = 32  # idle pooled connections kept per upstream
     grace_period: float = 30.0  # shutdown: how long in-flight requests may still run
+    shutdown_delay: float = 0.0  # after SIGTERM, keep serving (readiness 503) this long first
 
 
 @dataclass(frozen=True)

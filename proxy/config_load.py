@@ -42,6 +42,7 @@ _HSTS_KEYS = tuple(f.name for f in dataclasses.fields(HSTSConfig))
 _LIMITS_TYPES = get_type_hints(LimitsConfig)
 _TLS_KEYS = ("default_site",)
 _SITE_KEYS = ("hosts", "upstreams", "cert", "key")
+_LIMITS_ZERO_ALLOWED = frozenset({"shutdown_delay"})
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEFAULT_PORTS: dict[UpstreamScheme, int] = {"http": 80, "h2c": 80, "https": 443}
@@ -170,7 +171,11 @@ class _Reader:
                 key,
                 name,
                 getattr(default, name),
-                _integer(1) if kind is int else _positive_number,
+                _integer(1)
+                if kind is int
+                else _number_at_least_zero
+                if name in _LIMITS_ZERO_ALLOWED
+                else _positive_number,
             )
             for name, kind in _LIMITS_TYPES.items()
         }
@@ -318,6 +323,12 @@ def _integer(minimum: int) -> Callable[[object], int]:
         raise _Invalid(f"must be an integer >= {minimum}, got {_show(value)}")
 
     return convert
+
+
+def _number_at_least_zero(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
+        return float(value)
+    raise _Invalid(f"must be a number >= 0, got {_show(value)}")
 
 
 def _positive_number(value: object) -> float:

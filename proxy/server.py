@@ -133,6 +133,7 @@ class Server:
                             acceptors.start_soon(self._accept_loop, sock, serve, connections)
                         task_status.started(bound)
                         await self._shutdown.wait()
+                        await self._delay_shutdown()
                         acceptors.cancel_scope.cancel()
                     for sock, _ in listeners:  # new clients are refused, not left in a backlog
                         close_socket(sock)
@@ -143,6 +144,14 @@ class Server:
                 self._current.retire()
             services.cancel_scope.cancel()
         log.info("stopped")
+
+    async def _delay_shutdown(self) -> None:
+        """Keep serving while readiness reports 503, so a load balancer stops sending us
+        new clients before the listeners close (Kubernetes preStop-style)."""
+        delay = self.config.limits.shutdown_delay
+        if delay:
+            log.info("shutting down in %gs; readiness now reports 503", delay)
+            await trio.sleep(delay)
 
     async def _drain(self, connections: trio.Nursery) -> None:
         grace = self.config.limits.grace_period

@@ -76,3 +76,16 @@ def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
     result = _port443("check", "-c", str(config))
     assert result.returncode == 1
     assert f"{config}:2: invalid TOML" in result.stderr
+
+
+async def test_shutdown_delay_keeps_serving_before_draining(
+    tmp_path: Path, backend: Backend
+) -> None:
+    body = "[limits]\nshutdown_delay = 1.5\n" + sites_toml((["localhost"], [backend.url]))
+    proxy = await start_proxy(tmp_path, body)
+    proxy.process.send_signal(signal.SIGTERM)
+    await trio.sleep(0.5)
+    during = await run(*curl_args(proxy, "/echo", "localhost", "--http1.1"), check=True)
+    assert json.loads(during.stdout)["target"] == "/echo"
+    assert "readiness now reports 503" in proxy.log()
+    assert await proxy.wait(10) == 0
