@@ -15,6 +15,7 @@ from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
 from proxy.pidfile import read_pid, remove_pid, write_pid
 from proxy.server import Server
+from proxy.storage_check import check_certificate_store
 
 DEFAULT_CONFIG = Path("config/port443.toml")
 log = logging.getLogger("proxy")
@@ -49,6 +50,8 @@ def _load(path: Path) -> Config | None:
 
 async def _serve(config: Config) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    for warning in check_certificate_store(config.certs.dir):
+        log.warning("%s", warning)
     server = Server(config)
     write_pid(config)
     try:
