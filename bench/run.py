@@ -153,16 +153,21 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, CPU ticks: utime + stime + cutime + cstime) for every visible process."""
-    table: dict[int, tuple[int, int]] = {}
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, user ticks, system ticks) for every visible process.
+
+    User is utime + cutime, system is stime + cstime (fields 14..17 of /proc/<pid>/stat): the
+    time of reaped children shows up in their parent, so a tree's sum stays continuous if a
+    worker is replaced between two readings.
+    """
+    table: dict[int, tuple[int, int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or (raw := _read(f"/proc/{entry}/stat")) is None:
             continue
-        rest = raw[raw.rfind(b")") + 2 :].split()
-        # rest[0] is field 3 (state): ppid is field 4, utime..cstime are fields 14..17.
-        ticks = int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
-        table[int(entry)] = (int(rest[1]), ticks)
+        rest = raw[raw.rfind(b")") + 2 :].split()  # rest[i] is field i + 3
+        user = int(rest[11]) + int(rest[13])
+        system = int(rest[12]) + int(rest[14])
+        table[int(entry)] = (int(rest[1]), user, system)
     return table
 
 
@@ -183,52 +188,57 @@ def _sched_seconds(pid: int) -> float | None:
 
 @dataclass
 class CPUSample:
-    ticks_s: float  # utime+stime (+ reaped children), whole tree, 1/CLK_TCK resolution
+    user_s: float  # whole tree, from /proc/<pid>/stat, 1/CLK_TCK resolution
+    sys_s: float
     sched_s: float | None  # live threads' schedstat run time, whole tree, ns resolution
     pids: int
 
 
 def tree_cpu(root: int) -> CPUSample:
-    """CPU time used so far by `root` and all its descendants (nginx master + workers).
-
-    Reaped children's time shows up in their parent's cutime/cstime, so the tick sum stays
-    continuous if a worker is replaced between two readings.
-    """
+    """CPU time used so far by `root` and all its descendants (nginx master + workers)."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
+    for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    ticks, sched, count, stack = 0, 0.0, 0, [root]
-    sched_ok = True
+    user = system = count = 0
+    sched: float | None = 0.0
+    stack = [root]
     while stack:
         pid = stack.pop()
         if pid in table:
-            ticks += table[pid][1]
+            user += table[pid][1]
+            system += table[pid][2]
             count += 1
             s = _sched_seconds(pid)
-            if s is None:
-                sched_ok = False
-            else:
-                sched += s
+            sched = None if s is None or sched is None else sched + s
         stack.extend(children.get(pid, ()))
-    return CPUSample(ticks / CLK_TCK, sched if sched_ok else None, count)
+    return CPUSample(user / CLK_TCK, system / CLK_TCK, sched, count)
 
 
-def cpu_delta(before: CPUSample, after: CPUSample) -> tuple[float, str]:
-    """CPU seconds between two samples and where they came from.
+@dataclass
+class CPUDelta:
+    seconds: float
+    source: str  # "schedstat" or "stat"
+    sys_fraction: float | None  # share of kernel time, from the tick counts
 
-    /proc/<pid>/stat counts in clock ticks (10 ms), which is coarse for nginx's few hundred
-    ms per run; schedstat has the same total in ns. It is used unless it disagrees with the
-    tick count by more than the ticks' rounding (a thread exited mid-run, say).
+
+def cpu_delta(before: CPUSample, after: CPUSample) -> CPUDelta:
+    """CPU seconds between two samples.
+
+    /proc/<pid>/stat counts in clock ticks (10 ms), coarse for nginx's few hundred ms per
+    run; schedstat has the same total in ns. It is used unless it disagrees with the tick count
+    by more than the ticks' rounding (a thread that exited mid-run, say).
     """
-    ticks = after.ticks_s - before.ticks_s
-    if before.sched_s is None or after.sched_s is None:
-        return ticks, "stat"
-    sched = after.sched_s - before.sched_s
-    tolerance = 2 * max(before.pids, after.pids) / CLK_TCK + 0.05 * ticks
-    if abs(sched - ticks) <= tolerance:
-        return sched, "schedstat"
-    return ticks, "stat"
+    user = after.user_s - before.user_s
+    system = after.sys_s - before.sys_s
+    ticks = user + system
+    sys_fraction = system / ticks if ticks > 0 else None
+    if before.sched_s is not None and after.sched_s is not None:
+        sched = after.sched_s - before.sched_s
+        tolerance = 4 * max(before.pids, after.pids) / CLK_TCK + 0.05 * ticks
+        if abs(sched - ticks) <= tolerance:
+            return CPUDelta(sched, "schedstat", sys_fraction)
+    return CPUDelta(ticks, "stat", sys_fraction)
 
 
 def free_ports(count: int) -> list[int]:
@@ -557,13 +567,32 @@ def wait_ready(
 class Target:
     name: str  # "backend", "port443", "nginx"
     port: int
-    tls: bool
     proc: Managed
-    ca: Path | None = None
+    ca: Path | None = None  # TLS targets: the CA their certificate chains to
 
     def url(self, path: str) -> str:
-        scheme = "https" if self.tls else "http"
+        scheme = "https" if self.ca else "http"
         return f"{scheme}://localhost:{self.port}{path}"
+
+
+@dataclass(frozen=True)
+class Load:
+    """One h2load invocation's shape."""
+
+    proto: str  # "h1" or "h2"
+    path: str  # key of PATHS
+    requests: int
+    clients: int
+    streams: int  # concurrent streams per client (1 for h1)
+
+    def argv(self, h2load: str, target: Target, log_file: Path) -> list[str]:
+        argv = [h2load, "-n", str(self.requests), "-c", str(self.clients), "-t", "1"]
+        argv += ["--h1"] if self.proto == "h1" else ["-m", str(self.streams)]
+        argv.append(f"--log-file={log_file}")
+        # SNI and Host say "localhost"; the TCP connection goes to 127.0.0.1 whatever
+        # "localhost" resolves to.
+        argv += [f"--connect-to=127.0.0.1:{target.port}", target.url(PATHS[self.path][0])]
+        return argv
 
 
 @dataclass
@@ -574,7 +603,7 @@ class RunResult:
     requests: int
     clients: int
     streams: int
-    ok: bool
+    ok: bool = False
     note: str = ""
     app_protocol: str | None = None
     wall_s: float = 0.0
@@ -589,11 +618,16 @@ class RunResult:
     p99_us: float | None = None
     max_us: float | None = None
     server_cpu_s: float | None = None
+    server_sys_fraction: float | None = None
     cpu_source: str | None = None
     backend_cpu_s: float | None = None
     cpu_us_per_req: float | None = None
     req_per_cpu_s: float | None = None
     backend_cpu_us_per_req: float | None = None
+
+    @classmethod
+    def start(cls, target: str, load: Load) -> RunResult:
+        return cls(target, load.proto, load.path, load.requests, load.clients, load.streams)
 
 
 _DURATION_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
@@ -606,68 +640,27 @@ def _to_us(text: str) -> float:
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
-def h2load_argv(
-    h2load: str, target: Target, path: str, proto: str, n: int, c: int, m: int, log_file: Path
-) -> list[str]:
-    argv = [h2load, "-n", str(n), "-c", str(c), "-t", "1", f"--log-file={log_file}"]
-    argv += ["--h1"] if proto == "h1" else ["-m", str(m)]
-    # SNI and Host say "localhost"; the TCP connection goes to 127.0.0.1 whatever it resolves to.
-    argv += [f"--connect-to=127.0.0.1:{target.port}", target.url(path)]
-    return argv
-
-
-def run_h2load(
-    h2load: str,
-    target: Target,
-    backend: Managed,
-    path_key: str,
-    proto: str,
-    n: int,
-    c: int,
-    m: int,
-    workdir: Path,
-    timeout: float,
-) -> RunResult:
-    path = PATHS[path_key][0]
-    res = RunResult(target.name, proto, path_key, n, c, m if proto == "h2" else 1, ok=False)
-    log_file = workdir / f"h2load-{target.name}-{proto}-{path_key}.tsv"
-    argv = h2load_argv(h2load, target, path, proto, n, c, m, log_file)
-    cpu0, bcpu0 = tree_cpu(target.proc.pid), tree_cpu(backend.pid)
-    t0 = time.monotonic()
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        res.note = f"h2load timed out after {timeout:.0f}s"
-        return res
-    res.wall_s = time.monotonic() - t0
-    cpu1, bcpu1 = tree_cpu(target.proc.pid), tree_cpu(backend.pid)
-    text = out.stdout + out.stderr
-
-    if m_ := re.search(r"Application protocol: (\S+)", text):
-        res.app_protocol = m_.group(1)
-    if m_ := re.search(r"finished in \S+, ([\d.]+) req/s", text):
-        res.rps = float(m_.group(1))
-    if m_ := re.search(
+def parse_h2load(text: str, res: RunResult) -> None:
+    """Fill `res` from h2load's summary output."""
+    if m := re.search(r"Application protocol: (\S+)", text):
+        res.app_protocol = m.group(1)
+    if m := re.search(r"finished in \S+, ([\d.]+) req/s", text):
+        res.rps = float(m.group(1))
+    if m := re.search(
         r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
         r"(\d+) errored, (\d+) timeout",
         text,
     ):
-        res.succeeded, res.failed, res.errored, res.timeout = map(int, m_.groups())
-    if m_ := re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text):
-        res.non_2xx = sum(map(int, m_.groups()[1:]))
-    if m_ := re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", text):
+        res.succeeded, res.failed, res.errored, res.timeout = map(int, m.groups())
+    if m := re.search(r"status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text):
+        res.non_2xx = sum(map(int, m.groups()))
+    if m := re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", text):
         with contextlib.suppress(ValueError):
-            res.mean_us = _to_us(m_.group(3))
+            res.mean_us = _to_us(m.group(1))
 
-    expected = "http/1.1" if proto == "h1" else "h2"
-    if res.app_protocol is not None and res.app_protocol != expected:
-        res.note = f"negotiated {res.app_protocol}, not {expected}"
-        return res
-    if out.returncode != 0 or res.succeeded == 0:
-        lines = [ln for ln in text.splitlines() if ln.strip() and "progress" not in ln]
-        res.note = f"h2load exit {out.returncode}: " + " | ".join(lines[-3:])[:300]
-        return res
 
+def read_latencies(log_file: Path, res: RunResult) -> None:
+    """Mean, p50, p99 and max from h2load's --log-file (start, status, microseconds)."""
     latencies: list[float] = []
     with contextlib.suppress(OSError):
         for line in log_file.read_text().splitlines():
@@ -680,16 +673,53 @@ def run_h2load(
         res.p50_us = latencies[len(latencies) // 2]
         res.p99_us = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
         res.max_us = latencies[-1]
+
+
+def run_h2load(
+    h2load: str, target: Target, backend: Managed, load: Load, workdir: Path, timeout: float
+) -> RunResult:
+    """One h2load run with the CPU of the target's and the backend's process trees around it."""
+    res = RunResult.start(target.name, load)
+    log_file = workdir / f"h2load-{target.name}-{load.proto}-{load.path}.tsv"
+    cpu0, bcpu0 = tree_cpu(target.proc.pid), tree_cpu(backend.pid)
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run(
+            load.argv(h2load, target, log_file),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        res.note = f"h2load timed out after {timeout:.0f}s"
+        return res
+    res.wall_s = time.monotonic() - t0
+    cpu1, bcpu1 = tree_cpu(target.proc.pid), tree_cpu(backend.pid)
+    text = out.stdout + out.stderr
+    parse_h2load(text, res)
+
+    expected = "http/1.1" if load.proto == "h1" else "h2"
+    if res.app_protocol is not None and res.app_protocol != expected:
+        res.note = f"negotiated {res.app_protocol}, not {expected}"
+        return res
+    if out.returncode != 0 or res.succeeded == 0:
+        lines = [ln for ln in text.splitlines() if ln.strip() and "progress" not in ln]
+        res.note = f"h2load exit {out.returncode}: " + " | ".join(lines[-3:])[:300]
+        return res
+    read_latencies(log_file, res)
     with contextlib.suppress(OSError):
         log_file.unlink()
 
-    res.server_cpu_s, res.cpu_source = cpu_delta(cpu0, cpu1)
-    res.backend_cpu_s, _ = cpu_delta(bcpu0, bcpu1)
-    res.cpu_us_per_req = res.server_cpu_s * 1e6 / res.succeeded
-    res.backend_cpu_us_per_req = res.backend_cpu_s * 1e6 / res.succeeded
-    res.req_per_cpu_s = res.succeeded / res.server_cpu_s if res.server_cpu_s > 0 else None
+    server, backend_cpu = cpu_delta(cpu0, cpu1), cpu_delta(bcpu0, bcpu1)
+    res.server_cpu_s, res.cpu_source = server.seconds, server.source
+    res.server_sys_fraction = server.sys_fraction
+    res.backend_cpu_s = backend_cpu.seconds
+    res.cpu_us_per_req = server.seconds * 1e6 / res.succeeded
+    res.backend_cpu_us_per_req = backend_cpu.seconds * 1e6 / res.succeeded
+    res.req_per_cpu_s = res.succeeded / server.seconds if server.seconds > 0 else None
     bad = res.failed + res.errored + res.timeout + res.non_2xx
-    res.ok = bad <= n * 0.001
+    res.ok = bad <= load.requests * 0.001
     if bad:
         res.note = (
             f"{res.failed} failed, {res.errored} errored, {res.timeout} timeout, "
@@ -701,6 +731,17 @@ def run_h2load(
 # --------------------------------------------------------------------------- report
 
 
+SUMMARY_FIELDS = (
+    "rps",
+    "mean_us",
+    "p99_us",
+    "cpu_us_per_req",
+    "req_per_cpu_s",
+    "server_sys_fraction",
+    "backend_cpu_us_per_req",
+)
+
+
 def _median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -709,31 +750,21 @@ def _median(values: list[float | None]) -> float | None:
 def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
     """One row per (proto, path, target): medians over the repeats that succeeded."""
     rows: list[dict[str, Any]] = []
-    keys = list(dict.fromkeys((r.proto, r.path, r.target) for r in runs))
-    for proto, path, target in keys:
+    for proto, path, target in dict.fromkeys((r.proto, r.path, r.target) for r in runs):
         group = [r for r in runs if (r.proto, r.path, r.target) == (proto, path, target)]
         good = [r for r in group if r.ok]
-        row: dict[str, Any] = {"proto": proto, "path": path, "target": target, "runs": len(group)}
-        if not good:
-            row["ok"] = False
-            row["note"] = next((r.note for r in group if r.note), "failed")
-        else:
-            row["ok"] = True
-            row["note"] = "; ".join(dict.fromkeys(r.note for r in group if r.note))
-            for attr in (
-                "rps",
-                "mean_us",
-                "p99_us",
-                "cpu_us_per_req",
-                "req_per_cpu_s",
-                "backend_cpu_us_per_req",
-            ):
-                row[attr] = _median([getattr(r, attr) for r in good])
+        row: dict[str, Any] = {"proto": proto, "path": path, "target": target}
+        row["runs"], row["ok"] = len(good), bool(good)
+        notes = [r.note for r in (good or group) if r.note]
+        row["note"] = "; ".join(dict.fromkeys(notes)) or ("" if good else "failed")
+        for attr in SUMMARY_FIELDS:
+            row[attr] = _median([getattr(r, attr) for r in good])
         rows.append(row)
     return rows
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """port443 / nginx for each (proto, path) that has both rows."""
     out = []
     by_key = {(r["proto"], r["path"], r["target"]): r for r in rows}
     for proto, path in dict.fromkeys((r["proto"], r["path"]) for r in rows):
@@ -741,18 +772,15 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not p or not n:
             continue
         item: dict[str, Any] = {"proto": proto, "path": path}
-        if p["ok"] and n["ok"]:
-            item["rps"] = p["rps"] / n["rps"]
-            item["cpu_per_req"] = p["cpu_us_per_req"] / n["cpu_us_per_req"]
-            item["p99"] = p["p99_us"] / n["p99_us"] if p["p99_us"] and n["p99_us"] else None
-        else:
-            item["note"] = "n/a"
+        for key, field_ in (("rps", "rps"), ("cpu_per_req", "cpu_us_per_req"), ("p99", "p99_us")):
+            a, b = p[field_], n[field_]
+            item[key] = a / b if p["ok"] and n["ok"] and a and b else None
         out.append(item)
     return out
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+def _fmt(value: float | None, spec: str, prefix: str = "") -> str:
+    return "n/a" if value is None else f"{prefix}{value:{spec}}"
 
 
 def _lat(us: float | None) -> str:
@@ -768,39 +796,40 @@ def print_report(
     print()
     print(
         f"port443 bench: {a['requests']} requests per run, h1 -c {a['connections']}, "
-        f"h2 -c {a['h2_connections']} -m {a['streams']}, repeats {a['repeat']}, "
-        f"{meta['cpus']} CPUs shared by h2load, backend and proxy"
+        f"h2 -c {a['h2_connections']} -m {a['streams']}, median of {a['repeat']}; "
+        f"{meta['cpus']} CPUs shared by h2load, backend and proxy "
+        f"(load average at start {meta['loadavg_at_start'][0]:.1f})"
     )
-    print("CPU = utime+stime of the target's process tree (nginx: master + worker) per request")
+    print(
+        "CPU = on-CPU time of the target's process tree (nginx: master + worker) per request; "
+        "sys = its kernel share"
+    )
     header = (
-        f"{'proto':5} {'path':5} {'target':8} {'req/s':>9} {'mean':>8} {'p99':>8} "
-        f"{'CPU us/req':>10} {'req/CPU-s':>9} {'backend us/req':>14}  note"
+        f"{'proto':5} {'path':5} {'target':8} {'req/s':>7} {'mean':>8} {'p99':>8} "
+        f"{'CPU us/req':>10} {'req/CPU-s':>9} {'sys':>4} {'backend us/req':>14}  note"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
+        start = f"{r['proto']:5} {r['path']:5} {r['target']:8} "
         if not r["ok"]:
-            print(
-                f"{r['proto']:5} {r['path']:5} {r['target']:8} {'n/a':>9} {'':>8} {'':>8} "
-                f"{'':>10} {'':>9} {'':>14}  {r['note']}"
-            )
+            print(f"{start}{'n/a':>7}  {r['note']}")
             continue
+        frac = r["server_sys_fraction"]
+        sys_pct = "n/a" if frac is None else f"{frac * 100:.0f}%"
         print(
-            f"{r['proto']:5} {r['path']:5} {r['target']:8} {_fmt(r['rps'], '.0f'):>9} "
-            f"{_lat(r['mean_us']):>8} {_lat(r['p99_us']):>8} "
+            f"{start}{_fmt(r['rps'], '.0f'):>7} {_lat(r['mean_us']):>8} {_lat(r['p99_us']):>8} "
             f"{_fmt(r['cpu_us_per_req'], '.1f'):>10} {_fmt(r['req_per_cpu_s'], '.0f'):>9} "
-            f"{_fmt(r['backend_cpu_us_per_req'], '.1f'):>14}  {r['note']}"
+            f"{sys_pct:>4} {_fmt(r['backend_cpu_us_per_req'], '.1f'):>14}  {r['note']}"
         )
     if rats:
         print()
-        print("port443 / nginx       req/s    CPU per request    p99 latency")
+        print(f"{'port443 / nginx':17} {'req/s':>7} {'CPU/req':>8} {'p99':>7}")
         for x in rats:
-            label = f"{x['proto']} {x['path']}"
-            if "note" in x:
-                print(f"  {label:18} n/a")
-                continue
-            p99 = "n/a" if x["p99"] is None else f"x{x['p99']:.2f}"
-            print(f"  {label:18} x{x['rps']:<8.2f} x{x['cpu_per_req']:<17.2f} {p99}")
+            print(
+                f"  {x['proto'] + ' ' + x['path']:15} {_fmt(x['rps'], '.2f', 'x'):>7} "
+                f"{_fmt(x['cpu_per_req'], '.2f', 'x'):>8} {_fmt(x['p99'], '.2f', 'x'):>7}"
+            )
     print()
     print(
         "Caddy reference (not run): ~{h1:.0f} us CPU per h1 request over TLS, "
@@ -830,13 +859,33 @@ upstreams = ["http://127.0.0.1:{backend_port}"]
 """
 
 
+# Runs `python -m proxy ...` under cProfile with a CPU-time clock, so that time spent waiting
+# in epoll or preempted by the other processes on this small machine is not charged to the
+# function that happened to be running. Written on SIGINT / exit.
+_CPROFILE_LAUNCHER = """
+import cProfile, runpy, sys, time
+out = sys.argv[1]
+sys.argv = ["proxy", *sys.argv[2:]]
+prof = cProfile.Profile(time.process_time)
+prof.enable()
+try:
+    runpy.run_module("proxy", run_name="__main__", alter_sys=True)
+except (SystemExit, KeyboardInterrupt):
+    pass
+finally:
+    prof.disable()
+    prof.dump_stats(out)
+"""
+
+
 def start_port443(python: Path, toml: Path, workdir: Path, cprofile: str | None) -> Managed:
-    argv = [str(python)]
+    args = ["run", "-c", str(toml)]
     if cprofile:
-        argv += ["-m", "cProfile", "-o", cprofile]
-    argv += ["-m", "proxy", "run", "-c", str(toml)]
+        argv = [str(python), "-c", _CPROFILE_LAUNCHER, cprofile, *args]
+    else:
+        argv = [str(python), "-m", "proxy", *args]
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # SIGINT: the graceful path, and the one that lets cProfile write its file.
     return start_process(
         "port443", argv, workdir / "port443.log", stop_signal=signal.SIGINT, env=env, cwd=REPO
@@ -849,8 +898,9 @@ def print_cprofile(path: str, limit: int = 30) -> None:
     if not Path(path).exists():
         log(f"cProfile output {path} was not written (did port443 exit on SIGINT?)")
         return
-    print(f"\ncProfile of port443 ({path}), top {limit} by own time:")
-    pstats.Stats(path).sort_stats("tottime").print_stats(limit)
+    print(f"\ncProfile of port443 (CPU time, all runs incl. warm-up; {path}), top {limit}:")
+    stats = pstats.Stats(path)
+    stats.sort_stats("tottime").print_stats(limit)
 
 
 # --------------------------------------------------------------------------- py-spy
@@ -870,6 +920,7 @@ def _short_frame(frame: str) -> str:
 
 
 def pyspy_summary(raw_path: Path, limit: int = 25) -> dict[str, Any]:
+    """Top functions by own and inclusive share of the samples in a py-spy raw file."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -883,80 +934,252 @@ def pyspy_summary(raw_path: Path, limit: int = 25) -> dict[str, Any]:
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
-    if total == 0:
-        return {"samples": 0, "own": [], "inclusive": []}
 
     def top(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(f, 100.0 * c / total) for f, c in counter.most_common(limit)]
 
+    if total == 0:
+        return {"samples": 0, "own": [], "inclusive": []}
     return {"samples": total, "own": top(own), "inclusive": top(inclusive)}
 
 
-def pyspy_profile(
-    pyspy: str,
-    h2load: str,
-    target: Target,
-    backend: Managed,
-    proto: str,
-    args: argparse.Namespace,
-    workdir: Path,
-    out_dir: Path,
-    stamp: str,
-) -> dict[str, Any] | None:
-    raw = out_dir / f"pyspy-{stamp}-{proto}.txt"
-    rec = start_process(
-        "py-spy",
-        [
-            pyspy,
-            "record",
-            "--pid",
-            str(target.proc.pid),
-            "--format",
-            "raw",
-            "--nolineno",
-            "--rate",
-            "250",
-            "--output",
-            str(raw),
-        ],
-        workdir / f"pyspy-{proto}.log",
-        stop_signal=signal.SIGINT,
-    )
-    try:
-        time.sleep(1.0)  # let py-spy attach
-        if not rec.alive():
-            log(f"py-spy failed: {rec.log_tail()}")
-            return None
-        c = args.connections if proto == "h1" else args.h2_connections
-        res = run_h2load(
-            h2load,
-            target,
-            backend,
-            "small",
-            proto,
-            args.requests,
-            c,
-            args.streams,
-            workdir,
-            args.run_timeout,
+# --------------------------------------------------------------------------- the bench
+
+
+class Bench:
+    """One benchmark session: owns the temp dir, the server processes and the results."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.h2load = find_tool("h2load")
+        self.nginx = find_tool("nginx", "/usr/sbin/nginx")
+        self.pyspy: str | None = None
+        if args.py_spy:
+            found = shutil.which(args.py_spy)
+            if not found:
+                raise BenchError(f"py-spy not found at {args.py_spy!r} (pip install py-spy)")
+            self.pyspy = found
+        if "port443" in args.targets and not args.python.exists():
+            raise BenchError(f"{args.python} not found (create the venv or pass --python)")
+        env_profile = os.environ.get("BENCH_CPROFILE")
+        self.cprofile = str(Path(env_profile).resolve()) if env_profile else None
+        self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.workdir = Path(tempfile.mkdtemp(prefix="port443-bench-"))
+        self.procs: list[Managed] = []
+        self.targets: dict[str, Target] = {}
+        self.tls_info: dict[str, Any] = {}
+        self.h2_alpn: dict[str, str | None] = {}
+        self.runs: list[RunResult] = []
+        self.loadavg = os.getloadavg()
+        log(f"work dir {self.workdir}")
+
+    @property
+    def backend(self) -> Managed:
+        return self.targets["backend"].proc
+
+    # ---- servers
+
+    def start_servers(self) -> None:
+        args = self.args
+        backend_port, nginx_port, p443_port = free_ports(3)
+
+        prefix = self.workdir / "backend"
+        (prefix / "html").mkdir(parents=True)
+        (prefix / "html" / "16k").write_bytes(BIG_BODY)
+        proc = start_nginx(self.nginx, "backend nginx", prefix, backend_conf(prefix, backend_port))
+        self.procs.append(proc)
+        wait_ready(proc, backend_port, timeout=args.start_timeout)
+        self.targets["backend"] = Target("backend", backend_port, proc)
+
+        if "nginx" in args.targets:
+            prefix = self.workdir / "nginx-tls"
+            prefix.mkdir()
+            ca, chain, key = mint_ca_and_leaf(prefix)
+            conf = tls_proxy_conf(prefix, nginx_port, backend_port, chain, key)
+            proc = start_nginx(self.nginx, "nginx TLS proxy", prefix, conf)
+            self.procs.append(proc)
+            self._add_tls_target(Target("nginx", nginx_port, proc, ca))
+
+        if "port443" in args.targets:
+            pdir = self.workdir / "port443"
+            certs = pdir / "certs"
+            certs.mkdir(parents=True)
+            toml = pdir / "port443.toml"
+            toml.write_text(port443_toml(p443_port, certs, backend_port))
+            proc = start_port443(args.python, toml, pdir, self.cprofile)
+            self.procs.append(proc)
+            self._add_tls_target(Target("port443", p443_port, proc, certs / "local" / "root.pem"))
+
+    def _add_tls_target(self, target: Target) -> None:
+        assert target.ca is not None
+        info = wait_ready(
+            target.proc, target.port, timeout=self.args.start_timeout, tls_ca=target.ca
         )
-    finally:
-        rec.stop(grace=20.0)
-    if not raw.exists():
-        log(f"py-spy wrote nothing: {rec.log_tail()}")
-        return None
-    summary = pyspy_summary(raw)
-    summary["raw_file"] = str(raw)
-    summary["run_under_profiler"] = asdict(res)
-    print(
-        f"\npy-spy, port443 {proto} small, {summary['samples']} samples on CPU "
-        f"(run under the profiler: {_fmt(res.rps, '.0f')} req/s); raw stacks: {raw}"
-    )
-    for title, key in (("own time", "own"), ("inclusive", "inclusive")):
-        print(f"  top by {title}:")
-        for frame, pct in summary[key][:20]:
-            print(f"    {pct:5.1f}%  {frame}")
-    return summary
+        self.tls_info[target.name] = asdict(info) if info else None
+        log(f"{target.name} TLS: {self.tls_info[target.name]}")
+        try:  # h2 rows need ALPN to pick h2; otherwise they say n/a
+            self.h2_alpn[target.name] = alpn_probe(target.port, target.ca, ["h2", "http/1.1"])
+        except (OSError, ssl.SSLError) as exc:
+            self.h2_alpn[target.name] = f"error: {exc}"
+        self.targets[target.name] = target
+
+    def check_bodies(self) -> None:
+        """Every target serves both bodies intact before anything is measured."""
+        for t in self.targets.values():
+            for path, body in PATHS.values():
+                status, got, _ = http_get(t.port, path, tls_ca=t.ca)
+                if status != 200 or got != body:
+                    raise BenchError(
+                        f"{t.name} GET {path}: status {status}, {len(got)} body bytes "
+                        f"(want 200, {len(body)})"
+                    )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        if self.cprofile and "port443" in self.targets:
+            print_cprofile(self.cprofile)
+        if self.args.keep:
+            log(f"kept {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- measuring
+
+    @property
+    def protos(self) -> list[str]:
+        return [self.args.only] if self.args.only else ["h1", "h2"]
+
+    def load(self, proto: str, path: str, requests: int | None = None) -> Load:
+        args = self.args
+        if proto == "h1":
+            return Load(proto, path, requests or args.requests, args.connections, 1)
+        return Load(proto, path, requests or args.requests, args.h2_connections, args.streams)
+
+    def run(self, name: str, load: Load) -> RunResult:
+        target = self.targets[name]
+        if not target.proc.alive():
+            raise BenchError(f"{name} died:\n{target.proc.log_tail()}")
+        return run_h2load(
+            self.h2load, target, self.backend, load, self.workdir, self.args.run_timeout
+        )
+
+    def measure(self) -> None:
+        args = self.args
+        for proto in self.protos:
+            names = [n for n in ("backend", "port443", "nginx") if n in self.targets]
+            if proto == "h2":
+                names.remove("backend")
+            for path in args.paths:
+                load = self.load(proto, path)
+                ready = []
+                for name in names:
+                    if proto == "h2" and self.h2_alpn.get(name) != "h2":
+                        res = RunResult.start(name, load)
+                        res.note = f"no h2 (ALPN chose {self.h2_alpn.get(name)!r})"
+                        log(f"{proto} {path} {name}: n/a, {res.note}")
+                        self.runs.append(res)
+                        continue
+                    log(f"{proto} {path} {name}: warm-up {args.warmup}")
+                    warm = self.run(name, self.load(proto, path, args.warmup))
+                    if not warm.ok:
+                        log(f"{proto} {path} {name}: warm-up failed ({warm.note}), n/a")
+                        res = RunResult.start(name, load)
+                        res.note = f"warm-up: {warm.note}"
+                        self.runs.append(res)
+                        continue
+                    ready.append(name)
+                for rep in range(args.repeat):  # round-robin, so drift hits all alike
+                    for name in ready:
+                        res = self.run(name, load)
+                        log(
+                            f"{proto} {path} {name} [{rep + 1}/{args.repeat}]: "
+                            f"{_fmt(res.rps, '.0f')} req/s, "
+                            f"{_fmt(res.cpu_us_per_req, '.1f')} us CPU/req {res.note}"
+                        )
+                        self.runs.append(res)
+
+    def profile_pyspy(self) -> dict[str, Any]:
+        """One extra, unmeasured run per protocol on "/" with py-spy sampling port443."""
+        profiles: dict[str, Any] = {}
+        if not self.pyspy or "port443" not in self.targets:
+            return profiles
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        for proto in self.protos:
+            if proto == "h2" and self.h2_alpn.get("port443") != "h2":
+                continue
+            raw = RESULTS_DIR / f"pyspy-{self.stamp}-{proto}.txt"
+            argv = [self.pyspy, "record", "--pid", str(self.targets["port443"].proc.pid)]
+            argv += ["--format", "raw", "--nolineno", "--rate", "250", "--output", str(raw)]
+            rec = start_process(
+                "py-spy", argv, self.workdir / f"pyspy-{proto}.log", stop_signal=signal.SIGINT
+            )
+            try:
+                time.sleep(1.0)  # let it attach
+                if not rec.alive():
+                    log(f"py-spy failed: {rec.log_tail()}")
+                    continue
+                res = self.run("port443", self.load(proto, "small"))
+            finally:
+                rec.stop(grace=20.0)
+            if not raw.exists():
+                log(f"py-spy wrote nothing: {rec.log_tail()}")
+                continue
+            summary = pyspy_summary(raw)
+            summary["raw_file"] = str(raw)
+            summary["run_under_profiler"] = asdict(res)
+            profiles[proto] = summary
+            print(
+                f"\npy-spy, port443 {proto} '/', {summary['samples']} samples of the thread "
+                f"running or runnable ({_fmt(res.rps, '.0f')} req/s while sampled); {raw}"
+            )
+            for title, key in (("own time", "own"), ("inclusive time", "inclusive")):
+                print(f"  top by {title}:")
+                for frame, pct in summary[key][:20]:
+                    print(f"    {pct:5.1f}%  {frame}")
+        return profiles
+
+    # ---- results
+
+    def meta(self) -> dict[str, Any]:
+        def version(argv: list[str]) -> str:
+            out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
+            return (out.stdout + out.stderr).strip()
+
+        return {
+            "time": dt.datetime.now().isoformat(timespec="seconds"),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()},
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": self.loadavg,
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "nginx": version([self.nginx, "-v"]),
+            "h2load": version([self.h2load, "--version"]),
+            "tls": self.tls_info,
+            "h2_alpn": self.h2_alpn,
+            "cprofile": self.cprofile,
+            "caddy_reference_us_per_req": CADDY_REFERENCE,
+        }
+
+    def report(self) -> None:
+        rows = summarize(self.runs)
+        rats = ratios(rows)
+        meta = self.meta()
+        print_report(rows, rats, meta)
+        profiles = self.profile_pyspy()
+        if self.args.no_json:
+            return
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        out = RESULTS_DIR / f"bench-{self.stamp}.json"
+        document = {
+            "meta": meta,
+            "summary": rows,
+            "ratios": rats,
+            "runs": [asdict(r) for r in self.runs],
+            "py_spy": profiles,
+        }
+        out.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"\nJSON: {out}")
 
 
 # --------------------------------------------------------------------------- main
@@ -969,14 +1192,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--h2-connections", type=int, default=8, help="h2 clients (8)")
     p.add_argument("--streams", "-m", type=int, default=16, help="h2 streams per client (16)")
     p.add_argument("--only", choices=("h1", "h2"), help="run one protocol only")
+    p.add_argument("--paths", default="small,16k", help="comma list of: small (/, 6 B), 16k (/16k)")
     p.add_argument(
-        "--paths", default="small,16k", help="comma list of: small (/ -> 6 B), 16k (/16k)"
+        "--targets", default="backend,port443,nginx", help="comma list of targets (all three)"
     )
-    p.add_argument("--targets", default="backend,port443,nginx", help="comma list of targets")
-    p.add_argument("--repeat", type=int, default=1, help="measured runs per target (median)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up requests (N/10, >=1000)")
+    p.add_argument("--repeat", type=int, default=1, help="measured runs per target, median (1)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up requests (N/10, >= 1000)")
     p.add_argument("--run-timeout", type=float, default=180.0, help="seconds per h2load run")
-    p.add_argument("--start-timeout", type=float, default=60.0, help="seconds for a server start")
+    p.add_argument("--start-timeout", type=float, default=60.0, help="seconds per server start")
     p.add_argument("--python", type=Path, default=DEFAULT_PYTHON, help="python running port443")
     p.add_argument(
         "--py-spy",
@@ -984,7 +1207,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         const="py-spy",
         default=None,
         metavar="BIN",
-        help="after measuring, profile port443 with py-spy during one extra run per protocol",
+        help="afterwards, sample port443 with py-spy during one extra run per protocol",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     p.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
@@ -994,9 +1217,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if bad := [x for x in args.paths if x not in PATHS]:
         p.error(f"unknown path(s) {bad}; choose from {list(PATHS)}")
     if bad := [x for x in args.targets if x not in ("backend", "port443", "nginx")]:
-        p.error(f"unknown target(s) {bad}")
-    if args.requests < 1 or args.repeat < 1:
-        p.error("--requests and --repeat must be positive")
+        p.error(f"unknown target(s) {bad}; choose from backend, port443, nginx")
+    if min(args.requests, args.repeat, args.connections, args.h2_connections, args.streams) < 1:
+        p.error("counts must be positive")
     if args.warmup is None:
         args.warmup = min(args.requests, max(1000, args.requests // 10))
     return args
@@ -1004,17 +1227,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def find_tool(name: str, *fallbacks: str) -> str:
     for candidate in (name, *fallbacks):
-        found = shutil.which(candidate)
-        if found:
+        if found := shutil.which(candidate):
             return found
-    raise BenchError(
-        f"{name} not found; install it (Debian: apt-get install "
-        f"{'nghttp2-client' if name == 'h2load' else 'nginx-light'})"
-    )
+    package = "nghttp2-client" if name == "h2load" else "nginx-light"
+    raise BenchError(f"{name} not found; install it (Debian: apt-get install {package})")
 
 
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every server."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
         print("bench: terminated, stopping servers", file=sys.stderr)
         raise SystemExit(128 + signum)
@@ -1026,244 +1248,25 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def bench(args: argparse.Namespace) -> int:
-    h2load = find_tool("h2load")
-    nginx = find_tool("nginx", "/usr/sbin/nginx")
-    pyspy = None
-    if args.py_spy:
-        pyspy = shutil.which(args.py_spy) or (args.py_spy if Path(args.py_spy).exists() else None)
-        if not pyspy:
-            raise BenchError(f"py-spy not found at {args.py_spy!r} (pip install py-spy)")
-    if "port443" in args.targets and not args.python.exists():
-        raise BenchError(f"{args.python} not found (create the venv or pass --python)")
-    cprofile = os.environ.get("BENCH_CPROFILE") or None
-    if cprofile:
-        cprofile = str(Path(cprofile).resolve())
-
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    workdir = Path(tempfile.mkdtemp(prefix="port443-bench-"))
-    procs: list[Managed] = []
-    log(f"work dir {workdir}")
-    try:
-        backend_port, nginx_port, p443_port = free_ports(3)
-
-        # Backend.
-        bprefix = workdir / "backend"
-        (bprefix / "html").mkdir(parents=True)
-        (bprefix / "html" / "16k").write_bytes(BIG_BODY)
-        backend_proc = start_nginx(
-            nginx, "backend nginx", bprefix, backend_conf(bprefix, backend_port)
-        )
-        procs.append(backend_proc)
-        wait_ready(backend_proc, backend_port, timeout=args.start_timeout)
-        targets: dict[str, Target] = {
-            "backend": Target("backend", backend_port, False, backend_proc)
-        }
-        tls_info: dict[str, Any] = {}
-
-        # nginx TLS proxy.
-        if "nginx" in args.targets:
-            nprefix = workdir / "nginx-tls"
-            nprefix.mkdir()
-            ca, chain, key = mint_ca_and_leaf(nprefix)
-            nproc = start_nginx(
-                nginx,
-                "nginx TLS proxy",
-                nprefix,
-                tls_proxy_conf(nprefix, nginx_port, backend_port, chain, key),
-            )
-            procs.append(nproc)
-            info = wait_ready(nproc, nginx_port, timeout=args.start_timeout, tls_ca=ca)
-            tls_info["nginx"] = asdict(info) if info else None
-            targets["nginx"] = Target("nginx", nginx_port, True, nproc, ca)
-
-        # port443.
-        if "port443" in args.targets:
-            pdir = workdir / "port443"
-            certs = pdir / "certs"
-            certs.mkdir(parents=True)
-            toml = pdir / "port443.toml"
-            toml.write_text(port443_toml(p443_port, certs, backend_port))
-            pproc = start_port443(args.python, toml, pdir, cprofile)
-            procs.append(pproc)
-            root = certs / "local" / "root.pem"
-            info = wait_ready(pproc, p443_port, timeout=args.start_timeout, tls_ca=root)
-            tls_info["port443"] = asdict(info) if info else None
-            targets["port443"] = Target("port443", p443_port, True, pproc, root)
-
-        # Correctness: every target serves both bodies intact.
-        for t in targets.values():
-            for key_, (path, body) in PATHS.items():
-                status, got, _ = http_get(t.port, path, tls_ca=t.ca)
-                if status != 200 or got != body:
-                    raise BenchError(
-                        f"{t.name} GET {path}: status {status}, {len(got)} body bytes "
-                        f"(want 200, {len(body)}) [{key_}]"
-                    )
-        for name, info_ in tls_info.items():
-            log(f"{name} TLS: {info_}")
-
-        # h2 support: ALPN must pick h2, else the h2 rows say n/a.
-        h2_alpn: dict[str, str | None] = {}
-        for name in ("port443", "nginx"):
-            if name in targets:
-                t = targets[name]
-                assert t.ca is not None
-                try:
-                    h2_alpn[name] = alpn_probe(t.port, t.ca, ["h2", "http/1.1"])
-                except (OSError, ssl.SSLError) as exc:
-                    h2_alpn[name] = f"error: {exc}"
-
-        runs: list[RunResult] = []
-        protos = [args.only] if args.only else ["h1", "h2"]
-        for proto in protos:
-            names = [n for n in ("backend", "port443", "nginx") if n in targets]
-            if proto == "h2":
-                names = [n for n in names if n != "backend"]
-            c = args.connections if proto == "h1" else args.h2_connections
-            for path_key in args.paths:
-                active = []
-                for name in names:
-                    if proto == "h2" and h2_alpn.get(name) != "h2":
-                        note = f"no h2 (ALPN chose {h2_alpn.get(name)!r})"
-                        log(f"{proto} {path_key} {name}: n/a, {note}")
-                        runs.append(
-                            RunResult(
-                                name,
-                                proto,
-                                path_key,
-                                args.requests,
-                                c,
-                                args.streams,
-                                ok=False,
-                                note=note,
-                            )
-                        )
-                        continue
-                    log(f"{proto} {path_key} {name}: warm-up {args.warmup}")
-                    w = run_h2load(
-                        h2load,
-                        targets[name],
-                        backend_proc,
-                        path_key,
-                        proto,
-                        args.warmup,
-                        c,
-                        args.streams,
-                        workdir,
-                        args.run_timeout,
-                    )
-                    if not w.ok:
-                        log(f"{proto} {path_key} {name}: warm-up failed ({w.note}), n/a")
-                        w.requests = args.requests
-                        runs.append(w)
-                        continue
-                    active.append(name)
-                for rep in range(args.repeat):
-                    for name in active:
-                        if not targets[name].proc.alive():
-                            raise BenchError(f"{name} died:\n{targets[name].proc.log_tail()}")
-                        r = run_h2load(
-                            h2load,
-                            targets[name],
-                            backend_proc,
-                            path_key,
-                            proto,
-                            args.requests,
-                            c,
-                            args.streams,
-                            workdir,
-                            args.run_timeout,
-                        )
-                        log(
-                            f"{proto} {path_key} {name} [{rep + 1}/{args.repeat}]: "
-                            f"{_fmt(r.rps, '.0f')} req/s, {_fmt(r.cpu_us_per_req, '.1f')} us "
-                            f"CPU/req {r.note}"
-                        )
-                        runs.append(r)
-
-        rows = summarize(runs)
-        rats = ratios(rows)
-        meta: dict[str, Any] = {
-            "time": dt.datetime.now().isoformat(timespec="seconds"),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "cpus": os.cpu_count(),
-            "loadavg_at_start": os.getloadavg(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "nginx": subprocess.run(
-                [nginx, "-v"], capture_output=True, text=True, check=False
-            ).stderr.strip(),
-            "h2load": subprocess.run(
-                [h2load, "--version"], capture_output=True, text=True, check=False
-            ).stdout.strip(),
-            "tls": tls_info,
-            "h2_alpn": h2_alpn,
-            "cprofile": cprofile,
-            "caddy_reference_us_per_req": CADDY_REFERENCE,
-        }
-        print_report(rows, rats, meta)
-
-        profiles: dict[str, Any] = {}
-        if pyspy and "port443" in targets:
-            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            for proto in protos:
-                if proto == "h2" and h2_alpn.get("port443") != "h2":
-                    continue
-                prof = pyspy_profile(
-                    pyspy,
-                    h2load,
-                    targets["port443"],
-                    backend_proc,
-                    proto,
-                    args,
-                    workdir,
-                    RESULTS_DIR,
-                    stamp,
-                )
-                if prof:
-                    profiles[proto] = prof
-
-        if not args.no_json:
-            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            out = RESULTS_DIR / f"bench-{stamp}.json"
-            out.write_text(
-                json.dumps(
-                    {
-                        "meta": meta,
-                        "summary": rows,
-                        "ratios": rats,
-                        "runs": [asdict(r) for r in runs],
-                        "py_spy": profiles,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
-            print(f"\nJSON: {out}")
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        if cprofile and any(p.name == "port443" for p in procs):
-            print_cprofile(cprofile)
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with sigterm_as_exit():
-            return bench(args)
+            bench = Bench(args)
+            try:
+                bench.start_servers()
+                bench.check_bodies()
+                bench.measure()
+                bench.report()
+            finally:
+                bench.stop()
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench: interrupted, servers stopped", file=sys.stderr)
         return 130
+    return 0
 
 
 if __name__ == "__main__":
