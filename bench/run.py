@@ -43,6 +43,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from proxy.tls.policy import TLS12_CIPHERS  # nginx gets port443's own TLS 1.2 policy
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 DEFAULT_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -54,20 +56,6 @@ PATHS = {"small": ("/", SMALL_BODY), "16k": ("/16k", BIG_BODY)}
 CADDY_REFERENCE = {"h1": 68.0, "h2": 128.0}  # µs of CPU per request over TLS, not run here
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
-    [
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
-        "DHE-RSA-CHACHA20-POLY1305",
-    ]
-)
 
 
 class BenchError(Exception):
@@ -399,7 +387,7 @@ def tls_proxy_conf(prefix: Path, port: int, backend_port: int, chain: Path, key:
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_ecdh_curve X25519:prime256v1:secp384r1;
-        ssl_ciphers {MOZILLA_INTERMEDIATE_CIPHERS};
+        ssl_ciphers {TLS12_CIPHERS};
         ssl_prefer_server_ciphers off;
         ssl_session_timeout 1d;
         ssl_session_cache shared:MozSSL:10m;

@@ -35,6 +35,15 @@ LINGER_SECONDS = 2.0
 REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 
 
+def start_next_cycle(conn: h11.Connection) -> bool:
+    """Ready an h11 connection (either role) for its next request, if both sides finished
+    cleanly; False means it cannot be reused and must be closed."""
+    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        conn.start_next_cycle()
+        return True
+    return False
+
+
 def _informational(status: int, headers: Headers) -> h11.InformationalResponse:
     return h11.InformationalResponse(
         status_code=status, headers=headers, reason=REASONS.get(status, b"")
@@ -77,7 +86,7 @@ class H1Connection:
                     return
                 self.request, self.head_sent, self._trailers = request, False, None
                 await self._handler(self)
-                if not self._ready_for_next():
+                if not start_next_cycle(self._h11):
                     return
                 deadline = trio.current_time() + self._limits.keepalive_timeout
         except h11.RemoteProtocolError as exc:
@@ -105,13 +114,6 @@ class H1Connection:
         if self._idle:
             with contextlib.suppress(OSError):
                 self._socket.shutdown(socket.SHUT_RD)
-
-    def _ready_for_next(self) -> bool:
-        conn = self._h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            return True
-        return False
 
     async def _receive_request(self, deadline: float) -> Request | None:
         """The next request head, or None when the client closes between requests.

@@ -10,6 +10,7 @@ import h11
 import trio
 
 from proxy.config import LimitsConfig, Upstream
+from proxy.http.h1 import start_next_cycle
 from proxy.http.model import Headers, ResponseHead
 from proxy.netio import SocketStream, StreamTimeout, close_socket, connect_tcp
 from proxy.upstream.stream import BodyEnd, UpstreamClosed, UpstreamEvent, UpstreamTimeout
@@ -95,13 +96,8 @@ class H1UpstreamConnection:
     async def aclose(self) -> None:
         close_socket(self.stream.socket)
 
-    def finish_cycle(self) -> bool:
-        """True if both sides completed cleanly and the connection can serve another request."""
-        conn = self._h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            return True
-        return False
+    def ready_for_reuse(self) -> bool:
+        return start_next_cycle(self._h11)
 
     def is_stale(self) -> bool:
         """An idle connection the upstream has closed (or sent junk on) must not be reused."""
@@ -141,7 +137,7 @@ class H1Pool:
 
     def release(self, conn: H1UpstreamConnection) -> None:
         """Keep a connection whose exchange completed cleanly; close anything else."""
-        if self._closed or not conn.finish_cycle():
+        if self._closed or not conn.ready_for_reuse():
             close_socket(conn.stream.socket)
             return
         conn.idle_since = trio.current_time()
