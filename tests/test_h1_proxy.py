@@ -7,6 +7,7 @@ import socket
 import ssl
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.backend import Backend
@@ -53,11 +54,12 @@ async def test_hop_by_hop_headers_are_not_forwarded(proxy: ProxyProcess) -> None
     _, body = await curl(
         proxy, "/echo", "-H", "Connection: keep-alive, X-Secret", "-H", "X-Secret: 1",
         "-H", "Keep-Alive: timeout=5", "-H", "Proxy-Authorization: Basic eA==",
-        "-H", "TE: trailers", "-H", "X-Kept: yes",
+        "-H", "TE: gzip, trailers", "-H", "X-Kept: yes",
     )  # fmt: skip
     h = json.loads(body)["headers"]
-    for name in ("connection", "x-secret", "keep-alive", "proxy-authorization", "te"):
+    for name in ("connection", "x-secret", "keep-alive", "proxy-authorization"):
         assert name not in h, name
+    assert h["te"] == "trailers"  # only the token saying trailers are welcome goes on
     assert h["x-kept"] == "yes"
 
 
@@ -205,3 +207,28 @@ async def test_plain_http_on_tls_port_gets_a_readable_400(proxy: ProxyProcess) -
         reply = s.recv(1000)
     assert reply.startswith(b"HTTP/1.0 400 Bad Request")
     assert b"HTTP request to an HTTPS server" in reply
+
+
+async def test_connection_limit_holds_extra_clients_in_the_backlog(
+    tmp_path: Path, backend: Backend
+) -> None:
+    body = "[limits]\nmax_connections = 2\n" + sites_toml((["localhost"], [backend.url]))
+    proxy = await start_proxy(tmp_path, body, http=False)
+    try:
+        first, second = await _tls_socket(proxy), await _tls_socket(proxy)
+        context = ssl.create_default_context(cafile=str(proxy.root_ca))
+        third = socket.create_connection(("127.0.0.1", proxy.https_port), timeout=1)
+        outgoing = ssl.MemoryBIO()
+        tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        third.sendall(outgoing.read())  # the ClientHello
+        with pytest.raises(TimeoutError):  # not accepted: nobody answers the ClientHello
+            third.recv(1)
+        first.close()
+        third.settimeout(10)
+        assert third.recv(65536), "accepted once a slot is free"
+        for s in (second, third):
+            s.close()
+    finally:
+        await proxy.terminate()
