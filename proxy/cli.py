@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+from proxy.certs.report import certificates_table
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
 from proxy.pidfile import read_pid, remove_pid, write_pid
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "run the proxy"),
         ("check", "validate a configuration file and exit 0 (valid) or 1"),
         ("reload", "validate a configuration, then make the running proxy apply it (SIGHUP)"),
+        ("certs", "list each site's certificate: expiry, next renewal, last error"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument(
@@ -86,12 +88,16 @@ def _signal_reload(config: Config) -> int:
 
 
 async def _handle_signals(server: Server, stop_now: trio.CancelScope) -> None:
-    """SIGHUP reloads. The first SIGTERM/SIGINT drains gracefully; a second one cuts the
-    grace period short."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    """SIGHUP reloads, SIGUSR1 reopens the access log file. The first SIGTERM/SIGINT drains
+    gracefully; a second one cuts the grace period short."""
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    with trio.open_signal_receiver(*watched) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 await _reload(server)
+                continue
+            if signum == signal.SIGUSR1:
+                await server.reopen_logs()
                 continue
             if server.shutting_down:
                 log.warning("received %s again: stopping now", signal.Signals(signum).name)
@@ -106,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    if args.command == "certs":
+        print(certificates_table(config))
+        return 0
     if args.command == "check":
         print(f"{args.config}: OK ({len(config.sites)} sites)")
         return 0

@@ -13,6 +13,11 @@ from typing import Literal
 
 Issuer = Literal["local", "files", "acme"]
 UpstreamScheme = Literal["http", "h2c", "https"]
+AccessLogFormat = Literal["json", "common", "combined"]
+ChallengeType = Literal["http-01", "tls-alpn-01"]
+KeyType = Literal["ecdsa-p256", "rsa-2048"]
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,21 @@ class ListenConfig:
 class CertsConfig:
     dir: Path = Path("certs")
     issuer: Issuer = "local"
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    """How `issuer = "acme"` certificates are ordered; `challenges` in order of preference."""
+
+    directory: str = LETS_ENCRYPT
+    email: str | None = None
+    ca_bundle: Path | None = None  # trust root for the ACME server's own HTTPS
+    challenges: tuple[ChallengeType, ...] = ("http-01", "tls-alpn-01")
+    eab_kid: str | None = None  # external account binding: both or neither
+    eab_hmac_key: str | None = None
+    fallback_directory: str | None = None  # a second CA, tried when the first one fails
+    key_type: KeyType = "ecdsa-p256"
+    profile: str | None = None  # ACME profile requested for every order, renewals included
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,8 @@ class Upstream:
     scheme: UpstreamScheme
     host: str
     port: int
+    ca: Path | None = None  # https: CA bundle to verify the upstream with; None = system trust
+    server_name: str | None = None  # https: SNI and the name verified; None = `host`
 
 
 @dataclass(frozen=True)
@@ -74,6 +96,7 @@ class SiteConfig:
     upstreams: tuple[Upstream, ...]
     cert: Path | None = None  # issuer = "files"
     key: Path | None = None
+    issuer: Issuer | None = None  # overrides certs.issuer for this site
 
     @property
     def name(self) -> str:
@@ -87,13 +110,47 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class Http2Config:
+    """HTTP/2 to clients: the SETTINGS we announce (defaults from Envoy's edge guidance) and
+    the flood caps that close an abusive connection with ENHANCE_YOUR_CALM."""
+
+    max_concurrent_streams: int = 100
+    initial_window_size: int = 65536  # request body bytes per stream buffered before read
+    connection_window_size: int = 1024 * 1024  # the same, all streams together
+    max_frame_size: int = 16384
+    max_header_list_size: int = 65536
+    max_resets_per_second: int = 200  # RST_STREAM received or provoked (rapid reset)
+    max_control_frames_per_second: int = 100  # SETTINGS, PING, PRIORITY, empty DATA
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    enabled: bool = True
+    format: AccessLogFormat = "json"
+    path: Path | None = None  # None: stdout
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin listener (metrics, health): loopback only unless said otherwise."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 2019
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     listen: ListenConfig = field(default_factory=ListenConfig)
     certs: CertsConfig = field(default_factory=CertsConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
     hsts: HSTSConfig = field(default_factory=HSTSConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    http2: Http2Config = field(default_factory=Http2Config)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     sites: tuple[SiteConfig, ...] = ()
     log_level: str = "info"
     _sites_by_host: Mapping[str, SiteConfig] = field(init=False, repr=False, compare=False)
@@ -102,6 +159,10 @@ class Config:
         # site_for_host runs on every request: index the hosts once (the first site wins).
         by_host = {host: site for site in reversed(self.sites) for host in site.hosts}
         object.__setattr__(self, "_sites_by_host", by_host)
+
+    def issuer_of(self, site: SiteConfig) -> Issuer:
+        """Where `site` gets its certificate: its own `issuer`, else `certs.issuer`."""
+        return site.issuer or self.certs.issuer
 
     def site_for_host(self, host: str) -> SiteConfig | None:
         """The site serving `host` (already lower-cased, without port; IPv6 without brackets)."""

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -19,10 +20,16 @@ from typing import Any, TypeVar, cast, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 from proxy.config import (
+    AccessLogConfig,
+    AccessLogFormat,
+    AcmeConfig,
+    AdminConfig,
     CertsConfig,
+    ChallengeType,
     Config,
     HSTSConfig,
     Issuer,
+    KeyType,
     LimitsConfig,
     ListenConfig,
     SiteConfig,
@@ -35,13 +42,27 @@ from proxy.toml_lines import KeyLocator, KeyPath
 T = TypeVar("T")
 Table = dict[str, object]
 
-_TOP_KEYS = ("log_level", "listen", "certs", "hsts", "limits", "tls", "sites")
+_TOP_KEYS = (
+    "log_level",
+    "listen",
+    "certs",
+    "acme",
+    "hsts",
+    "limits",
+    "tls",
+    "access_log",
+    "admin",
+    "sites",
+)
 _LISTEN_KEYS = ("address", "http", "https")
 _CERTS_KEYS = ("dir", "issuer")
+_ACME_KEYS = tuple(f.name for f in dataclasses.fields(AcmeConfig))
 _HSTS_KEYS = tuple(f.name for f in dataclasses.fields(HSTSConfig))
 _LIMITS_TYPES = get_type_hints(LimitsConfig)
 _TLS_KEYS = ("default_site",)
-_SITE_KEYS = ("hosts", "upstreams", "cert", "key")
+_ACCESS_LOG_KEYS = tuple(f.name for f in dataclasses.fields(AccessLogConfig))
+_ADMIN_KEYS = tuple(f.name for f in dataclasses.fields(AdminConfig))
+_SITE_KEYS = ("hosts", "upstreams", "cert", "key", "issuer", "upstream_ca", "upstream_server_name")
 _LIMITS_ZERO_ALLOWED = frozenset({"shutdown_delay"})
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -51,6 +72,8 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _HOST_WITH_PORT = re.compile(r"[^:]+:\d*|\[[^\]]*\]:\d*")
 _TOML_ERROR_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+=*")
 
 
 class ConfigError(Exception):
@@ -110,13 +133,18 @@ class _Reader:
         log_level = self._value(root, (), "log_level", "info", _choice(_LOG_LEVELS))
         certs = self._certs(root)
         sites = self._sites(root, certs.issuer)
+        listen = self._listen(root)
+        uses_acme = any((site.issuer or certs.issuer) == "acme" for site in sites)
         return Config(
             path=self._path,
-            listen=self._listen(root),
+            listen=listen,
             certs=certs,
+            acme=self._acme(root, listen, uses_acme),
             hsts=self._hsts(root),
             limits=self._limits(root),
             tls=self._tls(root, sites),
+            access_log=self._access_log(root),
+            admin=self._admin(root, listen),
             sites=sites,
             log_level=log_level,
         )
@@ -140,6 +168,39 @@ class _Reader:
         issuers: tuple[Issuer, ...] = get_args(Issuer)
         issuer = self._value(table, key, "issuer", default.issuer, _choice(issuers))
         return CertsConfig(directory, issuer)
+
+    def _acme(self, root: Table, listen: ListenConfig, used: bool) -> AcmeConfig:
+        key: KeyPath = ("acme",)
+        table = self._section(root, "acme", _ACME_KEYS)
+        default = AcmeConfig()
+        challenges: tuple[ChallengeType, ...] = get_args(ChallengeType)
+        key_types: tuple[KeyType, ...] = get_args(KeyType)
+        acme = AcmeConfig(
+            directory=self._value(table, key, "directory", default.directory, _https_url),
+            email=self._value(table, key, "email", None, _email),
+            ca_bundle=self._value(table, key, "ca_bundle", None, _path),
+            challenges=self._value(
+                table, key, "challenges", default.challenges, _choices(challenges)
+            ),
+            eab_kid=self._value(table, key, "eab_kid", None, _text),
+            eab_hmac_key=self._value(table, key, "eab_hmac_key", None, _base64url),
+            fallback_directory=self._value(table, key, "fallback_directory", None, _https_url),
+            key_type=self._value(table, key, "key_type", default.key_type, _choice(key_types)),
+            profile=self._value(table, key, "profile", None, _text),
+        )
+        if acme.ca_bundle is not None:
+            self._check_ca_bundle((*key, "ca_bundle"), acme.ca_bundle)
+        for name, other in (("eab_kid", "eab_hmac_key"), ("eab_hmac_key", "eab_kid")):
+            if name in table and other not in table:
+                self._problem((*key, name), f"needs acme.{other} as well")
+        if acme.fallback_directory == acme.directory:
+            self._problem((*key, "fallback_directory"), "must differ from acme.directory")
+        if used and not listen.http and "tls-alpn-01" not in acme.challenges:
+            self._problem(
+                (*key, "challenges"),
+                'http-01 needs the HTTP listener, but listen.http = 0: add "tls-alpn-01"',
+            )
+        return acme
 
     def _hsts(self, root: Table) -> HSTSConfig:
         key: KeyPath = ("hsts",)
@@ -181,6 +242,33 @@ class _Reader:
         }
         return LimitsConfig(**values)
 
+    def _access_log(self, root: Table) -> AccessLogConfig:
+        key: KeyPath = ("access_log",)
+        table = self._section(root, "access_log", _ACCESS_LOG_KEYS)
+        default = AccessLogConfig()
+        formats: tuple[AccessLogFormat, ...] = get_args(AccessLogFormat)
+        path = self._value(table, key, "path", default.path, _optional_path)
+        if path is not None and not path.parent.is_dir():
+            self._problem((*key, "path"), f"directory not found: {path.parent}")
+        return AccessLogConfig(
+            enabled=self._value(table, key, "enabled", default.enabled, _boolean),
+            format=self._value(table, key, "format", default.format, _choice(formats)),
+            path=path,
+        )
+
+    def _admin(self, root: Table, listen: ListenConfig) -> AdminConfig:
+        key: KeyPath = ("admin",)
+        table = self._section(root, "admin", _ADMIN_KEYS)
+        default = AdminConfig()
+        admin = AdminConfig(
+            enabled=self._value(table, key, "enabled", default.enabled, _boolean),
+            address=self._value(table, key, "address", default.address, _ip_address),
+            port=self._value(table, key, "port", default.port, _port(1)),
+        )
+        if admin.enabled and admin.port in (listen.http, listen.https):
+            self._problem((*key, "port"), "must differ from listen.http and listen.https")
+        return admin
+
     def _tls(self, root: Table, sites: tuple[SiteConfig, ...]) -> TLSConfig:
         key: KeyPath = ("tls",)
         table = self._section(root, "tls", _TLS_KEYS)
@@ -213,23 +301,59 @@ class _Reader:
                     owner = _dotted(served_by[host])
                     self._problem(host_key, f"host {_show(host)} is already served by {owner}")
                 served_by.setdefault(host, site_key)
-            upstreams = self._each(table, site_key, "upstreams", _upstream)
+            upstreams = self._upstream_tls(
+                table, site_key, self._each(table, site_key, "upstreams", _upstream).values()
+            )
+            site_issuer = self._value(table, site_key, "issuer", None, _choice(get_args(Issuer)))
             cert, private_key = (
-                self._site_file(table, site_key, name, issuer) for name in ("cert", "key")
+                self._site_file(table, site_key, name, site_issuer or issuer)
+                for name in ("cert", "key")
             )
             sites.append(
-                SiteConfig(tuple(hosts.values()), tuple(upstreams.values()), cert, private_key)
+                SiteConfig(tuple(hosts.values()), upstreams, cert, private_key, site_issuer)
             )
         return tuple(sites)
+
+    def _upstream_tls(
+        self, table: Table, site_key: KeyPath, upstreams: Collection[Upstream]
+    ) -> tuple[Upstream, ...]:
+        """The site's upstreams, the https ones carrying upstream_ca and upstream_server_name
+        (part of an Upstream's identity: pools are keyed by it)."""
+        ca = self._value(table, site_key, "upstream_ca", None, _path)
+        server_name = self._value(table, site_key, "upstream_server_name", None, _host)
+        if upstreams and not any(upstream.scheme == "https" for upstream in upstreams):
+            for name in ("upstream_ca", "upstream_server_name"):
+                if name in table:
+                    self._problem((*site_key, name), "is only used with https:// upstreams")
+        elif ca is not None:
+            self._check_ca_bundle((*site_key, "upstream_ca"), ca)
+        return tuple(
+            dataclasses.replace(upstream, ca=ca, server_name=server_name)
+            if upstream.scheme == "https"
+            else upstream
+            for upstream in upstreams
+        )
+
+    def _check_ca_bundle(self, key: KeyPath, ca: Path) -> None:
+        """Load the bundle as the upstream connections will, so a bad one fails at start."""
+        if not ca.is_file():
+            self._problem(key, f"file not found: {ca}")
+            return
+        try:
+            ssl.create_default_context(cafile=ca)
+        except ssl.SSLError:
+            self._problem(key, f"no PEM certificate in {ca}")
+        except OSError as exc:
+            self._problem(key, f"cannot read {ca}: {exc.strerror or exc}")
 
     def _site_file(self, table: Table, site_key: KeyPath, name: str, issuer: Issuer) -> Path | None:
         """A site's cert or key path: required and existing with issuer "files", else absent."""
         key = (*site_key, name)
         path = self._value(table, site_key, name, None, _path)
         if issuer != "files" and name in table:
-            self._problem(key, f'is only used with certs.issuer = "files" (issuer is "{issuer}")')
+            self._problem(key, f'is only used with issuer "files" (the site\'s is "{issuer}")')
         elif issuer == "files" and name not in table:
-            self._problem(key, 'is required with certs.issuer = "files"')
+            self._problem(key, 'is required with issuer "files"')
         elif path is not None and not path.is_file():
             self._problem(key, f"file not found: {path}")
         return path
@@ -307,6 +431,21 @@ def _choice(options: tuple[T, ...]) -> Callable[[object], T]:
     return convert
 
 
+def _choices(options: tuple[T, ...]) -> Callable[[object], tuple[T, ...]]:
+    """A non-empty array of distinct `options`, order kept (a preference)."""
+    one = _choice(options)
+
+    def convert(value: object) -> tuple[T, ...]:
+        if not isinstance(value, list) or not value:
+            raise _Invalid(f"must be a non-empty array, got {_show(value)}")
+        chosen = tuple(one(element) for element in value)
+        if len(set(chosen)) < len(chosen):
+            raise _Invalid(f"must not repeat a value, got {_show(value)}")
+        return chosen
+
+    return convert
+
+
 def _port(low: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
         if type(value) is int and low <= value <= 65535:
@@ -348,6 +487,40 @@ def _path(value: object) -> Path:
     if isinstance(value, str) and value:
         return Path(value).absolute()
     raise _Invalid(f"must be a non-empty path string, got {_show(value)}")
+
+
+def _optional_path(value: object) -> Path | None:
+    """A path, or None for "" (the default destination, e.g. stdout)."""
+    return None if value == "" else _path(value)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str) and value.strip():
+        return value
+    raise _Invalid(f"must be a non-empty string, got {_show(value)}")
+
+
+def _email(value: object) -> str:
+    if isinstance(value, str) and _EMAIL.fullmatch(value):
+        return value
+    raise _Invalid(f'must be an email address such as "admin@example.com", got {_show(value)}')
+
+
+def _base64url(value: object) -> str:
+    if isinstance(value, str) and _BASE64URL.fullmatch(value):
+        return value
+    raise _Invalid(f"must be base64url text, as the CA hands it out, got {_show(value)}")
+
+
+def _https_url(value: object) -> str:
+    """An ACME directory URL: https, with a host."""
+    try:
+        url = urlsplit(value) if isinstance(value, str) else None
+    except ValueError:
+        url = None
+    if url is None or url.scheme != "https" or not url.hostname:
+        raise _Invalid(f"must be an https:// URL, got {_show(value)}")
+    return str(value)
 
 
 def _ip_addresses(value: object) -> tuple[str, ...]:

@@ -16,7 +16,13 @@ from proxy.config import Config, SiteConfig
 from proxy.http.headers import client_response_headers, upstream_request_headers
 from proxy.http.model import Exchange, Headers, Observer, Outcome, ResponseHead, plain_response
 from proxy.upstream.pool import Upstreams, UpstreamUnavailable
-from proxy.upstream.stream import BodyEnd, UpstreamClosed, UpstreamStream, UpstreamTimeout
+from proxy.upstream.stream import (
+    BodyEnd,
+    UpstreamClosed,
+    UpstreamRefused,
+    UpstreamStream,
+    UpstreamTimeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +88,19 @@ class Forwarder:
         chunked = request.has_body and not any(n == b"content-length" for n, _ in request.headers)
         headers = upstream_request_headers(request, chunked)
         upstreams = self._upstreams.for_site(site)
-        # A pooled connection may have been closed by the upstream just as we reused it:
-        # retry a body-less request once on a fresh connection, as nginx does.
+        # Retry once on another connection a request the upstream refused unprocessed, or,
+        # as nginx does, a body-less one on a pooled connection the upstream may have closed
+        # just as we reused it.
         for attempt in (1, 2):
             upstream = await upstreams.open_stream()
             outcome.upstream = upstream.url
             try:
                 await self._exchange(exchange, upstream, headers, outcome)
-            except UpstreamClosed:
+            except UpstreamClosed as exc:
                 await upstream.aclose()
-                retry = attempt == 1 and upstream.reused and not request.has_body
+                retry = attempt == 1 and (
+                    isinstance(exc, UpstreamRefused) or (upstream.reused and not request.has_body)
+                )
                 if not retry or exchange.head_sent:
                     raise
             except BaseException:

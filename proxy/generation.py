@@ -29,9 +29,12 @@ class Generation:
         self._scope = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Certificate upkeep for this generation; started() once certificates are loaded."""
-        with self._scope:
-            await self.certs.run(task_status=task_status)
+        """Certificate upkeep and upstream connections for this generation; started() once
+        certificates are loaded. After retire() it ends when its upstream connections have."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.upstreams.run)
+            with self._scope:
+                await self.certs.run(task_status=task_status)
 
     def retire(self) -> None:
         """Stop renewals and release idle upstream connections; requests in flight finish

@@ -8,6 +8,7 @@ connections for the grace period, then cancels what is left.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -16,13 +17,17 @@ from dataclasses import dataclass
 
 import trio
 
+from proxy.accesslog import AccessLog
 from proxy.certs.acme_challenges import ACME_TLS_ALPN, tls_alpn01_context
 from proxy.certs.manager import CertManager
 from proxy.config import Config
 from proxy.generation import Generation, describe_changes
+from proxy.http.admin import AdminHandler
 from proxy.http.h1 import H1Connection, Handler
+from proxy.http.h2 import H2Connection
 from proxy.http.model import ConnectionInfo, Exchange, Observer
 from proxy.lifecycle import Lifecycle
+from proxy.metrics import Metrics
 from proxy.netio import ByteStream, SocketStream, StreamTimeout, close_socket
 from proxy.tls.clienthello import ClientHello, ClientHelloError
 from proxy.tls.stream import TLSStream, peek_client_hello
@@ -31,8 +36,9 @@ log = logging.getLogger(__name__)
 
 ConnectionHandler = Callable[[socket.socket, str], Awaitable[None]]
 
-ALPN = ("http/1.1",)
+ALPN = ("h2", "http/1.1")
 LISTEN_BACKLOG = 1024
+ADMIN_MAX_CONNECTIONS = 64  # scrapers and health checkers, not clients
 HTTP_ON_TLS_PORT = (
     b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
     b"Client sent an HTTP request to an HTTPS server.\n"
@@ -70,7 +76,12 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.lifecycle = Lifecycle(config.limits.max_connections)
-        self._observers: list[Observer] = []
+        self.listening = False  # the public listeners are bound (readiness)
+        self.metrics = Metrics(self)
+        self._access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+        self._observers: list[Observer] = [self.metrics]
+        if self._access_log is not None:
+            self._observers.append(self._access_log)
         self._current = Generation(config, ALPN, self._observers)
         self._shutdown = trio.Event()
 
@@ -88,14 +99,20 @@ class Server:
     async def _redirect(self, exchange: Exchange) -> None:
         await self._current.redirector(exchange)
 
+    async def reopen_logs(self) -> None:
+        """SIGUSR1, after logrotate renamed the access log file."""
+        if self._access_log is not None:
+            await self._access_log.reopen()
+
     async def reload(self, config: Config) -> None:
         """Switch to a new, already validated configuration without dropping anything open.
 
         Listen addresses and ports are bound once: changing them needs a restart.
         """
         old = self._current
-        if config.listen != old.config.listen:
-            log.warning("reload: [listen] changes take effect only after a restart")
+        for section in ("listen", "admin", "access_log"):
+            if getattr(config, section) != getattr(old.config, section):
+                log.warning("reload: [%s] changes take effect only after a restart", section)
         new = Generation(config, ALPN, self._observers)
         await self._services.start(new.run)
         self._current = new
@@ -116,6 +133,8 @@ class Server:
         listen = self.config.listen
         async with trio.open_nursery() as services:
             self._services = services
+            if self.config.admin.enabled:  # first: /healthz answers while certificates load
+                await services.start(self._serve_admin)
             await services.start(self._current.run)
             listeners: list[tuple[socket.socket, str]] = []
             try:
@@ -130,7 +149,10 @@ class Server:
                     async with trio.open_nursery() as acceptors:
                         for sock, kind in listeners:
                             serve = self._serve_tls if kind == "https" else self._serve_http
-                            acceptors.start_soon(self._accept_loop, sock, serve, connections)
+                            acceptors.start_soon(
+                                self._accept_loop, sock, serve, connections, self.lifecycle
+                            )
+                        self.listening = True
                         task_status.started(bound)
                         await self._shutdown.wait()
                         await self._delay_shutdown()
@@ -169,10 +191,31 @@ class Server:
             )
         connections.cancel_scope.cancel()
 
+    async def _serve_admin(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """The admin listener lives with the services, not the client listeners: /readyz
+        still answers (503) while clients drain, and admin connections neither count
+        against max_connections nor hold up the drain."""
+        admin = self.config.admin
+        sock = bind_listener(admin.address, admin.port)
+        try:
+            host, port = sock.getsockname()[:2]
+            log.info("listening for admin on %s port %d", host, port)
+            lifecycle = Lifecycle(ADMIN_MAX_CONNECTIONS)
+            handler = AdminHandler(self.metrics, self)
+            serve = functools.partial(self._serve_admin_connection, handler, lifecycle)
+            async with trio.open_nursery() as connections:
+                task_status.started()
+                await self._accept_loop(sock, serve, connections, lifecycle)
+        finally:
+            close_socket(sock)
+
     async def _accept_loop(
-        self, listener: socket.socket, serve: ConnectionHandler, connections: trio.Nursery
+        self,
+        listener: socket.socket,
+        serve: ConnectionHandler,
+        connections: trio.Nursery,
+        lifecycle: Lifecycle,
     ) -> None:
-        lifecycle = self.lifecycle
         while True:
             await lifecycle.wait_for_capacity()
             await trio.lowlevel.wait_readable(listener)
@@ -188,15 +231,22 @@ class Server:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 lifecycle.opened()
-                connections.start_soon(self._run_connection, serve, sock, address[0])
+                connections.start_soon(self._run_connection, lifecycle, serve, sock, address[0])
 
     async def _run_connection(
-        self, serve: ConnectionHandler, sock: socket.socket, client_ip: str
+        self, lifecycle: Lifecycle, serve: ConnectionHandler, sock: socket.socket, client_ip: str
     ) -> None:
         try:
             await serve(sock, client_ip)
         finally:
-            self.lifecycle.closed()
+            lifecycle.closed()
+
+    async def _serve_admin_connection(
+        self, handler: Handler, lifecycle: Lifecycle, sock: socket.socket, client_ip: str
+    ) -> None:
+        info = ConnectionInfo(client_ip, None, None)
+        limits = self.config.limits
+        await H1Connection(SocketStream(sock), sock, info, handler, limits, lifecycle).serve()
 
     async def _serve_http(self, sock: socket.socket, client_ip: str) -> None:
         stream = SocketStream(sock)
@@ -221,13 +271,22 @@ class Server:
             log.info(
                 "client %s: TLS handshake failed (SNI %s): %s", client_ip, hello.server_name, exc
             )
+            self.metrics.tls_handshake_failed(exc)
             await stream.aclose()
             return
         if stream.alpn_protocol == ACME_TLS_ALPN:
             await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
             return
         info = ConnectionInfo(client_ip, stream.version, stream.alpn_protocol)
-        await self._h1(stream, stream.socket, info, self._forward)
+        self.metrics.tls_handshake_completed(info)
+        if stream.alpn_protocol == "h2":
+            config = self.config
+            await H2Connection(
+                stream, stream.socket, info, self._forward, config.limits, config.http2,
+                self.lifecycle,
+            ).serve()  # fmt: skip
+        else:
+            await self._h1(stream, stream.socket, info, self._forward)
 
     def _context_for(self, hello: ClientHello) -> ssl.SSLContext:
         """The certificate for this ClientHello. A pending TLS-ALPN-01 challenge (RFC 8737)

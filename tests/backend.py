@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import ssl
 from dataclasses import dataclass, field
 
 import h11
@@ -31,10 +32,11 @@ class Backend:
     port: int = 0
     requests: list[dict[str, object]] = field(default_factory=list)
     connections: int = 0
+    ssl_context: ssl.SSLContext | None = None  # serve HTTPS (an https:// upstream)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, *events: h11.Event) -> None:
@@ -160,8 +162,10 @@ async def _connection(stream: trio.SocketStream, backend: Backend) -> None:
 async def serve_backend(
     backend: Backend, *, task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    backend.port = listeners[0].socket.getsockname()[1]
+    tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    backend.port = tcp[0].socket.getsockname()[1]
+    context = backend.ssl_context
+    listeners = tcp if context is None else [trio.SSLListener(t, context) for t in tcp]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, lambda s: _connection(s, backend), listeners)
         task_status.started(backend)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.pebble import Pebble, run_pebble
+from tests.proxyproc import free_port
 
 
 @pytest.fixture
@@ -28,3 +29,9 @@ def start_pebble(tmp_path: Path) -> Iterator[Callable[..., Pebble]]:
             return stack.enter_context(run_pebble(workdir, **options))
 
         yield start
+
+
+@pytest.fixture
+def ports() -> tuple[int, int]:
+    """The proxy's (http, https) ports, where Pebble validates."""
+    return free_port(), free_port()

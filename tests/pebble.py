@@ -17,7 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trustme
@@ -27,13 +27,38 @@ from tests.proxyproc import free_port
 START_TIMEOUT = 15.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class Pebble:
     directory: str  # the ACME directory URL
     ca_bundle: Path  # trust root for Pebble's own HTTPS (not the issuing root)
-    root_pem: bytes  # the root that issued certificates chain to
+    tls_cert: Path  # Pebble's own HTTPS certificate and key, valid for 127.0.0.1
+    tls_key: Path
+    root_pem: bytes  # the root that issued certificates chain to (new at every start)
     http_port: int  # where Pebble sends HTTP-01 validation requests
     tls_port: int  # where Pebble sends TLS-ALPN-01 validation handshakes
+    dns_management: str  # pebble-challtestsrv's management URL
+    _process: _Process = field(repr=False)
+    _roots_url: str = field(repr=False)
+
+    def stop(self) -> None:
+        """Take the CA down (it forgets every account and order, as after a crash)."""
+        self._process.stop()
+
+    def start(self) -> None:
+        """Bring a stopped CA back on the same ports; it has a new issuing root."""
+        self._process.start()
+        self.root_pem = self._ready(time.monotonic() + START_TIMEOUT)
+
+    def resolve(self, host: str, address: str) -> None:
+        """Make the CA's DNS answer `address` for `host` (an A record)."""
+        body = json.dumps({"host": host, "addresses": [address]}).encode()
+        urllib.request.urlopen(f"{self.dns_management}/add-a", body, timeout=5).close()
+
+    def _ready(self, deadline: float) -> bytes:
+        """Wait for the directory; the issuing root."""
+        context = ssl.create_default_context(cafile=str(self.ca_bundle))
+        _get(self._process, self.directory, context, deadline)
+        return _get(self._process, self._roots_url, context, deadline)
 
 
 def free_dns_port() -> int:
@@ -96,32 +121,54 @@ def run_pebble(
     ]
     pebble = ["pebble", "-config", str(config_path), "-dnsserver", f"127.0.0.1:{dns_port}"]
     pebble_env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", **(env or {})}
+    dns_proc = _Process(dns, workdir / "challtestsrv.log", os.environ)
+    pebble_proc = _Process(pebble, workdir / "pebble.log", pebble_env)
+    handle = Pebble(
+        directory=f"https://127.0.0.1:{acme_port}/dir",
+        ca_bundle=ca_bundle,
+        tls_cert=cert,
+        tls_key=key,
+        root_pem=b"",
+        http_port=http_port,
+        tls_port=tls_port,
+        dns_management=f"http://127.0.0.1:{dns_management_port}",
+        _process=pebble_proc,
+        _roots_url=f"https://127.0.0.1:{management_port}/roots/0",
+    )
     with ExitStack() as stack:
-        dns_proc = stack.enter_context(_process(dns, workdir / "challtestsrv.log", os.environ))
-        pebble_proc = stack.enter_context(_process(pebble, workdir / "pebble.log", pebble_env))
-        context = ssl.create_default_context(cafile=str(ca_bundle))
-        directory = f"https://127.0.0.1:{acme_port}/dir"
+        stack.callback(dns_proc.stop)
+        stack.callback(pebble_proc.stop)
         deadline = time.monotonic() + START_TIMEOUT
         try:
+            dns_proc.start()
             _wait_tcp(dns_proc, dns_management_port, deadline)
-            _get(pebble_proc, directory, context, deadline)
-            roots = f"https://127.0.0.1:{management_port}/roots/0"
-            root_pem = _get(pebble_proc, roots, context, deadline)
+            pebble_proc.start()
+            handle.root_pem = handle._ready(deadline)
         except RuntimeError as exc:
             logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in workdir.glob("*.log"))
             raise RuntimeError(f"{exc}\n{logs}") from None
-        yield Pebble(directory, ca_bundle, root_pem, http_port, tls_port)
+        yield handle
 
 
-@contextmanager
-def _process(
-    argv: list[str], log_path: Path, env: Mapping[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(env))
-    try:
-        yield proc
-    finally:
+class _Process:
+    """A child process that can be stopped and started again, appending to one log."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: Mapping[str, str]) -> None:
+        self.argv = argv
+        self._log_path = log_path
+        self._env = dict(env)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self._log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self._env
+            )
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
         proc.terminate()
         try:
             proc.wait(5)
@@ -129,8 +176,12 @@ def _process(
             proc.kill()
             proc.wait()
 
+    def exit_status(self) -> int | None:
+        """None while running."""
+        return self._proc.poll() if self._proc is not None else -1
 
-def _wait_tcp(proc: subprocess.Popen[bytes], port: int, deadline: float) -> None:
+
+def _wait_tcp(proc: _Process, port: int, deadline: float) -> None:
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -139,9 +190,7 @@ def _wait_tcp(proc: subprocess.Popen[bytes], port: int, deadline: float) -> None
             _check_alive(proc, deadline)
 
 
-def _get(
-    proc: subprocess.Popen[bytes], url: str, context: ssl.SSLContext, deadline: float
-) -> bytes:
+def _get(proc: _Process, url: str, context: ssl.SSLContext, deadline: float) -> bytes:
     while True:
         try:
             with urllib.request.urlopen(url, context=context, timeout=2) as response:
@@ -150,7 +199,7 @@ def _get(
             _check_alive(proc, deadline)
 
 
-def _check_alive(proc: subprocess.Popen[bytes], deadline: float) -> None:
-    if proc.poll() is not None or time.monotonic() > deadline:
-        raise RuntimeError(f"{proc.args[0]} did not start (exit status {proc.poll()})")
+def _check_alive(proc: _Process, deadline: float) -> None:
+    if proc.exit_status() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f"{proc.argv[0]} did not start (exit status {proc.exit_status()})")
     time.sleep(0.05)

@@ -36,6 +36,7 @@ class ProxyProcess:
     http_port: int
     certs_dir: Path
     log_path: Path
+    admin_port: int | None = None
 
     @property
     def root_ca(self) -> Path:
@@ -75,32 +76,62 @@ class ProxyProcess:
         return code
 
 
-def write_config(directory: Path, body: str, *, http_port: int, https_port: int) -> Path:
+def write_config(
+    directory: Path,
+    body: str,
+    *,
+    http_port: int,
+    https_port: int,
+    admin_port: int | None = None,
+    issuer: str = "local",
+) -> Path:
+    """The admin listener is off unless asked for: its default port is a fixed one."""
     certs = directory / "certs"
     config = directory / "port443.toml"
+    admin = f"port = {admin_port}" if admin_port else "enabled = false"
     config.write_text(
         f'log_level = "debug"\n[listen]\naddress = "127.0.0.1"\n'
         f"http = {http_port}\nhttps = {https_port}\n"
-        f'[certs]\ndir = "{certs}"\nissuer = "local"\n' + body
+        f'[certs]\ndir = "{certs}"\nissuer = "{issuer}"\n[admin]\n{admin}\n' + body
     )
     return config
 
 
-async def start_proxy(directory: Path, body: str, *, http: bool = True) -> ProxyProcess:
-    """Start the proxy with `body` appended to a base config; wait until HTTPS accepts."""
-    https_port = free_port()
-    http_port = free_port() if http else 0
-    config = write_config(directory, body, http_port=http_port, https_port=https_port)
+async def start_proxy(
+    directory: Path,
+    body: str,
+    *,
+    http: bool = True,
+    admin: bool = False,
+    issuer: str = "local",
+    ports: tuple[int, int] | None = None,
+    module: str = "proxy",
+) -> ProxyProcess:
+    """Start the proxy with `body` appended to a base config; wait until HTTPS accepts.
+
+    `ports` = (http, https) instead of free ones (an ACME CA must know where to validate);
+    `module` is what `python -m` runs.
+    """
+    http_port, https_port = ports or (free_port() if http else 0, free_port())
+    admin_port = free_port() if admin else None
+    config = write_config(
+        directory,
+        body,
+        http_port=http_port,
+        https_port=https_port,
+        admin_port=admin_port,
+        issuer=issuer,
+    )
     log_path = directory / "proxy.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(config)],
+            [sys.executable, "-m", module, "run", "-c", str(config)],
             cwd=ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    proxy = ProxyProcess(process, https_port, http_port, directory / "certs", log_path)
+    proxy = ProxyProcess(process, https_port, http_port, directory / "certs", log_path, admin_port)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:

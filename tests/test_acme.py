@@ -1,8 +1,8 @@
-"""ACME issuance against a real Pebble that validates through real challenge listeners.
+"""The ACME client alone against a real Pebble that validates through real listeners.
 
-Until the proxy's own listeners answer challenges, a minimal pair lives here: an HTTP
-listener answering from `http01_key_authorization` and a TLS listener answering from
-`tls_alpn01_context`, both reading what the ACME client published under `certs/`.
+A minimal pair of listeners lives here: HTTP answering from `http01_key_authorization`
+and TLS answering from `tls_alpn01_context`, both reading what the client published under
+`certs/`. tests/test_acme_proxy.py does the same through the proxy's own listeners.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ async def _handshake_as(
         await tls.aclose()
         nursery.cancel_scope.cancel()
     assert peer is not None
-    return peer
+    return dict(peer)
 
 
 def _published(responder: Responder) -> list[Path]:

@@ -8,16 +8,19 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
 from cryptography import x509
 
+from proxy.certs.acme import AcmeError, RenewalInfo
+from proxy.certs.issuers import Issued, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
-from proxy.certs.manager import CertManager, Issuer, LocalIssuer
-from proxy.certs.store import CertStore
+from proxy.certs.manager import CertManager
+from proxy.certs.status import load_status
+from proxy.certs.store import CertStore, StoredCert
 from proxy.config import CertsConfig, Config, SiteConfig, TLSConfig
 from proxy.config import Issuer as IssuerName
 from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, parse_client_hello
@@ -147,20 +150,18 @@ async def test_new_host_on_a_site_gets_a_new_certificate(tmp_path: Path) -> None
     assert san.get_values_for_type(x509.DNSName) == ["a.test", "new.a.test"]
 
 
-class CountingIssuer:
-    def __init__(self, inner: Issuer) -> None:
-        self.inner = inner
-        self.calls = 0
+class CountingIssuer(LocalIssuer):
+    calls = 0
 
-    async def issue(self, site: SiteConfig) -> tuple[bytes, bytes]:
+    async def issue(self, request: IssueRequest) -> Issued:
         self.calls += 1
-        return await self.inner.issue(site)
+        return await super().issue(request)
 
 
 async def test_renewal_swaps_certificate_without_restart(tmp_path: Path) -> None:
     config = make_config(tmp_path, site("a.test"))
     ca = LocalCA(config.certs.dir, leaf_lifetime=timedelta(seconds=6), backdate=timedelta(0))
-    issuer = CountingIssuer(LocalIssuer(ca))
+    issuer = CountingIssuer(ca)
     manager = CertManager(config, ALPN, issuer=issuer)
     async with running(manager) as port:
         first = await peer_certificate(port, "a.test", root_pem(config))
@@ -178,23 +179,68 @@ async def test_renewal_swaps_certificate_without_restart(tmp_path: Path) -> None
 
 
 class FailingIssuer:
-    async def issue(self, site: SiteConfig) -> tuple[bytes, bytes]:
+    """Every order fails; any stored certificate counts as its own."""
+
+    instant = True
+    has_fallback = False
+
+    async def issue(self, request: IssueRequest) -> Issued:
         raise RuntimeError("CA unreachable")
+
+    def issued(self, cert: StoredCert) -> bool:
+        return True
+
+    async def renewal_info(self, cert: StoredCert) -> RenewalInfo | None:
+        return None
 
 
 async def test_failed_issuance_leaves_other_sites_working(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Retried at once, once more (another challenge type), then after a minute."""
     config = make_config(tmp_path, site("a.test"), site("b.test"))
     ca = LocalCA(config.certs.dir)
     CertStore(config.certs.dir).write("a.test", *ca.issue(["a.test"]), {})
-    issuer: Issuer = FailingIssuer()
+    manager = CertManager(config, ALPN, issuer=FailingIssuer())
     with caplog.at_level(logging.ERROR):
-        async with running(CertManager(config, ALPN, issuer=issuer)) as port:
+        async with running(manager) as port:
             await peer_certificate(port, "a.test", root_pem(config))
             await assert_refused(port, "b.test", root_pem(config))
-    assert "certificate for site b.test (b.test) failed: CA unreachable" in caplog.text
-    assert "retrying in 0:01:00" in caplog.text
+            with trio.fail_after(5):
+                while manager.renewal_failures.get("b.test", 0) < 3:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+    assert manager.renewal_failures == {"b.test": 3}
+    failures = [
+        r.getMessage() for r in caplog.records if "b.test: certificate request" in r.message
+    ]
+    assert [m.split(" failed: ")[0] for m in failures] == [
+        f"site b.test: certificate request {n}" for n in (1, 2, 3)
+    ]
+    assert all("CA unreachable; its names fall through" in m for m in failures)
+    assert "retrying in 0:00:00" in failures[0]
+    assert "retrying with another challenge type in 0:00:00" in failures[1]
+    assert "retrying in 0:01:00" in failures[2]
+    status = load_status(CertStore(config.certs.dir), "b.test")
+    assert (status.failures, status.last_error) == (3, "CA unreachable")
+
+
+async def test_a_restart_continues_the_backoff(tmp_path: Path) -> None:
+    """Restarting must not hammer a CA that keeps failing: the recorded retry time holds."""
+    config = make_config(tmp_path, site("a.test"))
+    async with running(manager := CertManager(config, ALPN, issuer=FailingIssuer())):
+        with trio.fail_after(5):
+            while manager.renewal_failures.get("a.test", 0) < 3:
+                await trio.sleep(0.01)
+    issuer = CountingIssuer(LocalCA(config.certs.dir))
+    issuer.ca.root_certificate()  # created on first use
+    async with running(CertManager(config, ALPN, issuer=issuer)) as port:
+        await assert_refused(port, "a.test", root_pem(config))
+    assert issuer.calls == 0
+    other_names = make_config(tmp_path, site("a.test", "www.a.test"))
+    async with running(CertManager(other_names, ALPN, issuer=issuer)) as port:
+        await peer_certificate(port, "www.a.test", root_pem(config))
+    assert issuer.calls == 1
 
 
 async def test_files_issuer_with_a_broken_site(
@@ -222,10 +268,48 @@ async def test_files_issuer_with_a_broken_site(
         cert.serial_number
         == x509.load_pem_x509_certificate(files["a.test"][0].read_bytes()).serial_number
     )
-    assert "certificate for site b.test (b.test) cannot be loaded" in caplog.text
+    assert "site b.test: refusing the certificate in" in caplog.text
+    assert "does not belong to the certificate" in caplog.text
     assert not (config.certs.dir / "local").exists()  # no CA involved
 
 
-def test_acme_needs_an_issuer(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="needs an issuer"):
-        CertManager(make_config(tmp_path, site("a.test"), issuer="acme"), ALPN)
+async def test_reload_swaps_a_valid_pair_at_once_and_refuses_a_bad_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What SIGHUP does for "files" sites: no waiting for the next look at the mtimes."""
+    ca = LocalCA(tmp_path / "ca")
+    chain, key = tmp_path / "a.pem", tmp_path / "a.key"
+
+    def write(pair: tuple[bytes, bytes]) -> int:
+        chain.write_bytes(pair[0])
+        key.write_bytes(pair[1])
+        return x509.load_pem_x509_certificate(pair[0]).serial_number
+
+    write(ca.issue(["a.test"]))
+    config = make_config(tmp_path, site("a.test", files=(chain, key)), issuer="files")
+    manager = CertManager(config, ALPN)
+    async with running(manager) as port:
+        serial = write(ca.issue(["a.test"]))
+        await manager.reload()
+        assert (await peer_certificate(port, "a.test", ca.root_cert_path)).serial_number == serial
+        chain.write_bytes(ca.issue(["a.test"])[0])  # not the key's certificate
+        with caplog.at_level(logging.ERROR):
+            await manager.reload()
+        assert (await peer_certificate(port, "a.test", ca.root_cert_path)).serial_number == serial
+    assert f"site a.test: refusing the certificate in {chain} and {key}" in caplog.text
+    assert "keeping the one in service" in caplog.text
+
+
+class RateLimitedIssuer(FailingIssuer):
+    async def issue(self, request: IssueRequest) -> Issued:
+        raise AcmeError("urn:ietf:params:acme:error:rateLimited", timedelta(hours=2))
+
+
+async def test_the_cas_retry_after_postpones_even_the_quick_retry(tmp_path: Path) -> None:
+    config = make_config(tmp_path, site("a.test"))
+    async with running(CertManager(config, ALPN, issuer=RateLimitedIssuer())):
+        pass
+    status = load_status(CertStore(config.certs.dir), "a.test")
+    assert status.failures == 1 and status.next_attempt is not None
+    wait = status.next_attempt - datetime.now(UTC)
+    assert timedelta(hours=1, minutes=59) < wait <= timedelta(hours=2)

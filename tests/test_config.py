@@ -7,8 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
-from proxy.config import CertsConfig, Config, HSTSConfig, LimitsConfig, ListenConfig, Upstream
+from proxy.config import (
+    AcmeConfig,
+    CertsConfig,
+    Config,
+    HSTSConfig,
+    LimitsConfig,
+    ListenConfig,
+    Upstream,
+)
 from proxy.config_load import ConfigError, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -161,7 +170,7 @@ zzz = 1
 max_conections = 5
 {SITE}host = "x"
 [acme]
-email = "a@b.test"
+emial = "a@b.test"
 """
     assert problems(tmp_path, text) == [
         '1: lisen: unknown key (did you mean "listen"?)',
@@ -169,7 +178,7 @@ email = "a@b.test"
         "5: hsts.zzz: unknown key",
         '7: limits.max_conections: unknown key (did you mean "max_connections"?)',
         '11: sites[0].host: unknown key (did you mean "hosts"?)',
-        "12: acme: unknown key",
+        '13: acme.emial: unknown key (did you mean "email"?)',
     ]
 
 
@@ -326,14 +335,14 @@ upstreams = ["http://b"]
 """
     assert problems(tmp_path, text) == [
         f"6: sites[0].cert: file not found: {tmp_path / 'missing/fullchain.pem'}",
-        '8: sites[1].cert: is required with certs.issuer = "files"',
-        '8: sites[1].key: is required with certs.issuer = "files"',
+        '8: sites[1].cert: is required with issuer "files"',
+        '8: sites[1].key: is required with issuer "files"',
     ]
 
 
 def test_cert_and_key_only_with_issuer_files(tmp_path: Path) -> None:
     assert problems(tmp_path, SITE + 'cert = "a.pem"\n') == [
-        '4: sites[0].cert: is only used with certs.issuer = "files" (issuer is "local")'
+        '4: sites[0].cert: is only used with issuer "files" (the site\'s is "local")'
     ]
 
 
@@ -405,3 +414,178 @@ def test_shipped_default_config_is_the_local_demo() -> None:
 def test_shipped_configs_exist() -> None:
     names = {path.name for path in CONFIG_DIR.glob("*.toml")}
     assert {"port443.toml", "single-app.toml", "multi-site.toml"} <= names
+
+
+# -- [acme] and per-site issuers --------------------------------------------------------------
+
+
+def test_acme_defaults_to_lets_encrypt_production(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[certs]\nissuer = "acme"\n' + SITE))
+    assert config.acme == AcmeConfig()
+    assert config.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert config.acme.challenges == ("http-01", "tls-alpn-01")
+    assert config.acme.key_type == "ecdsa-p256"
+    [site] = config.sites
+    assert (site.issuer, config.issuer_of(site)) == (None, "acme")
+
+
+def test_every_acme_key_and_site_issuers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "a.pem").write_text("cert")
+    (tmp_path / "a.key").write_text("key")
+    text = f"""\
+[certs]
+issuer = "acme"
+[acme]
+directory = "https://acme-staging-v02.api.letsencrypt.org/directory"
+email = "admin@example.com"
+ca_bundle = "ca.pem"
+challenges = ["tls-alpn-01", "http-01"]
+eab_kid = "kid-1"
+eab_hmac_key = "c2VjcmV0LWtleQ"
+fallback_directory = "https://acme.zerossl.com/v2/DV90"
+key_type = "rsa-2048"
+profile = "shortlived"
+{SITE}[[sites]]
+hosts = ["files.test"]
+upstreams = ["http://b"]
+issuer = "files"
+cert = "a.pem"
+key = "a.key"
+[[sites]]
+hosts = ["local.test"]
+upstreams = ["http://c"]
+issuer = "local"
+"""
+    config = load_config(write(tmp_path, text))
+    assert config.acme == AcmeConfig(
+        directory="https://acme-staging-v02.api.letsencrypt.org/directory",
+        email="admin@example.com",
+        ca_bundle=tmp_path / "ca.pem",
+        challenges=("tls-alpn-01", "http-01"),
+        eab_kid="kid-1",
+        eab_hmac_key="c2VjcmV0LWtleQ",
+        fallback_directory="https://acme.zerossl.com/v2/DV90",
+        key_type="rsa-2048",
+        profile="shortlived",
+    )
+    acme, files, local = config.sites
+    assert [config.issuer_of(site) for site in config.sites] == ["acme", "files", "local"]
+    assert (files.cert, files.key) == (tmp_path / "a.pem", tmp_path / "a.key")
+    assert (acme.cert, local.cert) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            'directory = "http://acme.test/dir"',
+            'acme.directory: must be an https:// URL, got "http://acme.test/dir"',
+        ),
+        (
+            'fallback_directory = "acme.test"',
+            'acme.fallback_directory: must be an https:// URL, got "acme.test"',
+        ),
+        (
+            'email = "admin"',
+            'acme.email: must be an email address such as "admin@example.com", got "admin"',
+        ),
+        ("challenges = []", "acme.challenges: must be a non-empty array, got an empty array"),
+        (
+            'challenges = ["dns-01"]',
+            'acme.challenges: must be one of "http-01", "tls-alpn-01", got "dns-01"',
+        ),
+        (
+            'challenges = ["http-01", "http-01"]',
+            "acme.challenges: must not repeat a value, got an array",
+        ),
+        (
+            'key_type = "rsa-4096"',
+            'acme.key_type: must be one of "ecdsa-p256", "rsa-2048", got "rsa-4096"',
+        ),
+        ('profile = " "', 'acme.profile: must be a non-empty string, got " "'),
+        (
+            'eab_kid = "k"\neab_hmac_key = "not base64!"',
+            'acme.eab_hmac_key: must be base64url text, as the CA hands it out, got "not base64!"',
+        ),
+        ('eab_kid = "k"', "acme.eab_kid: needs acme.eab_hmac_key as well"),
+        ('eab_hmac_key = "a2V5"', "acme.eab_hmac_key: needs acme.eab_kid as well"),
+        (
+            'fallback_directory = "https://acme-v02.api.letsencrypt.org/directory"',
+            "acme.fallback_directory: must differ from acme.directory",
+        ),
+        (
+            'ca_bundle = "/nonexistent/ca.pem"',
+            "acme.ca_bundle: file not found: /nonexistent/ca.pem",
+        ),
+    ],
+)
+def test_wrong_acme_values(tmp_path: Path, toml: str, message: str) -> None:
+    line = toml.count("\n") + 2
+    assert problems(tmp_path, "[acme]\n" + toml + "\n" + SITE) == [f"{line}: {message}"]
+
+
+def test_http01_alone_needs_the_http_listener(tmp_path: Path) -> None:
+    text = '[listen]\nhttp = 0\n[acme]\nchallenges = ["http-01"]\n' + SITE
+    assert load_config(write(tmp_path, text)).acme.challenges == ("http-01",)  # no ACME site
+    message = 'http-01 needs the HTTP listener, but listen.http = 0: add "tls-alpn-01"'
+    assert problems(tmp_path, text + 'issuer = "acme"\n') == [f"4: acme.challenges: {message}"]
+
+
+def test_site_issuer_is_checked_and_decides_cert_and_key(tmp_path: Path) -> None:
+    text = f"""[certs]\nissuer = "files"\n{SITE}issuer = "letsencrypt"\n"""
+    assert problems(tmp_path, text) == [
+        '3: sites[0].cert: is required with issuer "files"',
+        '3: sites[0].key: is required with issuer "files"',
+        '6: sites[0].issuer: must be one of "local", "files", "acme", got "letsencrypt"',
+    ]
+    text = f"""[certs]\nissuer = "files"\n{SITE}issuer = "acme"\n"""
+    assert load_config(write(tmp_path, text)).sites[0].issuer == "acme"
+
+
+def test_upstream_tls_options_go_to_the_https_upstreams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    text = """\
+[[sites]]
+hosts = ["a.test"]
+upstreams = ["https://10.0.0.1:8443", "h2c://grpc.internal:50051"]
+upstream_ca = "ca.pem"
+upstream_server_name = "Backend.Internal"
+"""
+    [site] = load_config(write(tmp_path, text)).sites
+    https = Upstream("https://10.0.0.1:8443", "https", "10.0.0.1", 8443)
+    h2c = Upstream("h2c://grpc.internal:50051", "h2c", "grpc.internal", 50051)
+    tls = {"ca": tmp_path / "ca.pem", "server_name": "backend.internal"}
+    assert site.upstreams == (dataclasses.replace(https, **tls), h2c)
+
+
+def test_upstream_tls_option_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    text = """\
+[[sites]]
+hosts = ["a.test"]
+upstreams = ["https://a"]
+upstream_ca = "missing.pem"
+upstream_server_name = "a:443"
+[[sites]]
+hosts = ["b.test"]
+upstreams = ["https://b"]
+upstream_ca = "junk.pem"
+[[sites]]
+hosts = ["c.test"]
+upstreams = ["http://c", "h2c://c"]
+upstream_ca = "junk.pem"
+upstream_server_name = "c"
+"""
+    assert problems(tmp_path, text) == [
+        f"4: sites[0].upstream_ca: file not found: {tmp_path / 'missing.pem'}",
+        '5: sites[0].upstream_server_name: host "a:443" must not include a port',
+        f"9: sites[1].upstream_ca: no PEM certificate in {tmp_path / 'junk.pem'}",
+        "13: sites[2].upstream_ca: is only used with https:// upstreams",
+        "14: sites[2].upstream_server_name: is only used with https:// upstreams",
+    ]

@@ -8,6 +8,10 @@ once and always removes its challenge files. Polling is ours, with short waits, 
 The account key is created once per ACME directory and kept in
 `<certs>/acme/<directory host>/account.json`; registering is idempotent (the CA answers
 an existing key with its account), so every process start reuses the same account.
+
+Two additions to what `acme` sends: a renewal order names the certificate it replaces
+(RFC 9773 `replaces`, which Let's Encrypt exempts from rate limits), and the CA's
+renewalInfo for a certificate is fetched when the directory offers it.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -27,23 +32,24 @@ import trio
 from acme import challenges, crypto_util, messages
 from acme import client as acme_client
 from acme import errors as acme_errors
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from josepy.b64 import b64encode
 from josepy.errors import DeserializationError
+from josepy.json_util import field
 from josepy.jwa import ES256
 from josepy.jwk import JWK, JWKEC
 
 from proxy.certs.acme_challenges import write_http01, write_tls_alpn01
+from proxy.certs.renewal import AriWindow, ari_cert_id
 from proxy.certs.store import atomic_write
+from proxy.config import LETS_ENCRYPT, ChallengeType, KeyType
 
 log = logging.getLogger(__name__)
 
-ChallengeType = Literal["http-01", "tls-alpn-01"]
-KeyType = Literal["ecdsa-p256", "rsa-2048"]
-
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 ACCOUNT_FILE = "account.json"
+ARI_RECHECK = timedelta(hours=6)  # RFC 9773 4.3: poll renewalInfo again when no Retry-After
 
 _BAD_NONCE_ATTEMPTS = 10  # RFC 8555 6.5: badNonce is retryable; CAs may reject good nonces
 _NETWORK_ATTEMPTS = 3
@@ -54,12 +60,27 @@ _T = TypeVar("_T")
 
 
 class AcmeError(Exception):
-    """An issuance failed; the message names the identifier, challenge and the CA's problem."""
+    """An issuance failed; the message names the identifier, challenge and the CA's problem.
+
+    `retry_after` is the CA's Retry-After on the failing response (e.g. rate limited).
+    """
+
+    def __init__(self, message: str, retry_after: timedelta | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class IssuedCertificate(NamedTuple):
     fullchain_pem: bytes
     key_pem: bytes
+
+
+@dataclass(frozen=True)
+class RenewalInfo:
+    """A CA's RFC 9773 answer for one certificate."""
+
+    window: AriWindow
+    recheck_at: datetime  # when to ask again (the response's Retry-After)
 
 
 @dataclass(frozen=True)
@@ -81,8 +102,47 @@ class _ReadyResponse(challenges.KeyAuthorizationChallengeResponse):
     typ = "ready"
 
 
+class _NewOrder(messages.NewOrder):
+    """A new-order body that can name the certificate it renews (RFC 9773 section 5)."""
+
+    replaces: str | None = field("replaces", omitempty=True)
+
+
+class _Client(acme_client.ClientV2):
+    """ClientV2 over our `_Network`, placing orders that may carry `replaces`."""
+
+    net: _Network
+
+    def new_order_replacing(
+        self, csr_pem: bytes, names: Sequence[str], profile: str | None, replaces: str | None
+    ) -> messages.OrderResource:
+        """`ClientV2.new_order` for DNS `names`, with `replaces` in the request body."""
+        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names]
+        body = _NewOrder(identifiers=identifiers, profile=profile, replaces=replaces)
+        response = self._post(self.directory["newOrder"], body)
+        order = messages.Order.from_json(response.json())
+        authorizations = [
+            self._authzr_from_response(self._post_as_get(url), uri=url)
+            for url in order.authorizations
+        ]
+        return messages.OrderResource(
+            body=order,
+            uri=response.headers.get("Location"),
+            authorizations=authorizations,
+            csr_pem=csr_pem,
+        )
+
+
 class _Network(acme_client.ClientNetwork):
-    """A ClientNetwork that keeps retrying badNonce rejections, not only once."""
+    """A ClientNetwork that keeps retrying badNonce rejections, not only once, and
+    remembers the last response's Retry-After (`acme` drops it when raising an error)."""
+
+    last_retry_after = 0.0
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        response = super()._send_request(method, url, *args, **kwargs)
+        self.last_retry_after = _retry_after(response)
+        return response
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
         for attempt in range(1, _BAD_NONCE_ATTEMPTS + 1):
@@ -117,7 +177,7 @@ class AcmeClient:
         self._challenges = tuple(challenges)
         self._eab = eab
         self._timeout = timeout
-        self._client: acme_client.ClientV2 | None = None
+        self._client: _Client | None = None
         self._setup_lock = trio.Lock()
         self._one_request = trio.CapacityLimiter(1)  # requests.Session is not thread-safe
 
@@ -132,34 +192,101 @@ class AcmeClient:
         names: Sequence[str],
         key_type: KeyType = "ecdsa-p256",
         challenges: Sequence[ChallengeType] | None = None,
+        *,
+        profile: str | None = None,
+        replaces: x509.Certificate | None = None,
     ) -> IssuedCertificate:
-        """Order one certificate covering `names` with a fresh key; AcmeError on failure."""
+        """Order one certificate covering `names` with a fresh key; AcmeError on failure.
+
+        `profile` must be one the CA offers. `replaces` is the certificate this one renews;
+        it is named in the order only when the CA offers ARI (RFC 9773 section 5).
+        """
         names = list(dict.fromkeys(n.lower().rstrip(".") for n in names))
         preference = tuple(challenges) if challenges is not None else self._challenges
         key_pem = _new_key_pem(key_type)
         csr_pem = crypto_util.make_csr(key_pem, names)
+        what = ", ".join(names)
+        log.info(
+            "ACME: ordering a certificate for %s from %s, %s",
+            what,
+            self.directory,
+            " or ".join(preference),
+        )
         with trio.move_on_after(self._timeout) as scope:
             try:
-                client = await self._registered()
-                order = await self._call(client.new_order, csr_pem)
+                client, order = await self._new_order(csr_pem, names, profile, replaces)
                 await self._authorize(client, order, preference)
                 fullchain = await self._finalize(client, order)
             except messages.Error as error:
-                raise AcmeError(f"{', '.join(names)}: {error}") from error
+                raise AcmeError(f"{what}: {error}", self._retry_after()) from error
             except (requests.RequestException, acme_errors.Error) as error:
-                raise AcmeError(f"{', '.join(names)}: {type(error).__name__}: {error}") from error
+                raise AcmeError(f"{what}: {type(error).__name__}: {error}") from error
         if scope.cancelled_caught:
-            raise AcmeError(f"{', '.join(names)}: no certificate within {self._timeout:g} s")
-        log.info("ACME: issued a certificate for %s by %s", ", ".join(names), self.directory)
+            raise AcmeError(f"{what}: no certificate within {self._timeout:g} s")
+        log.info("ACME: issued a certificate for %s by %s", what, self.directory)
         return IssuedCertificate(fullchain.encode("ascii"), key_pem)
 
-    async def _registered(self) -> acme_client.ClientV2:
+    async def renewal_info(self, cert: x509.Certificate) -> RenewalInfo | None:
+        """The CA's suggested renewal window for `cert`, or None when it offers no ARI."""
+        try:
+            client = await self._registered()
+            base = _renewal_info_url(client)
+            if base is None:
+                return None
+            url = f"{base.rstrip('/')}/{ari_cert_id(cert)}"
+            response = await self._call(client.net.get, url, content_type="application/json")
+            window = messages.RenewalInfo.from_json(response.json()).suggested_window
+        except (
+            messages.Error,
+            requests.RequestException,
+            acme_errors.Error,
+            DeserializationError,
+            ValueError,  # no authorityKeyIdentifier, or a body that is not JSON
+        ) as error:
+            raise AcmeError(f"renewalInfo from {self.directory}: {error}") from error
+        wait = timedelta(seconds=_retry_after(response)) or ARI_RECHECK
+        return RenewalInfo(AriWindow(window.start, window.end), datetime.now(UTC) + wait)
+
+    async def _new_order(
+        self,
+        csr_pem: bytes,
+        names: Sequence[str],
+        profile: str | None,
+        replaces: x509.Certificate | None,
+    ) -> tuple[_Client, messages.OrderResource]:
+        """Place the order, registering again once if the CA no longer knows the account."""
+        for attempt in (1, 2):
+            client = await self._registered()
+            _check_profile(client, profile)
+            cert_id = ari_cert_id(replaces) if replaces and _renewal_info_url(client) else None
+            try:
+                order = await self._call(
+                    client.new_order_replacing, csr_pem, names, profile, cert_id
+                )
+            except messages.Error as error:
+                if error.code != "accountDoesNotExist" or attempt == 2:
+                    raise
+                log.warning(
+                    "ACME: %s forgot account %s, registering again",
+                    self.directory,
+                    client.net.account.uri if client.net.account else None,
+                )
+                self._client = None
+                continue
+            return client, order
+        raise AssertionError("unreachable")
+
+    def _retry_after(self) -> timedelta | None:
+        seconds = self._client.net.last_retry_after if self._client is not None else 0.0
+        return timedelta(seconds=seconds) if seconds else None
+
+    async def _registered(self) -> _Client:
         async with self._setup_lock:
             if self._client is None:
                 self._client = await self._call(self._register)
             return self._client
 
-    def _register(self) -> acme_client.ClientV2:
+    def _register(self) -> _Client:
         """Load or create the account key, then create or look up its account (blocking)."""
         stored = self._load_account()
         if stored is None:
@@ -172,7 +299,7 @@ class AcmeClient:
         net = _Network(key, alg=ES256, verify_ssl=verify, timeout=_HTTP_TIMEOUT)
         net.user_agent = "port443"
         directory = acme_client.ClientV2.get_directory(self.directory, net)
-        client = acme_client.ClientV2(directory, net)
+        client = _Client(directory, net)
         binding = None
         if self._eab is not None:
             binding = messages.ExternalAccountBinding.from_data(
@@ -295,6 +422,20 @@ class AcmeClient:
                 log.warning("ACME: %s unreachable (%s), retrying", self.directory, error)
                 await trio.sleep(0.5 * attempt)
         raise AssertionError("unreachable")
+
+
+def _renewal_info_url(client: acme_client.ClientV2) -> str | None:
+    try:
+        return str(client.directory["renewalInfo"])
+    except KeyError:
+        return None
+
+
+def _check_profile(client: acme_client.ClientV2, profile: str | None) -> None:
+    """A profile the CA does not list would be refused or silently ignored: say so first."""
+    offered = client.directory.meta.profiles or {}
+    if profile is not None and profile not in offered:
+        raise AcmeError(f"the CA offers no profile {profile!r} (it offers {sorted(offered)})")
 
 
 def _pick_challenge(

@@ -1,61 +1,50 @@
 """Which certificate answers which server name, and keeping those certificates fresh.
 
-The manager owns the host -> SSLContext map that every handshake consults. Renewing a
-certificate builds a new context and replaces the map entries; connections already open
-keep the context they started with. A site whose certificate cannot be had is logged and
-retried with backoff while its names fall through to the default site or are refused.
+The manager owns the host -> SSLContext map that every handshake consults, and runs one
+task per site. An issued site (local CA, ACME) sleeps until its certificate is due, by
+renewal.py's policy and the CA's ARI window, then orders a new one; failures are retried
+per renewal.py while the current certificate keeps being served. A "files" site watches
+its two files and swaps in a new pair once it validates. A new certificate replaces the
+map entries for new handshakes; connections already open keep the context they have.
+
+Until a site has a certificate its names are refused (or get the default site's), and
+ACME orders run in the background: the CA validates through our own listeners.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import ssl
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from datetime import UTC, datetime
 
 import trio
 
+from proxy.certs.acme import ARI_RECHECK, AcmeError
+from proxy.certs.issuers import AcmeIssuer, Issuer, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
+from proxy.certs.renewal import next_retry, renewal_due
+from proxy.certs.status import RenewalStatus, load_status, save_status
 from proxy.certs.store import CertStore, InvalidCertificate, StoredCert, read_pair
 from proxy.config import Config, SiteConfig
+from proxy.config import Issuer as IssuerName
 from proxy.tls.policy import reject_context, server_context
 
 log = logging.getLogger(__name__)
 
-RETRY_MIN = timedelta(minutes=1)  # first retry after a failed issuance; doubles each time
-RETRY_MAX = timedelta(days=1)
 MAX_SLEEP = 3600.0  # re-read the wall clock at least hourly (suspend, clock steps)
+FILES_POLL = 2.0  # seconds between looks at a "files" site's modification times
 
-
-class Issuer(Protocol):
-    """Where new certificates come from (the local CA, ACME)."""
-
-    async def issue(self, site: SiteConfig) -> tuple[bytes, bytes]:
-        """A new certificate for all of `site.hosts`: (fullchain PEM, private key PEM)."""
-        ...
-
-
-class LocalIssuer:
-    """Issues from the built-in CA, off the event loop (key generation, root file I/O)."""
-
-    def __init__(self, ca: LocalCA) -> None:
-        self.ca = ca
-
-    async def issue(self, site: SiteConfig) -> tuple[bytes, bytes]:
-        return await trio.to_thread.run_sync(self.ca.issue, site.hosts)
-
-
-def renewal_time(cert: StoredCert) -> datetime:
-    """When a third of the certificate's lifetime is left (certmagic's default ratio)."""
-    return cert.not_after - (cert.not_after - cert.not_before) / 3
+FileStamp = tuple[tuple[int, int, int], ...] | None  # (mtime_ns, size, inode) per file
 
 
 class CertManager:
     """Loads, issues and renews every site's certificate; picks contexts per handshake.
 
-    `issuer` defaults to the local CA for `certs.issuer = "local"`; the ACME issuer must
-    be passed in. With `certs.issuer = "files"` each site's `cert`/`key` is served as is.
+    The issuers follow each site's issuer (`SiteConfig.issuer`, else `certs.issuer`);
+    `issuer`, when given, replaces them all (tests inject one this way).
     """
 
     def __init__(
@@ -64,14 +53,14 @@ class CertManager:
         self._config = config
         self._alpn = tuple(alpn)
         self._store = CertStore(config.certs.dir)
-        self._issuer = _choose_issuer(config, issuer)
+        self._issuers = _issuers(config, issuer)
         default = config.tls.default_site
         self._default = default.lower() if default else None
         self._reject = reject_context()
         self._contexts: dict[str, ssl.SSLContext] = {}  # lower-case host -> context
         self._certs: dict[str, StoredCert] = {}  # site name -> certificate in service
-        self._due: dict[str, datetime] = {}  # site name -> next refresh
-        self._failures: dict[str, int] = {}  # site name -> consecutive failed refreshes
+        self._file_stamps: dict[str, FileStamp] = {}  # "files" site name -> last validated
+        self.renewal_failures: dict[str, int] = {}  # site name -> failed orders (metrics)
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a handshake's SNI: exact host, else the default site, else refuse."""
@@ -90,112 +79,264 @@ class CertManager:
         return list(self._certs.values())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Obtain every site's certificate, report started, then renew them as they come due."""
-        await self._refresh_all(self._config.sites)
-        task_status.started()
-        while True:
-            next_due = min(self._due.values(), default=None)
-            if next_due is None:
-                await trio.sleep_forever()
-            else:
-                delay = (next_due - datetime.now(UTC)).total_seconds()
-                await trio.sleep(min(max(delay, 0.0), MAX_SLEEP))
-            now = datetime.now(UTC)
-            await self._refresh_all(
-                [
-                    site
-                    for site in self._config.sites
-                    if site.name in self._due and self._due[site.name] <= now
-                ]
-            )
+        """Serve what is on disk, then report started and keep every site's certificate fresh.
 
-    async def _refresh_all(self, sites: Sequence[SiteConfig]) -> None:
+        Certificates from an instant issuer (the local CA) are obtained before `started`;
+        ACME orders are not waited for.
+        """
         async with trio.open_nursery() as nursery:
-            for site in sites:
-                nursery.start_soon(self._refresh, site)
+            for site in self._config.sites:
+                issuer = self._issuers.get(self._config.issuer_of(site))
+                if issuer is None:
+                    await nursery.start(self._watch_files, site)
+                else:
+                    await nursery.start(self._keep_issued, site, issuer)
+            task_status.started()
 
-    async def _refresh(self, site: SiteConfig) -> None:
-        """Bring one site up to date; on failure keep serving what it has and retry later."""
+    async def reload(self) -> None:
+        """Validate every "files" site's pair again now (SIGHUP), changed or not."""
+        for site in self._config.sites:
+            if self._config.issuer_of(site) == "files":
+                await self._load_files(site, force=True)
+
+    # -- issued certificates ------------------------------------------------------------
+
+    async def _keep_issued(
+        self,
+        site: SiteConfig,
+        issuer: Issuer,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the site's stored certificate, then order a new one whenever it is due."""
+        status = await trio.to_thread.run_sync(load_status, self._store, site.name)
+        if status.hosts != site.hosts:  # failures for other names do not hold this set back
+            status = RenewalStatus(hosts=site.hosts)
+        cert = await self._load_stored(site)
+        started = False
+        while True:
+            status = await self._plan(site, issuer, cert, status)
+            attempt_at = status.next_attempt
+            # started at once; only an instant issuer's first order comes before, come what may
+            first_order = issuer.instant and not status.failures
+            if not started and not (first_order and attempt_at and attempt_at <= _now()):
+                task_status.started()
+                started = True
+            await trio.to_thread.run_sync(save_status, self._store, site.name, status)
+            wake = min(filter(None, (attempt_at, status.ari_recheck)), default=None)
+            await _sleep_until(wake)
+            if attempt_at is not None and attempt_at <= _now():
+                cert, status = await self._attempt(site, issuer, cert, status)
+
+    async def _plan(
+        self, site: SiteConfig, issuer: Issuer, cert: StoredCert | None, status: RenewalStatus
+    ) -> RenewalStatus:
+        """When to order next: after a failure, per the retry policy; without a usable
+        certificate of this issuer, now; else when it is due (asking the CA's ARI)."""
+        if status.failures:
+            return status
+        now = _now()
+        if (
+            cert is None
+            or now >= cert.not_after
+            or not _covers(site, cert)
+            or not issuer.issued(cert)
+        ):
+            return dataclasses.replace(status, serial=None, next_attempt=now)
+        if status.serial != cert.serial:
+            status = RenewalStatus(hosts=site.hosts, serial=cert.serial)
+        elif status.ari_recheck is None or now < status.ari_recheck:
+            return status
+        window, recheck = status.ari_window, None
         try:
-            await self._update(site)
-        except Exception as exc:  # one site's trouble must not take the others down
-            self._failed(site, exc)
+            info = await issuer.renewal_info(cert)
+        except AcmeError as exc:  # ARI is advice: fall back to the lifetime, ask again later
+            log.warning("site %s: %s; asking again in %s", site.name, exc, ARI_RECHECK)
+            recheck = now + ARI_RECHECK
         else:
-            self._failures.pop(site.name, None)
+            if info is not None:
+                window, recheck = info.window, info.recheck_at
+        if status.next_attempt is None or window != status.ari_window:
+            due = renewal_due(cert.not_before, cert.not_after, now, window)
+            log.info(
+                "site %s: certificate %x valid until %s, renewal at %s%s",
+                site.name,
+                cert.serial,
+                cert.not_after,
+                due,
+                f" (ARI window {window.start} to {window.end})" if window else "",
+            )
+            status = dataclasses.replace(status, next_attempt=due, ari_window=window)
+        return dataclasses.replace(status, ari_recheck=recheck)
 
-    async def _update(self, site: SiteConfig) -> None:
-        if self._issuer is None:
-            await self._install(site, await _read_site_files(site))
-            return
-        stored = await trio.to_thread.run_sync(self._store.load, site.name)
-        now = datetime.now(UTC)
-        if stored is not None and _covers(site, stored) and now < stored.not_after:
-            await self._install(site, stored)  # serve it meanwhile, even if due for renewal
-            if now < renewal_time(stored):
-                return
-        await self._renew(site, self._issuer)
+    async def _attempt(
+        self, site: SiteConfig, issuer: Issuer, cert: StoredCert | None, status: RenewalStatus
+    ) -> tuple[StoredCert | None, RenewalStatus]:
+        """Order one certificate; on failure keep `cert` and schedule the retry."""
+        previous = cert if cert is not None and issuer.issued(cert) else None
+        request = IssueRequest(site, previous, status.other_challenge, status.fallback_ca)
+        attempt = status.failures + 1
+        log.info("site %s: requesting a certificate (attempt %d)", site.name, attempt)
+        try:
+            issued = await issuer.issue(request)
+            new = await self._store_issued(site, issued.fullchain_pem, issued.key_pem, issued.meta)
+            await self._install(site, new)
+            if renewal_due(new.not_before, new.not_after, _now()) <= _now():
+                raise InvalidCertificate("the new certificate is due for renewal already")
+        except Exception as exc:  # one site's trouble must not take the others down
+            return cert, self._failed(site, issuer, status, exc)
+        return new, RenewalStatus(hosts=site.hosts)
 
-    def _failed(self, site: SiteConfig, exc: Exception) -> None:
-        what = f"certificate for site {site.name} ({', '.join(site.hosts)})"
+    def _failed(
+        self, site: SiteConfig, issuer: Issuer, status: RenewalStatus, exc: Exception
+    ) -> RenewalStatus:
+        """The retry after `exc`, per the failure policy and the CA's Retry-After; logged."""
+        self.renewal_failures[site.name] = self.renewal_failures.get(site.name, 0) + 1
+        now = _now()
+        failures = status.failures + 1
+        first = status.first_failure or now
+        retry_after = exc.retry_after if isinstance(exc, AcmeError) else None
+        retry = next_retry(
+            failures, first, now, has_fallback_ca=issuer.has_fallback, retry_after=retry_after
+        )
         serving = (
             "keeping the current one"
             if site.name in self._certs
             else "its names fall through to the default site or are refused"
         )
-        if self._issuer is None:
-            log.error("%s cannot be loaded: %s; %s", what, exc, serving)
-            return
-        failures = self._failures.get(site.name, 0) + 1
-        self._failures[site.name] = failures
-        delay = min(RETRY_MIN * 2 ** (failures - 1), RETRY_MAX)
-        self._due[site.name] = datetime.now(UTC) + delay
-        log.error("%s failed: %s; %s; retrying in %s", what, exc, serving, delay)
+        if retry is None:
+            when = f"giving up after {failures} attempts since {first}"
+        else:
+            how = " with another challenge type" if retry.other_challenge else ""
+            how += " at the fallback CA" if retry.fallback_ca else ""
+            when = f"retrying{how} in {retry.at - now} (at {retry.at})"
+        log.error(
+            "site %s: certificate request %d failed: %s; %s; %s",
+            site.name,
+            failures,
+            exc,
+            serving,
+            when,
+        )
+        return dataclasses.replace(
+            status,
+            failures=failures,
+            first_failure=first,
+            next_attempt=retry.at if retry else None,
+            other_challenge=retry.other_challenge if retry else False,
+            fallback_ca=retry.fallback_ca if retry else False,
+            last_error=str(exc),
+            ari_recheck=None,  # no renewalInfo polls while retrying
+        )
 
-    async def _renew(self, site: SiteConfig, issuer: Issuer) -> None:
-        chain, key = await issuer.issue(site)
-        meta: dict[str, object] = {
-            "issuer": self._config.certs.issuer,
-            "hosts": list(site.hosts),
-            "issued_at": datetime.now(UTC).isoformat(),
-        }
+    async def _load_stored(self, site: SiteConfig) -> StoredCert | None:
+        """The stored certificate, served at once if still valid, even when it is due."""
+        cert = await trio.to_thread.run_sync(self._store.load, site.name)
+        if cert is None or _now() >= cert.not_after:
+            return cert
+        try:
+            await self._install(site, cert)
+        except ssl.SSLError as exc:
+            log.warning("site %s: stored certificate unusable: %s", site.name, exc)
+            return None
+        return cert
+
+    async def _store_issued(
+        self, site: SiteConfig, chain: bytes, key: bytes, meta: dict[str, object]
+    ) -> StoredCert:
+        meta = {**meta, "hosts": list(site.hosts), "issued_at": _now().isoformat()}
         await trio.to_thread.run_sync(self._store.write, site.name, chain, key, meta)
         cert = await trio.to_thread.run_sync(self._store.load, site.name)
         if cert is None or not _covers(site, cert):
             raise InvalidCertificate("the issued certificate is unusable or lacks site names")
-        log.info("issued a new certificate for site %s", site.name)
-        await self._install(site, cert)
-        if renewal_time(cert) <= datetime.now(UTC):
-            raise InvalidCertificate("the issued certificate is already due for renewal")
+        return cert
+
+    # -- certificates from files ----------------------------------------------------------
+
+    async def _watch_files(
+        self, site: SiteConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve the site's files; poll their mtimes and swap in a changed, valid pair."""
+        await self._load_files(site)
+        task_status.started()
+        while True:
+            await trio.sleep(FILES_POLL)
+            await self._load_files(site)
+
+    async def _load_files(self, site: SiteConfig, *, force: bool = False) -> None:
+        stamp = await trio.to_thread.run_sync(_stamp, site)
+        if not force and site.name in self._file_stamps and stamp == self._file_stamps[site.name]:
+            return
+        self._file_stamps[site.name] = stamp
+        try:
+            cert = await trio.to_thread.run_sync(read_site_files, site)
+            await self._install(site, cert)
+        except (OSError, ValueError, ssl.SSLError) as exc:  # InvalidCertificate is a ValueError
+            serving = (
+                "keeping the one in service"
+                if site.name in self._certs
+                else "its names fall through to the default site or are refused"
+            )
+            log.error(
+                "site %s: refusing the certificate in %s and %s: %s; %s",
+                site.name,
+                site.cert,
+                site.key,
+                exc,
+                serving,
+            )
+
+    # -- serving --------------------------------------------------------------------------
 
     async def _install(self, site: SiteConfig, cert: StoredCert) -> None:
         """Serve `cert` for the site's hosts from now on (unchanged serial: no rebuild)."""
         current = self._certs.get(site.name)
-        if current is None or current.serial != cert.serial:
-            context = await trio.to_thread.run_sync(
-                server_context, cert.chain_path, cert.key_path, self._alpn
-            )
-            for host in site.hosts:
-                self._contexts[host.lower()] = context  # atomic swap per name
-            self._certs[site.name] = cert
-            log.info(
-                "site %s: serving certificate %x, valid until %s",
-                site.name,
-                cert.serial,
-                cert.not_after,
-            )
-        if self._issuer is not None:
-            self._due[site.name] = renewal_time(cert)
+        if current is not None and current.serial == cert.serial:
+            return
+        context = await trio.to_thread.run_sync(
+            server_context, cert.chain_path, cert.key_path, self._alpn
+        )
+        for host in site.hosts:
+            self._contexts[host.lower()] = context  # atomic swap per name
+        self._certs[site.name] = cert
+        log.info(
+            "site %s: serving certificate %x, valid until %s",
+            site.name,
+            cert.serial,
+            cert.not_after,
+        )
 
 
-def _choose_issuer(config: Config, issuer: Issuer | None) -> Issuer | None:
-    """None means "files": certificates are provided, never issued."""
-    if config.certs.issuer == "files":
-        return None
-    if issuer is not None:
-        return issuer
-    if config.certs.issuer == "local":
-        return LocalIssuer(LocalCA(config.certs.dir))
-    raise ValueError(f"certs.issuer = {config.certs.issuer!r} needs an issuer passed in")
+def _issuers(config: Config, override: Issuer | None) -> dict[IssuerName, Issuer]:
+    """One issuer per kind the sites use; "files" needs none."""
+    kinds = {config.issuer_of(site) for site in config.sites} - {"files"}
+    issuers: dict[IssuerName, Issuer] = {}
+    for kind in kinds:
+        if override is not None:
+            issuers[kind] = override
+        elif kind == "local":
+            issuers[kind] = LocalIssuer(LocalCA(config.certs.dir))
+        else:
+            issuers[kind] = AcmeIssuer(config.certs.dir, config.acme)
+    return issuers
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _sleep_until(when: datetime | None) -> None:
+    """Sleep until the wall clock reaches `when` (None: forever), checking it hourly.
+
+    Always a checkpoint, even when `when` has passed: a cancelled site task stops here.
+    """
+    if when is None:
+        await trio.sleep_forever()
+    while True:
+        left = (when - _now()).total_seconds()
+        await trio.sleep(min(max(left, 0.0), MAX_SLEEP))
+        if left <= MAX_SLEEP:
+            return
 
 
 def _covers(site: SiteConfig, cert: StoredCert) -> bool:
@@ -203,14 +344,25 @@ def _covers(site: SiteConfig, cert: StoredCert) -> bool:
     return all(host.lower() in names for host in site.hosts)
 
 
-async def _read_site_files(site: SiteConfig) -> StoredCert:
+def _stamp(site: SiteConfig) -> FileStamp:
+    """What changes when the site's files are rewritten or replaced; None if one is missing."""
+    try:
+        stats = [os.stat(path) for path in (site.cert, site.key) if path is not None]
+    except OSError:
+        return None
+    return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in stats)
+
+
+def read_site_files(site: SiteConfig) -> StoredCert:
+    """A "files" site's pair, if the key matches, the chain parses and it is in date."""
     if site.cert is None or site.key is None:
-        raise InvalidCertificate("issuer 'files' needs cert and key for the site")
-    cert = await trio.to_thread.run_sync(read_pair, site.name, site.cert, site.key)
-    if cert.not_after <= datetime.now(UTC):
-        log.warning(
-            "certificate %s for site %s expired at %s", site.cert, site.name, cert.not_after
-        )
+        raise InvalidCertificate('issuer "files" needs cert and key for the site')
+    cert = read_pair(site.name, site.cert, site.key)
+    now = _now()
+    if now >= cert.not_after:
+        raise InvalidCertificate(f"the certificate expired at {cert.not_after}")
+    if now < cert.not_before:
+        raise InvalidCertificate(f"the certificate is not valid before {cert.not_before}")
     if not _covers(site, cert):
-        log.warning("certificate %s does not name every host of site %s", site.cert, site.name)
+        log.warning("site %s: certificate %s does not name every host", site.name, site.cert)
     return cert

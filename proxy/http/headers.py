@@ -29,6 +29,16 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+def _accepts_trailers(headers: Headers) -> bool:
+    """Whether a TE header lists the "trailers" token (RFC 9110 §10.1.4)."""
+    return any(
+        token.partition(b";")[0].strip().lower() == b"trailers"
+        for name, value in headers
+        if name == b"te"
+        for token in value.split(b",")
+    )
+
+
 def without_hop_by_hop(headers: Headers) -> Headers:
     named = _connection_tokens(headers)
     return [
@@ -48,6 +58,9 @@ def upstream_request_headers(request: Request, chunked: bool) -> Headers:
     `chunked` adds Transfer-Encoding for a body of unknown length (h11 needs the framing).
     Expect is dropped: like nginx and Go, we answer 100-continue ourselves when we start
     reading the body, so backends that ignore Expect cannot stall the upload.
+    TE is hop-by-hop, but its "trailers" token goes on as `TE: trailers`: trailers are relayed
+    end to end, so the next hop may send them, and gRPC servers require it (the only TE that
+    HTTP/2 allows, RFC 9113 §8.2.2; Envoy does the same).
     """
     forwarded_for = request.client_ip.encode("ascii")
     via = _via(request.http_version)
@@ -59,6 +72,8 @@ def upstream_request_headers(request: Request, chunked: bool) -> Headers:
             via = value + b", " + via
         elif name not in (b"x-forwarded-proto", b"x-forwarded-host", b"expect"):
             out.append((name, value))
+    if _accepts_trailers(request.headers):
+        out.append((b"te", b"trailers"))
     out.append((b"x-forwarded-for", forwarded_for))
     out.append((b"x-forwarded-proto", b"https"))
     out.append((b"x-forwarded-host", request.host))

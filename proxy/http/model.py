@@ -26,6 +26,11 @@ class Request:
     has_body: bool  # whether body data follows (known from framing)
     client_ip: str
 
+    @property
+    def protocol(self) -> str:
+        """ "HTTP/1.1", "HTTP/2": as access logs and metrics name it."""
+        return "HTTP/" + self.http_version.decode("ascii")
+
 
 @dataclass(slots=True)
 class ResponseHead:

@@ -1,4 +1,4 @@
-"""The one place that decides how TLS is spoken: every server SSLContext comes from here.
+"""The one place that decides how TLS is spoken: every SSLContext comes from here.
 
 The policy is Mozilla's "intermediate" profile: TLS 1.2 and 1.3, forward-secret AEAD
 ciphers only, the client's cipher preference, and the X25519/P-256/P-384 groups.
@@ -42,6 +42,16 @@ def server_context(chain: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContex
     ctx.load_cert_chain(chain, key)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def client_context(ca: Path | None, alpn: Sequence[str]) -> ssl.SSLContext:
+    """A context for connections to https upstreams: the certificate chain and host name are
+    verified against the CA bundle `ca`, or the system trust store when None."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 

@@ -1,4 +1,4 @@
-"""Server-side TLS over a raw non-blocking socket.
+"""TLS over a raw non-blocking socket: accepted client connections and https upstreams.
 
 `ssl.SSLSocket` does the record layer in C; we only translate its want-read/want-write
 signals into trio readiness waits. This is several times cheaper per request than
@@ -25,14 +25,26 @@ from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_cli
 
 
 class TLSStream:
-    """One accepted TLS connection. Only one task may receive and one may send at a time."""
+    """One TLS connection, accepted (server side) or to an upstream (client side, verifying
+    `server_hostname`). Only one task may receive and one may send at a time."""
 
     __slots__ = ("_ssl",)
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool = True,
+        server_hostname: str | None = None,
+    ) -> None:
         # wrap_socket takes over the file descriptor; `sock` is detached afterwards.
         self._ssl = context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True
+            sock,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=True,
         )
         self._ssl.setblocking(False)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import ssl
 from collections import deque
 from typing import Any
 
@@ -12,7 +12,8 @@ import trio
 from proxy.config import LimitsConfig, Upstream
 from proxy.http.h1 import start_next_cycle
 from proxy.http.model import Headers, ResponseHead
-from proxy.netio import SocketStream, StreamTimeout, close_socket, connect_tcp
+from proxy.netio import StreamTimeout, close_socket
+from proxy.upstream.connect import Connector, Transport
 from proxy.upstream.stream import BodyEnd, UpstreamClosed, UpstreamEvent, UpstreamTimeout
 
 IDLE_LIFETIME = 60.0  # seconds an idle pooled connection is kept (nginx: keepalive_timeout 60s)
@@ -22,10 +23,11 @@ class H1UpstreamConnection:
     """One keep-alive connection. It is the `UpstreamStream` of the one request it carries
     at a time, and goes back to its pool when that exchange completes cleanly."""
 
-    __slots__ = ("_h11", "_pool", "_waited", "idle_since", "reused", "stream", "url")
+    __slots__ = ("_h11", "_pool", "_waited", "idle_since", "reused", "socket", "stream", "url")
 
-    def __init__(self, sock: socket.socket, pool: H1Pool, max_head_bytes: int) -> None:
-        self.stream = SocketStream(sock)
+    def __init__(self, transport: Transport, pool: H1Pool, max_head_bytes: int) -> None:
+        self.stream = transport.stream
+        self.socket = transport.socket
         self.url = pool.upstream.url
         self._pool = pool
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
@@ -94,16 +96,20 @@ class H1UpstreamConnection:
         self._pool.release(self)
 
     async def aclose(self) -> None:
-        close_socket(self.stream.socket)
+        await self.stream.aclose()
 
     def ready_for_reuse(self) -> bool:
         return start_next_cycle(self._h11)
 
     def is_stale(self) -> bool:
-        """An idle connection the upstream has closed (or sent junk on) must not be reused."""
+        """An idle connection the upstream has closed (or sent junk on) must not be reused.
+
+        Reading a byte is harmless: any byte arriving while idle makes the connection
+        unusable. Over TLS the read also takes in session tickets sent after the handshake.
+        """
         try:
-            self.stream.socket.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
+            self.socket.recv(1)
+        except (BlockingIOError, ssl.SSLWantReadError):
             return False
         except OSError:
             return True
@@ -114,14 +120,18 @@ class H1Pool:
     """Idle connections to one upstream, most recently used first (warm sockets, and the
     upstream's idle timeout closes the cold ones at the other end)."""
 
-    def __init__(self, upstream: Upstream, limits: LimitsConfig) -> None:
+    def __init__(self, upstream: Upstream, limits: LimitsConfig, connector: Connector) -> None:
         self.upstream = upstream
         self._limits = limits
+        self._connector = connector
         self._idle: deque[H1UpstreamConnection] = deque()
         self._closed = False
 
     async def open_stream(self) -> H1UpstreamConnection:
         """A live idle connection, or a new one. Raises OSError or StreamTimeout."""
+        return self.take_idle() or self.adopt(await self._connector.connect())
+
+    def take_idle(self) -> H1UpstreamConnection | None:
         idle = self._idle
         now = trio.current_time()
         while idle:
@@ -129,24 +139,25 @@ class H1Pool:
             if now - conn.idle_since < IDLE_LIFETIME and not conn.is_stale():
                 conn.reused = True
                 return conn
-            close_socket(conn.stream.socket)
-        upstream = self.upstream
-        deadline = now + self._limits.upstream_connect_timeout
-        sock = await connect_tcp(upstream.host, upstream.port, deadline)
-        return H1UpstreamConnection(sock, self, self._limits.max_header_bytes)
+            close_socket(conn.socket)
+        return None
+
+    def adopt(self, transport: Transport) -> H1UpstreamConnection:
+        """A connection of this pool over a new `transport`."""
+        return H1UpstreamConnection(transport, self, self._limits.max_header_bytes)
 
     def release(self, conn: H1UpstreamConnection) -> None:
         """Keep a connection whose exchange completed cleanly; close anything else."""
         if self._closed or not conn.ready_for_reuse():
-            close_socket(conn.stream.socket)
+            close_socket(conn.socket)
             return
         conn.idle_since = trio.current_time()
         self._idle.append(conn)
         if len(self._idle) > self._limits.upstream_keepalive:
-            close_socket(self._idle.popleft().stream.socket)
+            close_socket(self._idle.popleft().socket)
 
     def close_all(self) -> None:
         """Close idle connections; those in use close when released (a retired pool)."""
         self._closed = True
         while self._idle:
-            close_socket(self._idle.pop().stream.socket)
+            close_socket(self._idle.pop().socket)

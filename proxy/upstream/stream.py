@@ -16,6 +16,12 @@ class UpstreamClosed(Exception):
     """The upstream closed, reset or broke the protocol before the response ended (502)."""
 
 
+class UpstreamRefused(UpstreamClosed):
+    """The upstream did not process the request at all (HTTP/2 GOAWAY above its last stream
+    id, REFUSED_STREAM, or a connection that was closing) and no request body was taken from
+    the client for it: safe to send again on another connection."""
+
+
 class UpstreamTimeout(Exception):
     """The upstream did not make progress within upstream_timeout (504)."""
 

@@ -1,0 +1,209 @@
+"""Prometheus metrics of one proxy process, in a registry of its own.
+
+Request metrics come from each finished request's `Outcome` (the `Metrics` observer);
+connection counts and certificate state are read from the server when scraped, so they
+cannot drift from the truth; handshake failures are counted by the TLS listener.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.certs.manager import CertManager
+from proxy.config import Config
+from proxy.http.model import ConnectionInfo, Outcome
+from proxy.lifecycle import Lifecycle
+from proxy.netio import StreamTimeout
+
+# Seconds, from a cached response to a slow upload or a long poll.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+GATEWAY_ERRORS = frozenset((502, 504))
+
+
+class ServerState(Protocol):
+    """What the metrics read from the running server (the current generation's config and
+    certificates: both change on reload)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def certs(self) -> CertManager: ...
+
+    @property
+    def lifecycle(self) -> Lifecycle: ...
+
+
+def handshake_failure_reason(exc: BaseException) -> str:
+    """A bounded label value: OpenSSL's reason (`tlsv1_alert_unknown_ca`), `timeout`, or
+    the errno name of a broken connection (`econnreset`)."""
+    if isinstance(exc, ssl.SSLError):  # `reason` is unset on some, e.g. built by Python
+        return str(getattr(exc, "reason", None) or "ssl_error").lower()
+    if isinstance(exc, StreamTimeout):
+        return "timeout"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, "os_error").lower()
+    return type(exc).__name__.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class _SiteChildren:
+    duration: Histogram
+    bytes_in: Counter
+    bytes_out: Counter
+
+
+class Metrics:
+    """The registry and every metric in it; an `Observer` of finished requests."""
+
+    def __init__(self, server: ServerState) -> None:
+        self._server = server
+        self.registry = registry = CollectorRegistry()
+        self._requests = Counter(
+            "port443_requests",
+            "Requests answered, by site (empty: no site for the Host), status (0: the client "
+            "left before a response) and protocol.",
+            ["site", "status", "protocol"],
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "port443_request_duration_seconds",
+            "Time from the request head to the end of the response.",
+            ["site"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._upstream_time = Histogram(
+            "port443_upstream_response_seconds",
+            "Time from forwarding the request to the upstream's response head.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._bytes_in = Counter(
+            "port443_request_body_bytes",
+            "Request body bytes forwarded upstream.",
+            ["site"],
+            registry=registry,
+        )
+        self._bytes_out = Counter(
+            "port443_response_body_bytes",
+            "Response body bytes sent to clients.",
+            ["site"],
+            registry=registry,
+        )
+        self._upstream_up = Gauge(
+            "port443_upstream_up",
+            "1 if the upstream's latest request got a response, 0 if it failed (refused, "
+            "timed out, closed); absent until an upstream has been used.",
+            ["upstream"],
+            registry=registry,
+        )
+        self._handshake_failures = Counter(
+            "port443_tls_handshake_failures",
+            "TLS handshakes that failed, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self._handshakes = Counter(
+            "port443_tls_handshakes",
+            "TLS handshakes completed, by protocol version and negotiated ALPN.",
+            ["version", "alpn"],
+            registry=registry,
+        )
+        Gauge(
+            "port443_open_connections",
+            "Client connections open now (HTTPS and HTTP listeners).",
+            registry=registry,
+        ).set_function(lambda: server.lifecycle.open_connections)
+        registry.register(_CertificateCollector(server))
+        self._request_children: dict[tuple[str, int, str], Counter] = {}
+        self._site_children: dict[str, _SiteChildren] = {}
+        self._upstream_children: dict[str, tuple[Histogram, Gauge]] = {}
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)
+
+    def tls_handshake_completed(self, info: ConnectionInfo) -> None:
+        self._handshakes.labels(info.tls_version or "", info.alpn or "").inc()
+
+    def tls_handshake_failed(self, exc: BaseException) -> None:
+        self._handshake_failures.labels(handshake_failure_reason(exc)).inc()
+
+    def record(self, outcome: Outcome) -> None:
+        # Children are cached per label values: labels() costs a lock and validation per
+        # call, and this runs once per request. The label sets are bounded by the config.
+        site = outcome.site or ""
+        key = (site, outcome.status, outcome.request.protocol)
+        requests = self._request_children.get(key)
+        if requests is None:
+            requests = self._requests.labels(site, str(outcome.status), outcome.request.protocol)
+            self._request_children[key] = requests
+        requests.inc()
+        per_site = self._site_children.get(site)
+        if per_site is None:
+            per_site = self._site_children[site] = _SiteChildren(
+                self._duration.labels(site),
+                self._bytes_in.labels(site),
+                self._bytes_out.labels(site),
+            )
+        per_site.duration.observe(outcome.finished - outcome.started)
+        if outcome.bytes_in:
+            per_site.bytes_in.inc(outcome.bytes_in)
+        if outcome.bytes_out:
+            per_site.bytes_out.inc(outcome.bytes_out)
+        if outcome.upstream_time is not None and outcome.upstream is not None:
+            per_upstream = self._upstream_children.get(outcome.upstream)
+            if per_upstream is None:
+                per_upstream = self._upstream_children[outcome.upstream] = (
+                    self._upstream_time.labels(outcome.upstream),
+                    self._upstream_up.labels(outcome.upstream),
+                )
+            per_upstream[0].observe(outcome.upstream_time)
+            per_upstream[1].set(1)
+        elif outcome.status in GATEWAY_ERRORS and outcome.site is not None:
+            for upstream in self._failed_upstreams(outcome.site, outcome.upstream):
+                self._upstream_up.labels(upstream).set(0)
+
+    def _failed_upstreams(self, site_name: str, upstream: str | None) -> tuple[str, ...]:
+        """A gateway error without an upstream response: that upstream failed, or, when none
+        is named, none of the site's upstreams accepted a connection (all were tried)."""
+        if upstream is not None:
+            return (upstream,)
+        site = self._server.config.site_for_host(site_name)
+        return () if site is None else tuple(u.url for u in site.upstreams)
+
+
+class _CertificateCollector(Collector):
+    """Certificate state of the current generation, read at scrape time."""
+
+    def __init__(self, server: ServerState) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        certs = self._server.certs
+        expiry = GaugeMetricFamily(
+            "port443_certificate_expiry_timestamp_seconds",
+            "When the certificate in service for each certificate name expires (Unix time).",
+            labels=["cert"],
+        )
+        for cert in certs.certificates():
+            expiry.add_metric([cert.name], cert.not_after.timestamp())
+        yield expiry
+        failures = CounterMetricFamily(
+            "port443_certificate_renewal_failures",
+            "Failed attempts to obtain or renew a certificate since start or the last reload.",
+            labels=["cert"],
+        )
+        for name, count in certs.renewal_failures.items():
+            failures.add_metric([name], count)
+        yield failures

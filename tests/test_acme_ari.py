@@ -1,0 +1,79 @@
+"""ACME Renewal Information (RFC 9773) and profiles, through the real proxy process.
+
+Pebble 2.4 has no ARI and no profiles, so the proxy talks to `tests/ari_double.py`: a test
+double in front of a real Pebble that adds renewalInfo (answering with responses shaped
+like those recorded from Let's Encrypt, with a window the test picks) and profiles to the
+directory, and forwards everything else to Pebble, which still validates and issues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import trio
+
+from proxy.certs.renewal import ari_cert_id
+from proxy.certs.store import CertStore
+from tests.ari_double import AriDouble
+from tests.backend import Backend
+from tests.certs_e2e import pebble_root, wait_log, wait_served
+from tests.pebble import Pebble
+from tests.proxyproc import sites_toml, start_proxy
+
+
+async def test_ari_window_decides_the_renewal_and_the_order_names_what_it_replaces(
+    start_pebble: Callable[..., Pebble],
+    backend: Backend,
+    ports: tuple[int, int],
+    tmp_path: Path,
+    nursery: trio.Nursery,
+) -> None:
+    """A 60 s certificate would be renewed after 30 s; the CA's window, 3-5 s after
+    issuance, brings that forward (as after a revocation decision). The renewal order
+    carries `replaces` with the old certificate's CertID and the sticky profile."""
+    pebble = start_pebble(http_port=ports[0], tls_port=ports[1], validity_seconds=60)
+    windows: dict[str, tuple[datetime, datetime]] = {}
+
+    def window(cert_id: str) -> tuple[datetime, datetime]:
+        now = datetime.now(UTC).replace(microsecond=0)  # RFC 3339 in whole seconds
+        if not windows:  # the first certificate: renew it soon
+            windows[cert_id] = (now + timedelta(seconds=3), now + timedelta(seconds=5))
+        return windows.get(cert_id, (now + timedelta(hours=1), now + timedelta(hours=2)))
+
+    double = AriDouble(pebble, window)
+    await nursery.start(double.serve)
+    body = (
+        f'[acme]\ndirectory = "{double.directory}"\nca_bundle = "{pebble.ca_bundle}"\n'
+        'profile = "shortlived"\n' + sites_toml((["ari.example.com"], [backend.url]))
+    )
+    proxy = await start_proxy(tmp_path, body, issuer="acme", ports=ports)
+    try:
+        root = pebble_root(pebble, tmp_path)
+        first = await wait_served(proxy, "ari.example.com", lambda: root)
+        planned = await wait_log(
+            proxy, rf"certificate {first.serial_number:x} .* renewal at (.+) \(ARI window (.+) to"
+        )
+        renewed = await wait_served(
+            proxy,
+            "ari.example.com",
+            lambda: root,
+            until=lambda cert: cert.serial_number != first.serial_number,
+            timeout=15,
+        )
+    finally:
+        await proxy.terminate()
+    at, logged_start = (datetime.fromisoformat(text) for text in planned.groups())
+    start, end = windows[ari_cert_id(first)]
+    assert logged_start == start
+    assert start <= at <= end
+    assert renewed.not_valid_before_utc < first.not_valid_before_utc + timedelta(seconds=15)
+    assert double.renewal_info_requests[:2] == [ari_cert_id(first), ari_cert_id(renewed)]
+    first_order, renewal_order = double.new_orders
+    assert first_order["profile"] == renewal_order["profile"] == "shortlived"
+    assert "replaces" not in first_order
+    assert renewal_order["replaces"] == ari_cert_id(first)
+    stored = CertStore(proxy.certs_dir).load("ari.example.com")
+    assert stored is not None and stored.meta["profile"] == "shortlived"
+    assert stored.serial == renewed.serial_number
