@@ -1,0 +1,70 @@
+"""docs/CONFIG.md documents exactly the keys the loader accepts.
+
+The loader checks every table's keys in one place (`_Reader._table`); recording what it
+accepts while it reads a config gives the true key set, with no list kept by hand.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Collection
+from pathlib import Path
+
+import pytest
+
+from proxy import config_load
+from proxy.toml_lines import KeyPath
+
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
+MINIMAL = '[[sites]]\nhosts = ["a.test"]\nupstreams = ["http://127.0.0.1:1"]\n'
+
+
+def _shape(key: KeyPath) -> str:
+    """("sites", 0) -> "sites[]": one entry for every table of an array of tables."""
+    return ".".join(f"{part}[]" if isinstance(part, str) and i + 1 < len(key) and
+                    isinstance(key[i + 1], int) else str(part)
+                    for i, part in enumerate(key) if not isinstance(part, int))  # fmt: skip
+
+
+def accepted_keys(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
+    accepted: dict[str, set[str]] = {"": set(config_load._TOP_KEYS)}
+    original = config_load._Reader._table
+
+    def recording(
+        self: config_load._Reader, value: object, key: KeyPath, known: Collection[str]
+    ) -> config_load.Table | None:
+        accepted.setdefault(_shape(key), set()).update(known)
+        return original(self, value, key, known)
+
+    monkeypatch.setattr(config_load._Reader, "_table", recording)
+    config_load.parse_config(MINIMAL, Path("minimal.toml"))
+    # Tables themselves are keys of their parent, not settings: keep only leaf keys.
+    accepted[""] -= {name.removesuffix("[]") for name in accepted if name}
+    return accepted
+
+
+def documented_keys() -> dict[str, set[str]]:
+    documented: dict[str, set[str]] = {"": set()}
+    for block in re.findall(r"```toml\n(.*?)```", REFERENCE.read_text(), re.DOTALL):
+        for name, value in tomllib.loads(block).items():
+            if isinstance(value, dict):
+                documented.setdefault(name, set()).update(value)
+            elif isinstance(value, list) and value and isinstance(value[0], dict):
+                for table in value:
+                    documented.setdefault(f"{name}[]", set()).update(table)
+            else:
+                documented[""].add(name)
+    return documented
+
+
+def test_every_accepted_key_is_documented_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    accepted = accepted_keys(monkeypatch)
+    documented = documented_keys()
+    assert "sites[]" in accepted and "listen" in accepted  # the recording really ran
+    missing = {
+        table: sorted(keys - documented.get(table, set())) for table, keys in accepted.items()
+    }
+    stale = {table: sorted(keys - accepted.get(table, set())) for table, keys in documented.items()}
+    assert {t: k for t, k in missing.items() if k} == {}, "keys missing from docs/CONFIG.md"
+    assert {t: k for t, k in stale.items() if k} == {}, "docs/CONFIG.md names unknown keys"
