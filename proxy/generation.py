@@ -7,6 +7,7 @@ already open, use the newest generation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import trio
@@ -54,7 +55,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         for name in old_sites.keys() & new_sites.keys()
         if old_sites[name] != new_sites[name]
     ]
-    for section in ("certs", "hsts", "limits", "tls"):
-        if getattr(old, section) != getattr(new, section):
-            changes.append(f"[{section}] changed")
+    for field in dataclasses.fields(Config):
+        if field.compare and field.name not in ("path", "sites"):
+            if getattr(old, field.name) != getattr(new, field.name):
+                changes.append(f"{field.name} changed")
     return sorted(changes)
