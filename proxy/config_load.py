@@ -28,6 +28,7 @@ from proxy.config import (
     ChallengeType,
     Config,
     HSTSConfig,
+    Http2Config,
     Issuer,
     KeyType,
     LimitsConfig,
@@ -50,6 +51,7 @@ _TOP_KEYS = (
     "hsts",
     "limits",
     "tls",
+    "http2",
     "access_log",
     "admin",
     "sites",
@@ -60,6 +62,16 @@ _ACME_KEYS = tuple(f.name for f in dataclasses.fields(AcmeConfig))
 _HSTS_KEYS = tuple(f.name for f in dataclasses.fields(HSTSConfig))
 _LIMITS_TYPES = get_type_hints(LimitsConfig)
 _TLS_KEYS = ("default_site",)
+_MAX_WINDOW = 2**31 - 1  # RFC 9113 §6.9.1; also a sane ceiling for the other counts
+_HTTP2_RANGES: dict[str, tuple[int, int]] = {
+    "max_concurrent_streams": (1, _MAX_WINDOW),
+    "initial_window_size": (1, _MAX_WINDOW),
+    "connection_window_size": (65535, _MAX_WINDOW),  # windows start at 65535 and only grow
+    "max_frame_size": (16384, 16777215),  # RFC 9113 §6.5.2
+    "max_header_list_size": (1, _MAX_WINDOW),
+    "max_resets_per_second": (1, _MAX_WINDOW),
+    "max_control_frames_per_second": (1, _MAX_WINDOW),
+}
 _ACCESS_LOG_KEYS = tuple(f.name for f in dataclasses.fields(AccessLogConfig))
 _ADMIN_KEYS = tuple(f.name for f in dataclasses.fields(AdminConfig))
 _SITE_KEYS = ("hosts", "upstreams", "cert", "key", "issuer", "upstream_ca", "upstream_server_name")
@@ -143,6 +155,7 @@ class _Reader:
             hsts=self._hsts(root),
             limits=self._limits(root),
             tls=self._tls(root, sites),
+            http2=self._http2(root),
             access_log=self._access_log(root),
             admin=self._admin(root, listen),
             sites=sites,
@@ -268,6 +281,16 @@ class _Reader:
         if admin.enabled and admin.port in (listen.http, listen.https):
             self._problem((*key, "port"), "must differ from listen.http and listen.https")
         return admin
+
+    def _http2(self, root: Table) -> Http2Config:
+        key: KeyPath = ("http2",)
+        table = self._section(root, "http2", _HTTP2_RANGES)
+        default = Http2Config()
+        values = {
+            name: self._value(table, key, name, getattr(default, name), _integer_between(*bounds))
+            for name, bounds in _HTTP2_RANGES.items()
+        }
+        return Http2Config(**values)
 
     def _tls(self, root: Table, sites: tuple[SiteConfig, ...]) -> TLSConfig:
         key: KeyPath = ("tls",)
@@ -451,6 +474,15 @@ def _port(low: int) -> Callable[[object], int]:
         if type(value) is int and low <= value <= 65535:
             return value
         raise _Invalid(f"must be an integer port {low}-65535, got {_show(value)}")
+
+    return convert
+
+
+def _integer_between(low: int, high: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if type(value) is int and low <= value <= high:
+            return value
+        raise _Invalid(f"must be an integer from {low} to {high}, got {_show(value)}")
 
     return convert
 

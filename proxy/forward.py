@@ -26,6 +26,8 @@ from proxy.upstream.stream import (
 
 log = logging.getLogger(__name__)
 
+MAX_ATTEMPTS = 3  # sends of one request that upstreams refused unprocessed
+
 
 def host_without_port(host: bytes) -> str:
     """Lower-case host name of a Host header or :authority, port and IPv6 brackets removed."""
@@ -88,19 +90,20 @@ class Forwarder:
         chunked = request.has_body and not any(n == b"content-length" for n, _ in request.headers)
         headers = upstream_request_headers(request, chunked)
         upstreams = self._upstreams.for_site(site)
-        # Retry once on another connection a request the upstream refused unprocessed, or,
-        # as nginx does, a body-less one on a pooled connection the upstream may have closed
-        # just as we reused it.
-        for attempt in (1, 2):
+        # Resend on another connection a request the upstream refused unprocessed (HTTP/2
+        # GOAWAY: busy upstreams may refuse a few in a row), or, once, as nginx does, a
+        # body-less one on a pooled connection the upstream may have closed as we reused it.
+        for attempt in range(1, MAX_ATTEMPTS + 1):
             upstream = await upstreams.open_stream()
             outcome.upstream = upstream.url
             try:
                 await self._exchange(exchange, upstream, headers, outcome)
             except UpstreamClosed as exc:
                 await upstream.aclose()
-                retry = attempt == 1 and (
-                    isinstance(exc, UpstreamRefused) or (upstream.reused and not request.has_body)
-                )
+                if isinstance(exc, UpstreamRefused):
+                    retry = attempt < MAX_ATTEMPTS
+                else:
+                    retry = attempt == 1 and upstream.reused and not request.has_body
                 if not retry or exchange.head_sent:
                     raise
             except BaseException:

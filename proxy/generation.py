@@ -55,8 +55,11 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         for name in old_sites.keys() & new_sites.keys()
         if old_sites[name] != new_sites[name]
     ]
-    for field in dataclasses.fields(Config):
-        if field.compare and field.name not in ("path", "sites"):
-            if getattr(old, field.name) != getattr(new, field.name):
-                changes.append(f"{field.name} changed")
+    changes += [
+        f"{field.name} changed"
+        for field in dataclasses.fields(Config)
+        if field.compare
+        and field.name not in ("path", "sites")
+        and getattr(old, field.name) != getattr(new, field.name)
+    ]
     return sorted(changes)

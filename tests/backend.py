@@ -11,10 +11,13 @@ Routes:
   /early/413        answers 413 without reading the request body
   /hints            103 Early Hints, then 200
   /hsts             sets its own Strict-Transport-Security
+  /trailers         chunked body with trailers: x-trailer, and x-echo-* of the request's trailers
+  /hold             never answers; records in `hangups` when the proxy closes the connection
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,6 +35,7 @@ class Backend:
     port: int = 0
     requests: list[dict[str, object]] = field(default_factory=list)
     connections: int = 0
+    hangups: list[str] = field(default_factory=list)  # targets the proxy gave up on
     ssl_context: ssl.SSLContext | None = None  # serve HTTPS (an https:// upstream)
 
     @property
@@ -44,8 +48,13 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, *events: h11.Ev
     await stream.send_all(data)
 
 
-async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> bytes | None:
-    """The whole body hashed as it arrives: returns (len, sha256) encoded, None if cut off."""
+async def _read_body(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    trailers: list[tuple[bytes, bytes]] | None = None,
+) -> bytes | None:
+    """The whole body hashed as it arrives: returns (len, sha256) encoded, None if cut off.
+    The request's trailers are appended to `trailers` if given."""
     digest = hashlib.sha256()
     size = 0
     while True:
@@ -60,6 +69,8 @@ async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> bytes |
             digest.update(event.data)
             size += len(event.data)
         elif isinstance(event, h11.EndOfMessage):
+            if trailers is not None:
+                trailers.extend(event.headers)
             return json.dumps({"length": size, "sha256": digest.hexdigest()}).encode()
         else:
             return None
@@ -91,6 +102,24 @@ async def _respond(
         if body is None:
             return
         await _send(stream, conn, _ok(body), h11.Data(data=body), h11.EndOfMessage())
+        return
+    if path == "/trailers":
+        trailers: list[tuple[bytes, bytes]] = []
+        body = await _read_body(stream, conn, trailers)
+        echoed = [(b"x-echo-" + name, value) for name, value in trailers]
+        await _send(
+            stream,
+            conn,
+            h11.Response(status_code=ok, headers=[("trailer", "x-trailer")]),
+            h11.Data(data=body or b""),
+            h11.EndOfMessage(headers=[(b"x-trailer", b"done"), *echoed]),
+        )
+        return
+    if path == "/hold":
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(CHUNK):
+                pass
+        backend.hangups.append(path)
         return
     if path.startswith("/early/"):
         status = int(path.rsplit("/", 1)[1])

@@ -6,8 +6,10 @@ Routes (each answers once the whole request has arrived):
   /bytes/N    N bytes, sent within the proxy's flow-control windows
   /trailers   a body, then trailers: x-status: 0 and the request trailers as x-echo-<name>
   /reset      RST_STREAM(INTERNAL_ERROR) instead of a response
+  /refuse     RST_STREAM(REFUSED_STREAM): not processed, may be sent again
 Knobs: max_concurrent_streams (announced in SETTINGS); goaway_after: once that many requests
 arrived on a connection, GOAWAY naming only the first as processed, the others never answered.
+The GOAWAY goes out in one write with that first response, as servers often send them.
 """
 
 from __future__ import annotations
@@ -69,11 +71,14 @@ class _Connection:
         self.requests: dict[int, _Request] = {}
         self.arrived = 0
         self.last_stream_id = 0  # after our GOAWAY: later streams are ignored
+        self.goaway = b""  # sent ahead of whatever h2 has to send
+        self.goaway_next = b""  # our GOAWAY, waiting for the next response to go with
         self.send_lock = trio.Lock()
 
-    async def flush(self, extra: bytes = b"") -> None:
+    async def flush(self) -> None:
         async with self.send_lock:
-            data = self.h2.data_to_send() + extra
+            data = self.goaway + self.h2.data_to_send()
+            self.goaway = b""
             if data:
                 await self.stream.send_all(data)
 
@@ -82,22 +87,21 @@ class _Connection:
         await self.flush()
         async with trio.open_nursery() as nursery:
             while data := await self.stream.receive_some(65536):
-                goaway = b""
                 for event in self.h2.receive_data(data):
-                    goaway += self.handle(event, nursery)
-                await self.flush(goaway)
+                    self.handle(event, nursery)
+                await self.flush()
             nursery.cancel_scope.cancel()
 
-    def handle(self, event: h2.events.Event, nursery: trio.Nursery) -> bytes:
-        """Route one event; returns a GOAWAY frame to send, if it is time for one."""
+    def handle(self, event: h2.events.Event, nursery: trio.Nursery) -> None:
         if isinstance(event, h2.events.RequestReceived):
-            return self.request(event)
+            self.request(event)
+            return
         sid = getattr(event, "stream_id", 0)
         if isinstance(event, h2.events.DataReceived):
             self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
         request = self.requests.get(sid)
         if self.last_stream_id and sid > self.last_stream_id:
-            return b""  # refused by our GOAWAY: never processed
+            return  # refused by our GOAWAY: never processed
         if isinstance(event, h2.events.DataReceived) and request is not None:
             request.body.update(event.data)
             request.length += len(event.data)
@@ -110,27 +114,31 @@ class _Connection:
                 waiting.window.set()
         elif isinstance(event, h2.events.StreamReset):
             self.requests.pop(sid, None)
-        return b""
 
-    def request(self, event: h2.events.RequestReceived) -> bytes:
+    def request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
         headers = {k.decode(): v.decode() for k, v in event.headers}
         self.backend.requests.append(headers)
         if self.last_stream_id:
-            return b""
+            return
         self.requests[sid] = _Request(headers)
         self.arrived += 1
         self.backend.peak_streams = max(self.backend.peak_streams, len(self.requests))
         if self.arrived == self.backend.goaway_after:
             # Built by hand: h2 refuses to send anything after its own close_connection.
-            self.last_stream_id = min(self.requests)
-            return GoAwayFrame(0, last_stream_id=self.last_stream_id).serialize()
-        return b""
+            last = self.last_stream_id = min(self.requests)
+            self.goaway_next = GoAwayFrame(0, last_stream_id=last).serialize()
+            self.requests = {sid: r for sid, r in self.requests.items() if sid <= last}
 
     async def respond(self, sid: int, request: _Request) -> None:
         path = request.headers[":path"].partition("?")[0]
+        if path.startswith("/slow/"):
+            await trio.sleep(float(path.rsplit("/", 1)[1]))
+        self.goaway, self.goaway_next = self.goaway_next, b""  # in one write with this response
         if path == "/reset":
             self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+        elif path == "/refuse":
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
         elif path.startswith("/bytes/"):
             self.h2.send_headers(sid, [(b":status", b"200")])
             await self.send_body(sid, request, b"x" * int(path.rsplit("/", 1)[1]))
@@ -141,8 +149,6 @@ class _Connection:
             trailers += [(b"x-echo-" + name, value) for name, value in request.trailers]
             self.h2.send_headers(sid, trailers, end_stream=True)
         else:
-            if path.startswith("/slow/"):
-                await trio.sleep(float(path.rsplit("/", 1)[1]))
             echo = {
                 "headers": request.headers,
                 "length": request.length,
@@ -156,8 +162,6 @@ class _Connection:
             await self.send_body(sid, request, payload)
         self.requests.pop(sid, None)
         await self.flush()
-        if self.last_stream_id and not self.requests:
-            await self.stream.aclose()  # drained after our GOAWAY
 
     async def send_body(self, sid: int, request: _Request, body: bytes, end: bool = True) -> None:
         view = memoryview(body)

@@ -160,3 +160,26 @@ def curl_args(
         "curl", "-sS", "--max-time", "30", "--cacert", str(proxy.root_ca),
         "--resolve", proxy.resolve(host), *extra, proxy.url(path, host),
     ]  # fmt: skip
+
+
+RSS_GROWTH_LIMIT_KIB = 64 * 1024  # far below a 200 MiB body: buffering would blow it
+
+
+async def transfer_with_rss(proxy: ProxyProcess, *curl: str) -> tuple[bytes, int]:
+    """Run curl while sampling the proxy's RSS; returns curl's stdout and the peak growth."""
+    baseline = proxy.rss_kib()
+    peak = baseline
+    done = trio.Event()
+    out: list[bytes] = []
+
+    async def transfer() -> None:
+        result = await run(*curl, timeout=120, check=True)
+        out.append(result.stdout)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(transfer)
+        while not done.is_set():
+            peak = max(peak, proxy.rss_kib())
+            await trio.sleep(0.05)
+    return out[0], peak - baseline

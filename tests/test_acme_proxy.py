@@ -29,7 +29,7 @@ from tests.certs_e2e import (
     wait_served,
 )
 from tests.pebble import Pebble
-from tests.proxyproc import ProxyProcess, run, sites_toml
+from tests.proxyproc import ProxyProcess, free_port, run, sites_toml, start_proxy
 
 
 async def test_issuance_via_http01(
@@ -148,6 +148,32 @@ async def test_ca_outage_keeps_the_old_certificate_and_backs_off(
         await proxy.terminate()
     log = proxy.log()
     assert "registering again" in log[backoff.end() :]
+
+
+async def test_fallback_ca_after_the_quick_retries(
+    start_pebble: Callable[..., Pebble],
+    backend: Backend,
+    ports: tuple[int, int],
+    tmp_path: Path,
+) -> None:
+    """The first CA is down: tried, retried, retried with the other challenge type first,
+    then the order goes to the fallback CA."""
+    pebble = start_pebble(http_port=ports[0], tls_port=ports[1])
+    down = f"https://127.0.0.1:{free_port()}/dir"
+    body = (
+        f'[acme]\ndirectory = "{down}"\nfallback_directory = "{pebble.directory}"\n'
+        f'ca_bundle = "{pebble.ca_bundle}"\n'
+    ) + sites_toml((["fallback.example.com"], [backend.url]))
+    proxy = await start_proxy(tmp_path, body, issuer="acme", ports=ports)
+    try:
+        await wait_served(proxy, "fallback.example.com", lambda: pebble_root(pebble, tmp_path))
+    finally:
+        await proxy.terminate()
+    log = proxy.log()
+    assert "request 3 failed" in log and "retrying at the fallback CA in 0:00:00" in log
+    assert "request 4 failed" not in log
+    stored = CertStore(proxy.certs_dir).load("fallback.example.com")
+    assert stored is not None and stored.meta["directory"] == pebble.directory
 
 
 async def test_nonce_rejections_are_survived(

@@ -14,6 +14,7 @@ from proxy.config import (
     CertsConfig,
     Config,
     HSTSConfig,
+    Http2Config,
     LimitsConfig,
     ListenConfig,
     Upstream,
@@ -589,3 +590,28 @@ upstream_server_name = "c"
         "13: sites[2].upstream_ca: is only used with https:// upstreams",
         "14: sites[2].upstream_server_name: is only used with https:// upstreams",
     ]
+
+
+def test_http2_defaults_and_every_key(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, SITE)).http2 == Http2Config()
+    doubled = {field.name: field.default * 2 for field in dataclasses.fields(Http2Config)}
+    toml = "[http2]\n" + "".join(f"{name} = {value}\n" for name, value in doubled.items())
+    assert load_config(write(tmp_path, toml + SITE)).http2 == Http2Config(**doubled)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("max_frame_size = 16383", "must be an integer from 16384 to 16777215, got 16383"),
+        ("max_frame_size = 16777216", "must be an integer from 16384 to 16777215, got 16777216"),
+        ("connection_window_size = 65534", "must be an integer from 65535 to 2147483647, got"),
+        ("initial_window_size = 2147483648", "must be an integer from 1 to 2147483647, got"),
+        ("max_concurrent_streams = 0", "must be an integer from 1 to 2147483647, got 0"),
+        ("max_resets_per_second = 1.5", "must be an integer from 1 to 2147483647, got 1.5"),
+        ("max_control_frames_per_second = true", "must be an integer from 1 to 2147483647, got"),
+        ("max_streams = 10", 'unknown key (did you mean "max_concurrent_streams"?)'),
+    ],
+)
+def test_wrong_http2_values(tmp_path: Path, toml: str, message: str) -> None:
+    [problem] = problems(tmp_path, f"[http2]\n{toml}\n" + SITE)
+    assert problem.startswith(f"2: http2.{toml.split()[0]}: {message}")

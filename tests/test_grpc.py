@@ -30,7 +30,7 @@ def _unary(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 def _stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
     for n in range(MESSAGES):
-        yield b"%d:" % n + request * 100
+        yield b"%d:" % n + request * 1000
 
 
 @pytest.fixture
@@ -96,4 +96,4 @@ async def test_server_streaming_call(proxy: ProxyProcess) -> None:
             return list(channel.unary_stream(f"/{SERVICE}/Stream")(b"abc", timeout=20))
 
     replies = await trio.to_thread.run_sync(call)
-    assert replies == [b"%d:" % n + b"abc" * 100 for n in range(MESSAGES)]
+    assert replies == [b"%d:" % n + b"abc" * 1000 for n in range(MESSAGES)]  # 600 kB

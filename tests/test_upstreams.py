@@ -191,14 +191,19 @@ async def test_reload_lets_streams_finish_then_closes_the_old_connection(
         assert backend.connections == 2
 
 
-async def test_upstream_stream_reset_is_502(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_upstream_stream_resets(tmp_path: Path, nursery: trio.Nursery) -> None:
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend())
     async with proxy_for(tmp_path, site(backend.url)) as proxy:
         status, _ = await curl(proxy, "/reset")
         assert status == 502
         assert "reset the stream (INTERNAL_ERROR)" in proxy.log()
+        status, _ = await curl(proxy, "/refuse")  # REFUSED_STREAM: sent again, a few times
+        assert status == 502
+        assert "refused the stream" in proxy.log()
         status, _ = await curl(proxy, "/echo")  # the connection itself is still good
         assert status == 200
+    paths = [seen[":path"] for seen in backend.requests]
+    assert paths == ["/reset", "/refuse", "/refuse", "/refuse", "/echo"]
     assert backend.connections == 1
 
 

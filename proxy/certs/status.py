@@ -74,10 +74,14 @@ def load_status(store: CertStore, name: str) -> RenewalStatus:
 
 
 def save_status(store: CertStore, name: str, status: RenewalStatus) -> None:
+    """Record `status`; an unwritable store is logged, renewals go on without the record."""
     directory = store.path(name)
-    directory.mkdir(parents=True, exist_ok=True)
     data = json.dumps(status.to_json(), indent=2, sort_keys=True).encode()
-    atomic_write(directory / STATUS_FILE, data)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / STATUS_FILE, data)
+    except OSError as exc:
+        log.warning("cannot record the renewal status of %s: %s", name, exc)
 
 
 def _time_text(value: datetime | None) -> str | None:

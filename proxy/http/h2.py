@@ -296,6 +296,7 @@ class H2Stream:
             except h2.exceptions.ProtocolError as exc:
                 raise ClientGone(f"stream {stream_id} closed") from exc
             if window <= 0 or owner.queued >= OUTPUT_HIGH_WATER:
+                owner.wake_writer()  # what we queued so far must go out for the window to open
                 self._send_ready = trio.Event()
                 owner.blocked.add(self)
                 try:
@@ -373,12 +374,12 @@ class H2Connection:
         # keepalive_timeout after the last stream ends (`_last_active`), re-armed lazily.
         self._idle = trio.CancelScope(deadline=trio.current_time() + limits.header_timeout)
         self._last_active = -math.inf
+        self._peer_gone = False  # the client closed, reset or stopped reading: no linger
         self._nursery: trio.Nursery | None = None
         self._priority_of_request: h2.events.PriorityUpdated | None = None
 
     async def serve(self) -> None:
         self._lifecycle.register(self)
-        graceful = False
         try:
             conn = self.h2
             conn.initiate_connection()
@@ -397,7 +398,7 @@ class H2Connection:
                     nursery.cancel_scope.deadline = trio.current_time() + LINGER_SECONDS
                 self._closing = True
                 self._writer.unpark_all()
-            if graceful:
+            if not self._peer_gone:  # let it read our last frames, GOAWAY included
                 await self._linger()
         finally:
             self._lifecycle.unregister(self)
@@ -464,8 +465,9 @@ class H2Connection:
                 data = await receive()
             except (OSError, StreamTimeout) as exc:
                 log.debug("client %s: h2 connection ended: %r", self.info.client_ip, exc)
-                return
+                data = b""
             if not data:
+                self._peer_gone = True
                 return
             try:
                 events = conn.receive_data(data)
@@ -611,9 +613,11 @@ class H2Connection:
             self.reset_stream(stream, ErrorCodes.NO_ERROR)
         self.flush()
         if not self._streams:
-            self._last_active = trio.current_time()
+            now = self._last_active = trio.current_time()
             if self._last_stream_id is not None:
                 self._idle.cancel()  # drained
+            elif now + self.limits.keepalive_timeout < self._idle.deadline:
+                self._idle.deadline = now + self.limits.keepalive_timeout
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -633,6 +637,7 @@ class H2Connection:
                     await send_all(data, trio.current_time() + timeout)
                 except (OSError, StreamTimeout) as exc:
                     log.debug("client %s: h2 write failed: %r", self.info.client_ip, exc)
+                    self._peer_gone = True
                     assert self._nursery is not None
                     self._nursery.cancel_scope.cancel()
                     return

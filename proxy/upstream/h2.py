@@ -52,6 +52,7 @@ CONNECTION_WINDOW = 1 << 30
 OUTPUT_HIGH_WATER = 256 * 1024  # request bytes queued behind a busy writer before senders wait
 Setting = h2.settings.SettingCodes
 ConnectionState = h2.connection.ConnectionState
+ConnectionInputs = h2.connection.ConnectionInputs
 
 # Outbound fields come from the forwarding core, already clean: h2's per-byte validation of
 # them would cost more than the rest of the request. Responses are validated: their fields
@@ -62,6 +63,23 @@ _CONFIG = h2.config.H2Configuration(
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
 )
+
+
+class _GoawayKeepsStreams(h2.connection.H2ConnectionStateMachine):
+    """h2's connection state machine, except that a GOAWAY from the upstream leaves it open.
+
+    RFC 9113 §6.8: streams up to the GOAWAY's last stream id may still complete, but h2 closes
+    the connection on any GOAWAY (python-hyper/h2 issue 1181) and then refuses their frames,
+    even those that arrived in the same read. We open no stream after a GOAWAY ourselves.
+    """
+
+    _transitions = {
+        **h2.connection.H2ConnectionStateMachine._transitions,
+        (ConnectionState.CLIENT_OPEN, ConnectionInputs.RECV_GOAWAY): (
+            None,
+            ConnectionState.CLIENT_OPEN,
+        ),
+    }
 
 
 def request_fields(method: bytes, target: bytes, headers: Headers, scheme: bytes) -> Headers:
@@ -271,11 +289,13 @@ class H2UpstreamConnection:
             },
         )
         conn.decoder.max_header_list_size = limits.max_header_bytes
+        conn.state_machine = _GoawayKeepsStreams()
         self._streams: dict[int, H2UpstreamStream] = {}  # by id, once the head is sent
         self._active = 0  # streams handed out and not finished: they count against the limit
         self._served = 0
         self.blocked: set[H2UpstreamStream] = set()  # streams waiting to send request DATA
         self.queued = 0  # request bytes handed to h2 since the writer last took its output
+        self._unsent = bytearray()  # h2's output taken by the reader, for the writer to send
         self._usable = True  # the pool may hand out new streams on it
         self._refusing = False  # no new stream may start: GOAWAY, failure, or closing
         self._closing = False  # the writer flushes what is queued, then ends
@@ -370,7 +390,7 @@ class H2UpstreamConnection:
             self.h2.acknowledge_received_data(size, stream.stream_id)
         except h2.exceptions.ProtocolError:
             return  # the connection is gone: no window to open
-        self.wake_writer()
+        self._take_output()
 
     def finish(self, stream: H2UpstreamStream) -> None:
         """The exchange ended, completed or not: give back the window of what was never
@@ -388,7 +408,7 @@ class H2UpstreamConnection:
                     conn.reset_stream(stream_id, ErrorCodes.CANCEL)
             except h2.exceptions.ProtocolError:
                 pass  # already closed in h2, or the connection is gone
-            self.wake_writer()
+            self._take_output()
         self.blocked.discard(stream)
         self._active -= 1
         if not self._active:
@@ -399,6 +419,14 @@ class H2UpstreamConnection:
 
     def wake_writer(self) -> None:
         self._writer.unpark_all()
+
+    def _take_output(self) -> None:
+        """Hand what h2 queued (if anything) to the writer: most acknowledgments queue no
+        WINDOW_UPDATE, and waking the writer for nothing costs a task switch."""
+        data = self.h2.data_to_send()
+        if data:
+            self._unsent += data
+            self._writer.unpark_all()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -433,6 +461,9 @@ class H2UpstreamConnection:
                 self._fail(UpstreamClosed(f"{self.url} closed the connection"))
                 return
             try:
+                # h2 drops output not yet taken when a GOAWAY arrives, which may include
+                # frames of streams it lets finish: take it first.
+                self._unsent += conn.data_to_send()
                 for event in conn.receive_data(data):
                     self._dispatch(event)
             except h2.exceptions.ProtocolError as exc:
@@ -489,23 +520,17 @@ class H2UpstreamConnection:
 
     def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
         """No new streams here. Those above last_stream_id were never processed: they fail
-        as refused, which the core retries on a new connection. Those at or below it may
-        still complete, but h2 closes its state machine on any GOAWAY (python-hyper/h2
-        issue 1181), so it is reopened for them."""
+        as refused, which the core retries on a new connection. Those at or below it go on
+        (see _GoawayKeepsStreams) until they end, then the connection closes."""
         last = event.last_stream_id or 0
         log.debug("upstream %s: GOAWAY %s, last stream %d", self.url, event.error_code, last)
         self._usable = False
         self._refusing = True
         self._pool.discard(self)
-        in_flight = False
         for stream_id, stream in self._streams.items():
             if stream_id > last:
                 stream.remote_done = stream.local_done = True
                 stream.fail(UpstreamRefused(f"{self.url} refused the request (GOAWAY)"))
-            else:
-                in_flight = True
-        if in_flight:
-            self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
         if not self._active:
             self._idle.cancel()
 
@@ -534,6 +559,9 @@ class H2UpstreamConnection:
         send_all = self._transport.stream.send_all
         while True:
             data = conn.data_to_send()
+            if self._unsent:
+                data = bytes(self._unsent) + data
+                self._unsent.clear()
             if data:
                 self.queued = 0
                 try:
