@@ -14,6 +14,7 @@ changes. `rm -rf` the directory to start over. Needs root, buildah, podman, debo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -297,18 +298,23 @@ def test_image_metadata(image: Image) -> None:
     print(f"image built in {image.build_seconds:.1f}s")
 
 
-def _free_port(below: int) -> int:
-    """A loopback port that is free now: privileged (< `below`) when `below` > 1."""
+def _free_ports(below: int, count: int) -> list[int]:
+    """`count` distinct loopback ports free now, privileged (< `below`) when `below` > 1.
+    The probes stay bound until all are chosen, so no port is picked twice."""
     candidates = (
         random.sample(range(max(1, below - 300), below), k=min(300, below - 1)) if below > 1 else []
     )
-    for port in [*candidates, 0]:
-        with socket.socket() as probe:
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        for port in [*candidates, *[0] * count]:
+            probe = held.enter_context(socket.socket())
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return int(probe.getsockname()[1])
+            ports.append(int(probe.getsockname()[1]))
+            if len(ports) == count:
+                return ports
     raise AssertionError("unreachable: port 0 always binds")
 
 
@@ -370,8 +376,8 @@ async def test_container_serves_tls_and_stops_cleanly_on_sigterm(
     the main process ends it with status 0."""
     _require("curl")
     unprivileged_start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    https_port, http_port = _free_port(unprivileged_start), _free_port(unprivileged_start)
-    admin_port = _free_port(1)  # not the default 2019: other proxies may run on this machine
+    https_port, http_port = _free_ports(unprivileged_start, 2)
+    [admin_port] = _free_ports(1, 1)  # not the default 2019: other proxies may run on this machine
     certs = tmp_path / "certs"
     certs.mkdir()
     os.chown(certs, UID, UID)  # what an operator does for a bind mount (docs/CONTAINER.md)
