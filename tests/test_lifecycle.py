@@ -11,7 +11,15 @@ from pathlib import Path
 import trio
 
 from tests.backend import Backend
-from tests.proxyproc import ROOT, ProxyProcess, curl_args, run, sites_toml, start_proxy
+from tests.proxyproc import (
+    ROOT,
+    ProxyProcess,
+    curl_args,
+    free_port,
+    run,
+    sites_toml,
+    start_proxy,
+)
 
 
 async def test_sigterm_drains_in_flight_request_then_exits_0(proxy: ProxyProcess) -> None:
@@ -89,3 +97,25 @@ async def test_shutdown_delay_keeps_serving_before_draining(
     assert json.loads(during.stdout)["target"] == "/echo"
     assert "readiness now reports 503" in proxy.log()
     assert await proxy.wait(10) == 0
+
+
+async def test_two_processes_share_the_ports_for_a_hand_over(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """SO_REUSEPORT: a new process can start on the same ports, then the old one drains."""
+    ports = (free_port(), free_port())
+    sites = sites_toml((["localhost"], [backend.url]))
+    for name in ("old", "new"):
+        (tmp_path / name).mkdir()
+    old = await start_proxy(tmp_path / "old", sites, ports=ports)
+    new = await start_proxy(tmp_path / "new", sites, ports=ports)
+    url = old.url("/echo")
+    try:
+        for proxy_alive in (True, False):
+            if not proxy_alive:
+                assert await old.terminate() == 0
+            for _ in range(10):  # a fresh connection each time; -k: two local CAs here
+                result = await run("curl", "-sSk", "--resolve", old.resolve(), url, check=True)
+                assert json.loads(result.stdout)["target"] == "/echo"
+    finally:
+        await new.terminate()
