@@ -14,7 +14,15 @@ import trio
 
 from proxy.config import Config, SiteConfig
 from proxy.http.headers import client_response_headers, upstream_request_headers
-from proxy.http.model import Exchange, Headers, Observer, Outcome, ResponseHead, plain_response
+from proxy.http.model import (
+    ClientGone,
+    Exchange,
+    Headers,
+    Observer,
+    Outcome,
+    ResponseHead,
+    plain_response,
+)
 from proxy.upstream.pool import Upstreams, UpstreamUnavailable
 from proxy.upstream.stream import (
     BodyEnd,
@@ -35,6 +43,24 @@ def host_without_port(host: bytes) -> str:
     if text.startswith("["):
         return text[1 : text.find("]")] if "]" in text else text
     return text.rpartition(":")[0] if ":" in text else text
+
+
+def _decisive(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error of the body-pump nursery that decides the outcome, so the callers'
+    plain `except` clauses (502, 504, client gone) see it: the client leaving wins, since
+    nobody is left to answer; otherwise the first error."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        else:
+            leaves.append(error)
+    for leaf in leaves:
+        if isinstance(leaf, ClientGone):
+            return leaf
+    return leaves[0]
 
 
 class Forwarder:
@@ -123,12 +149,16 @@ class Forwarder:
         if not request.has_body:
             await self._relay_response(exchange, upstream, outcome)
             return
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_request_body, exchange, upstream, outcome)
-            await self._relay_response(exchange, upstream, outcome)
-            # An upstream may answer before reading the whole body (e.g. 413): the rest of
-            # the upload is then abandoned, and the front end does not reuse the connection.
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_request_body, exchange, upstream, outcome)
+                await self._relay_response(exchange, upstream, outcome)
+                # An upstream may answer before reading the whole body (e.g. 413): the rest
+                # of the upload is then abandoned, and the front end does not reuse the
+                # connection.
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _decisive(group) from None
 
     async def _pump_request_body(
         self, exchange: Exchange, upstream: UpstreamStream, outcome: Outcome

@@ -238,6 +238,11 @@ class Server:
     ) -> None:
         try:
             await serve(sock, client_ip)
+        except Exception:
+            # A bug in one connection's handling must not take the listener and every other
+            # connection down with it: log it loudly and keep serving.
+            log.exception("client %s: connection handler failed", client_ip)
+            close_socket(sock)
         finally:
             lifecycle.closed()
 

@@ -232,3 +232,14 @@ async def test_connection_limit_holds_extra_clients_in_the_backlog(
             s.close()
     finally:
         await proxy.terminate()
+
+
+async def test_client_vanishing_mid_upload_does_not_hurt_the_proxy(proxy: ProxyProcess) -> None:
+    tls = await _tls_socket(proxy)
+    with tls:
+        tls.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n")
+        tls.sendall(b"x" * 70000)
+    await trio.sleep(0.5)
+    assert proxy.process.poll() is None, proxy.log()
+    lines, _ = await curl(proxy, "/echo")
+    assert lines[0] == "HTTP/1.1 200 OK"

@@ -181,14 +181,15 @@ class H1Connection:
         if conn.they_are_waiting_for_100_continue:
             await self._send(conn.send(_informational(100, [])))
         while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = await self._stream.receive_some(self._client_deadline())
-                except (OSError, StreamTimeout) as exc:
-                    raise ClientGone(f"reading request body: {exc!r}") from exc
-                conn.receive_data(data)
-                continue
+            try:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await self._stream.receive_some(self._client_deadline()))
+                    continue
+            except (OSError, StreamTimeout, h11.RemoteProtocolError) as exc:
+                # A cut-off or malformed body (bad chunk, EOF before Content-Length) ends the
+                # exchange, never the process.
+                raise ClientGone(f"reading request body: {exc!r}") from exc
             if isinstance(event, h11.Data):
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):
