@@ -5,12 +5,11 @@ forwarding handler in its own task, so a slow stream never stalls the others; h2
 every frame those tasks produce and a single writer sends the queue, so the frames of many
 streams leave in one TLS write. Flow control gives backpressure both ways: request DATA is
 acknowledged (WINDOW_UPDATE) only once the handler has read it, and response DATA is
-queued only within the client's window and while the writer keeps up with the socket.
+queued only within the client's window and while the writer keeps up with the socket (the
+reader, too, stops while output piles up).
 
-h2's own header validation is off: it is a chain of per-byte Python generators that costs
-more than the rest of a request, and it turns a malformed request into a connection error.
-`request_from_headers` checks the same rules with a few regular expressions and makes a
-malformed request a stream error (RST_STREAM), as RFC 9113 §8.1.1 says.
+h2's own header validation is off (see `proxy.http.h2_fields`, which does it for less and
+makes a malformed request a stream error, not a connection error).
 """
 
 from __future__ import annotations
@@ -18,10 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import h2.config
 import h2.connection
@@ -33,6 +31,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Http2Config, LimitsConfig
+from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_headers
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard
 from proxy.http.model import ClientGone, ConnectionInfo, Headers, Request, ResponseHead
 from proxy.lifecycle import Lifecycle
@@ -44,93 +43,10 @@ logging.getLogger("hpack").setLevel(logging.INFO)  # a debug line per header fie
 Handler = Callable[["H2Stream"], Awaitable[None]]
 
 DEFAULT_WINDOW = 65535  # RFC 9113 §6.9.2: every window starts here until SETTINGS/WINDOW_UPDATE
-OUTPUT_HIGH_WATER = 256 * 1024  # response bytes queued behind a busy writer before streams wait
+OUTPUT_HIGH_WATER = 256 * 1024  # output queued behind a busy writer before we wait for it
 LINGER_SECONDS = 2.0
-STATUS = {code: str(code).encode("ascii") for code in range(100, 600)}
+STATUS = {code: str(code).encode("ascii") for code in range(100, 1000)}
 Setting = h2.settings.SettingCodes
-
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a method
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # a field name: lower case in HTTP/2
-_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
-_NO_SPACE = re.compile(rb"[\x21-\x7e\x80-\xff]+")  # :path, :authority, Host
-CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-
-
-class Malformed(Exception):
-    """A request or trailer block RFC 9113 §8.1.1 calls malformed: a stream error."""
-
-
-def request_from_headers(
-    headers: Iterable[tuple[bytes, bytes]], end_stream: bool, client_ip: str
-) -> Request:
-    """The `Request` of a HEADERS block; raises Malformed.
-
-    :authority becomes the host (else Host); cookie crumbs are joined with "; " (RFC 9113
-    §8.2.3); connection-specific fields are refused (§8.2.2), TE allowed only as "trailers".
-    """
-    method = path = authority = host = scheme = None
-    fields: Headers = []
-    cookies: list[bytes] = []
-    regular = False
-    for name, value in headers:
-        if name.startswith(b":"):
-            if regular:
-                raise Malformed("pseudo-header after a regular field")
-            if name == b":method" and method is None:
-                method = value
-            elif name == b":path" and path is None:
-                path = value
-            elif name == b":authority" and authority is None:
-                authority = value
-            elif name == b":scheme" and scheme is None:
-                scheme = value
-            else:
-                raise Malformed(f"unexpected or repeated pseudo-header {name!r}")
-            continue
-        regular = True
-        if not _NAME.fullmatch(name) or not _VALUE.fullmatch(value):
-            raise Malformed(f"invalid field {name!r}")
-        if name == b"cookie":
-            cookies.append(value)
-        elif name == b"host":
-            if host is not None:
-                raise Malformed("repeated Host")
-            host = value
-        elif name in CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
-            raise Malformed(f"connection-specific field {name!r}")
-        else:
-            fields.append((name, value))
-    if method is None or not _TOKEN.fullmatch(method):
-        raise Malformed("missing or invalid :method")
-    if method == b"CONNECT":
-        target = authority  # authority-form, as HTTP/1.1 spells a CONNECT target
-    elif scheme is None or path is None or not (path.startswith(b"/") or path == b"*"):
-        raise Malformed("missing :scheme or invalid :path")
-    else:
-        target = path
-    if target is None or not _NO_SPACE.fullmatch(target):
-        raise Malformed("invalid request target")
-    if authority is not None and host is not None and host != authority:
-        raise Malformed("Host differs from :authority")
-    host = authority if authority is not None else host
-    if host and not _NO_SPACE.fullmatch(host):
-        raise Malformed("invalid :authority")
-    if cookies:
-        fields.append((b"cookie", b"; ".join(cookies)))
-    return Request(method, target, host or b"", fields, b"2", not end_stream, client_ip)
-
-
-def trailers_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """A trailer block as forwardable fields; raises Malformed (no pseudo-headers allowed)."""
-    fields: Headers = []
-    for name, value in headers:
-        if not _NAME.fullmatch(name) or not _VALUE.fullmatch(value):
-            raise Malformed(f"invalid trailer field {name!r}")
-        if name not in CONNECTION_SPECIFIC:
-            fields.append((name, value))
-    return fields
 
 
 def _wake(event: trio.Event | None) -> None:
@@ -295,7 +211,7 @@ class H2Stream:
                 window = conn.local_flow_control_window(stream_id)
             except h2.exceptions.ProtocolError as exc:
                 raise ClientGone(f"stream {stream_id} closed") from exc
-            if window <= 0 or owner.queued >= OUTPUT_HIGH_WATER:
+            if window <= 0 or owner.backlog() >= OUTPUT_HIGH_WATER:
                 owner.wake_writer()  # what we queued so far must go out for the window to open
                 self._send_ready = trio.Event()
                 owner.blocked.add(self)
@@ -307,7 +223,6 @@ class H2Stream:
             size = min(window, conn.max_outbound_frame_size, len(view))
             chunk = view[:size] if size < len(view) else view
             self._h2_call(conn.send_data, stream_id, chunk, end and chunk is view)
-            owner.queued += size
             view = view[size:]
         if end:
             self.out_ended = True
@@ -334,8 +249,8 @@ class H2Connection:
         http2: Http2Config,
         lifecycle: Lifecycle,
     ) -> None:
+        del sock  # the HTTP/1.1 front end's signature; h2 needs only the stream
         self._stream = stream
-        self._socket = sock
         self._handler = handler
         self._lifecycle = lifecycle
         self._config = http2
@@ -365,7 +280,7 @@ class H2Connection:
         conn.decoder.max_header_list_size = http2.max_header_list_size
         self._streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()  # streams waiting to send response DATA
-        self.queued = 0  # response bytes handed to h2 since the writer last took its output
+        self._room = trio.lowlevel.ParkingLot()  # the reader, waiting for the writer's progress
         self._writer = trio.lowlevel.ParkingLot()
         self._closing = False  # the writer flushes what is queued, then ends
         self._goaway: bytes = b""  # our graceful GOAWAY, sent outside h2 (see close_if_idle)
@@ -391,15 +306,16 @@ class H2Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write_loop)
-                graceful = await self._read_loop()
-                if not graceful:  # cancel every stream; flush a GOAWAY if the client reads
-                    for stream in list(self._streams.values()):
-                        stream.was_reset()
-                    nursery.cancel_scope.deadline = trio.current_time() + LINGER_SECONDS
+                await self._read_loop()
+                for stream in list(self._streams.values()):  # left only if cut off
+                    stream.was_reset()
+                nursery.cancel_scope.deadline = trio.current_time() + LINGER_SECONDS
                 self._closing = True
                 self._writer.unpark_all()
             if not self._peer_gone:  # let it read our last frames, GOAWAY included
                 await self._linger()
+        except Exception:  # a bug must cost this connection, not the process
+            log.exception("client %s: HTTP/2 connection failed", self.info.client_ip)
         finally:
             self._lifecycle.unregister(self)
             await self._stream.aclose()
@@ -421,10 +337,15 @@ class H2Connection:
     def wake_writer(self) -> None:
         self._writer.unpark_all()
 
+    def backlog(self) -> int:
+        """Bytes h2 has queued that the writer has not taken yet. h2 has no public query:
+        data_to_send() would take them, and would copy."""
+        return len(self.h2._data_to_send)
+
     def flush(self) -> None:
-        """Wake the writer if h2 queued output. Most reads and stream ends queue nothing, and
-        a needless wake-up costs two task switches; h2 has no public query for this."""
-        if getattr(self.h2, "_data_to_send", True):
+        """Wake the writer if h2 queued output: most reads and stream ends queue nothing, and
+        a needless wake-up costs two task switches."""
+        if self.h2._data_to_send:
             self._writer.unpark_all()
 
     def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None:
@@ -436,23 +357,23 @@ class H2Connection:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def _read_loop(self) -> bool:
-        """Read and dispatch until the connection ends; True if it ended gracefully (idle,
-        or drained after GOAWAY), False if the client left or must be cut off."""
+    async def _read_loop(self) -> None:
+        """Read and dispatch until the client leaves or must be cut off, or the connection
+        idles out, or drains after our GOAWAY."""
         while True:
             with self._idle:
                 await self._read_frames()
-                return False
+                return
             now = trio.current_time()
             if self._streams:
                 deadline = now + self.limits.keepalive_timeout
             elif self._last_stream_id is not None:
-                return True  # drained after our GOAWAY
+                return  # drained after our GOAWAY
             else:
                 deadline = self._last_active + self.limits.keepalive_timeout
                 if deadline <= now:
                     self.h2.close_connection()  # idle: GOAWAY(NO_ERROR)
-                    return True
+                    return
             self._idle = trio.CancelScope(deadline=deadline)
 
     async def _read_frames(self) -> None:
@@ -461,6 +382,10 @@ class H2Connection:
         receive = self._stream.receive_some
         guard = self._guard
         while True:
+            while self.backlog() >= OUTPUT_HIGH_WATER:
+                # The client is not reading: take no more requests (or PINGs) to answer
+                # until the writer gets through, so replies cannot pile up in memory.
+                await self._room.park()
             try:
                 data = await receive()
             except (OSError, StreamTimeout) as exc:
@@ -470,8 +395,8 @@ class H2Connection:
                 self._peer_gone = True
                 return
             try:
+                guard.received(data)
                 events = conn.receive_data(data)
-                guard.received(len(data), bool(events))
                 for event in events:
                     if self._dispatch(event):
                         return
@@ -481,9 +406,6 @@ class H2Connection:
             except EnhanceYourCalm as exc:
                 log.warning("client %s: HTTP/2 flood: %s", self.info.client_ip, exc)
                 conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, str(exc).encode())
-                return
-            except Exception:  # a bug must cost this connection, not the process
-                log.exception("client %s: HTTP/2 connection failed", self.info.client_ip)
                 return
             finally:
                 self.flush()
@@ -632,7 +554,6 @@ class H2Connection:
                 data += self._goaway
                 self._goaway = b""
             if data:
-                self.queued = 0
                 try:
                     await send_all(data, trio.current_time() + timeout)
                 except (OSError, StreamTimeout) as exc:
@@ -642,6 +563,7 @@ class H2Connection:
                     self._nursery.cancel_scope.cancel()
                     return
                 self._unblock_all()
+                self._room.unpark_all()
             elif self._closing:
                 return
             else:

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from proxy.config import Http2Config
 
+PREFACE_BYTES = 24  # "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER_BYTES = 9
+HEADERS = 0x1
+CONTINUATION = 0x9
+END_HEADERS = 0x4
 
 
 class EnhanceYourCalm(Exception):
@@ -42,27 +46,42 @@ class RateCap:
 
 
 class FloodGuard:
-    """The caps of one connection. The reader reports what each read produced."""
+    """The caps of one connection: the reader shows it every read, and counts resets and
+    control frames as h2 reports them."""
 
-    __slots__ = ("_max_quiet_bytes", "_quiet_bytes", "control", "resets")
+    __slots__ = ("_block", "_block_limit", "_head", "_skip", "control", "resets")
 
     def __init__(self, config: Http2Config) -> None:
         self.resets = RateCap(config.max_resets_per_second, "stream resets")
         self.control = RateCap(config.max_control_frames_per_second, "control frames")
-        # Every complete frame yields an h2 event, except those of a header block in
-        # progress; a partial frame is at most one frame long. So input that yields no
-        # event beyond one frame plus a maximal header list is an oversized header block,
-        # caught long before h2's own cap (64 CONTINUATION frames) would buffer 1 MiB.
-        self._max_quiet_bytes = (
-            config.max_header_list_size + config.max_frame_size + FRAME_HEADER_BYTES
-        )
-        self._quiet_bytes = 0
+        # An encoded header block is no larger than the header list it decodes to, so a
+        # block past max_header_list_size is refused before h2 buffers it (h2 alone would
+        # take 64 CONTINUATION frames: 1 MiB).
+        self._block_limit = config.max_header_list_size
+        self._block = -1  # bytes of the header block in progress; -1 when none is
+        self._skip = PREFACE_BYTES  # bytes before the next frame header
+        self._head = b""  # a frame header split across reads
 
-    def received(self, size: int, produced_events: bool) -> None:
-        """Account one read of `size` bytes; raises EnhanceYourCalm for an endless header block."""
-        if produced_events:
-            self._quiet_bytes = 0
-            return
-        self._quiet_bytes += size
-        if self._quiet_bytes > self._max_quiet_bytes:
-            raise EnhanceYourCalm(f"header block larger than {self._max_quiet_bytes} bytes")
+    def received(self, data: bytes) -> None:
+        """Follow the frame headers in `data` (payloads are skipped, h2 parses them);
+        raises EnhanceYourCalm for an oversized header block."""
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        size = len(data)
+        pos = self._skip
+        while pos + FRAME_HEADER_BYTES <= size:
+            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            kind = data[pos + 3]
+            if kind == HEADERS or (kind == CONTINUATION and self._block >= 0):
+                self._block = max(self._block, 0) + length
+                if data[pos + 4] & END_HEADERS:
+                    self._block = -1
+                elif self._block > self._block_limit:
+                    raise EnhanceYourCalm(f"header block beyond {self._block_limit} bytes")
+            pos += FRAME_HEADER_BYTES + length
+        if pos < size:
+            self._head = data[pos:]
+            self._skip = 0
+        else:
+            self._skip = pos - size

@@ -1,0 +1,50 @@
+"""The HTTP/2 flood caps on their own: frame boundaries followed across arbitrary reads."""
+
+from __future__ import annotations
+
+import pytest
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, SettingsFrame
+
+from proxy.config import Http2Config
+from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard, RateCap
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+LIMIT = 20000
+
+
+def _feed(data: bytes, step: int) -> None:
+    guard = FloodGuard(Http2Config(max_header_list_size=LIMIT))
+    for start in range(0, len(data), step):
+        guard.received(data[start : start + step])
+
+
+def _block(*sizes: int, ended: bool) -> bytes:
+    """HEADERS then CONTINUATION frames of `sizes` bytes; END_HEADERS on the last if `ended`."""
+    frames = [HeadersFrame(1, data=bytes(sizes[0]))]
+    frames += [ContinuationFrame(1, data=bytes(size)) for size in sizes[1:]]
+    if ended:
+        frames[-1].flags.add("END_HEADERS")
+    return b"".join(frame.serialize() for frame in frames)
+
+
+@pytest.mark.parametrize("step", [1, 7, 9, 1000, 1 << 20])
+def test_ordinary_traffic_and_big_bodies_pass(step: int) -> None:
+    data = PREFACE + SettingsFrame(0).serialize() + _block(8000, 8000, 3000, ended=True)
+    data += b"".join(DataFrame(1, data=bytes(16384)).serialize() for _ in range(10))
+    _feed(data, step)
+
+
+@pytest.mark.parametrize("step", [1, 7, 9, 1000, 1 << 20])
+def test_a_header_block_beyond_the_limit_is_refused(step: int) -> None:
+    data = PREFACE + _block(16000, 16000, 16000, ended=False)
+    with pytest.raises(EnhanceYourCalm, match="header block beyond 20000 bytes"):
+        _feed(data, step)
+
+
+def test_rate_cap_counts_per_second() -> None:
+    cap = RateCap(2, "pings")
+    cap.hit(10.0)
+    cap.hit(10.5)
+    with pytest.raises(EnhanceYourCalm, match="more than 2 pings per second"):
+        cap.hit(10.9)
+    cap.hit(11.1)  # a new window
