@@ -841,6 +841,12 @@ https = {port}
 dir = "{certs_dir}"
 issuer = "local"
 
+[access_log]
+enabled = false  # like the reference nginx (access_log off)
+
+[admin]
+enabled = false  # metrics stay on; no fixed admin port to collide with
+
 [[sites]]
 hosts = ["localhost"]
 upstreams = ["http://127.0.0.1:{backend_port}"]

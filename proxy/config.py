@@ -75,7 +75,7 @@ class LimitsConfig:
     max_connections: int = 10000  # concurrent client connections per process
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 60.0  # waiting for the upstream's response head or next byte
-    upstream_keepalive: int = 32  # idle pooled connections kept per upstream
+    upstream_keepalive: int = 128  # idle pooled connections kept per upstream
     grace_period: float = 30.0  # shutdown: how long in-flight requests may still run
     shutdown_delay: float = 0.0  # after SIGTERM, keep serving (readiness 503) this long first
 
