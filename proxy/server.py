@@ -287,9 +287,8 @@ class Server:
         if stream.alpn_protocol == "h2":
             config = self.config
             await H2Connection(
-                stream, stream.socket, info, self._forward, config.limits, config.http2,
-                self.lifecycle,
-            ).serve()  # fmt: skip
+                stream, info, self._forward, config.limits, config.http2, self.lifecycle
+            ).serve()
         else:
             await self._h1(stream, stream.socket, info, self._forward)
 

@@ -196,7 +196,7 @@ async def test_unread_request_data_is_acknowledged_when_a_stream_ends() -> None:
     ours, theirs = socket.socketpair()
     info = ConnectionInfo("127.0.0.1", None, "h2")
     connection = H2Connection(
-        SocketStream(ours), ours, info, handler, LimitsConfig(), Http2Config(), Lifecycle(1)
+        SocketStream(ours), info, handler, LimitsConfig(), Http2Config(), Lifecycle(1)
     )
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

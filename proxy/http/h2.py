@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -242,14 +241,12 @@ class H2Connection:
     def __init__(
         self,
         stream: ByteStream,
-        sock: socket.socket,
         info: ConnectionInfo,
         handler: Handler,
         limits: LimitsConfig,
         http2: Http2Config,
         lifecycle: Lifecycle,
     ) -> None:
-        del sock  # the HTTP/1.1 front end's signature; h2 needs only the stream
         self._stream = stream
         self._handler = handler
         self._lifecycle = lifecycle
