@@ -13,7 +13,12 @@ from collections.abc import Sequence
 import trio
 
 from proxy.config import Config, SiteConfig
-from proxy.http.headers import client_response_headers, upstream_request_headers
+from proxy.http.headers import (
+    client_response_headers,
+    requested_upgrade,
+    upgrade_headers,
+    upstream_request_headers,
+)
 from proxy.http.model import (
     ClientGone,
     Exchange,
@@ -21,8 +26,10 @@ from proxy.http.model import (
     Observer,
     Outcome,
     ResponseHead,
+    Upgradable,
     plain_response,
 )
+from proxy.netio import ByteStream, StreamTimeout
 from proxy.upstream.pool import Upstreams, UpstreamUnavailable
 from proxy.upstream.stream import (
     BodyEnd,
@@ -179,6 +186,9 @@ class Forwarder:
         timeout = self._timeout
         first = await upstream.next_event(timeout)
         while isinstance(first, ResponseHead) and first.status < 200:
+            if first.status == 101:
+                await self._switch_protocols(exchange, upstream, first, outcome)
+                return
             await exchange.send_informational(first)
             first = await upstream.next_event(timeout)
         if not isinstance(first, ResponseHead):
@@ -208,6 +218,45 @@ class Forwarder:
         if not isinstance(event, BodyEnd):
             raise UpstreamClosed(f"{upstream.url} sent a second response head")
         await exchange.send_end(event.trailers)
+
+    async def _switch_protocols(
+        self, exchange: Exchange, upstream: UpstreamStream, head: ResponseHead, outcome: Outcome
+    ) -> None:
+        """The upstream accepted the client's Upgrade (WebSocket): relay its 101, then carry
+        bytes both ways until either side closes. No idle timeout, as Caddy: WebSocket
+        applications keep their own pings. A reload leaves the tunnel running."""
+        protocol = exchange.request.upgrade
+        if not (
+            protocol is not None
+            and isinstance(exchange, Upgradable)
+            and isinstance(upstream, Upgradable)
+        ):
+            raise UpstreamClosed(f"{upstream.url} switched protocols without being asked")
+        outcome.upstream_time = trio.current_time() - outcome.started
+        outcome.status = 101
+        protocol = requested_upgrade(head.headers) or protocol
+        headers = client_response_headers(head.headers, head.http_version, None)
+        switch = ResponseHead(101, headers + upgrade_headers(protocol))
+        client_rest, client = await exchange.switch_protocols(switch)
+        upstream_rest, server = await upstream.switch_protocols(None)
+
+        async def carry(rest: bytes, source: ByteStream, sink: ByteStream, upload: bool) -> None:
+            try:
+                data = rest or await source.receive_some()
+                while data:
+                    await sink.send_all(data)
+                    if upload:
+                        outcome.bytes_in += len(data)
+                    else:
+                        outcome.bytes_out += len(data)
+                    data = await source.receive_some()
+            except (OSError, StreamTimeout):
+                pass
+            tunnel.cancel_scope.cancel()  # one side is gone: the session is over
+
+        async with trio.open_nursery() as tunnel:
+            tunnel.start_soon(carry, client_rest, client, server, True)
+            tunnel.start_soon(carry, upstream_rest, server, client, False)
 
     async def _fail(self, exchange: Exchange, outcome: Outcome, status: int, message: str) -> None:
         """Report an upstream failure: an error response if none started, else abort."""

@@ -13,6 +13,7 @@ Routes:
   /hsts             sets its own Strict-Transport-Security
   /trailers         chunked body with trailers: x-trailer, and x-echo-* of the request's trailers
   /hold             never answers; records in `hangups` when the proxy closes the connection
+  /upgrade          accepts `Upgrade: echo`, then sends back every byte upper-cased
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ async def _respond(
             sent += len(piece)
         await _send(stream, conn, h11.EndOfMessage())
         return
+    if path == "/upgrade":
+        await _upgraded_echo(stream, conn, headers)
+        return
     if path == "/upload":
         body = await _read_body(stream, conn)
         if body is None:
@@ -156,6 +160,26 @@ async def _respond(
     payload = json.dumps(echo).encode()
     extra = [("strict-transport-security", "max-age=5")] if path == "/hsts" else []
     await _send(stream, conn, _ok(payload, extra), h11.Data(data=payload), h11.EndOfMessage())
+
+
+async def _upgraded_echo(
+    stream: trio.SocketStream, conn: h11.Connection, headers: dict[str, str]
+) -> None:
+    """A protocol switch as a WebSocket server does it, with a trivial protocol after it."""
+    if headers.get("upgrade") != "echo" or "upgrade" not in headers.get("connection", ""):
+        await _send(stream, conn, h11.Response(status_code=426, headers=[("content-length", "0")]))
+        return
+    switch = h11.InformationalResponse(
+        status_code=101, headers=[("connection", "upgrade"), ("upgrade", "echo")]
+    )
+    await _send(stream, conn, switch)
+    data = conn.trailing_data[0]
+    while True:
+        if data:
+            await stream.send_all(data.upper())
+        data = await stream.receive_some(CHUNK)
+        if not data:
+            return
 
 
 def _ok(body: bytes, extra: list[tuple[str, str]] | None = None) -> h11.Response:

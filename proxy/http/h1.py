@@ -16,6 +16,7 @@ import h11
 import trio
 
 from proxy.config import LimitsConfig
+from proxy.http.headers import requested_upgrade
 from proxy.http.model import (
     ClientGone,
     ConnectionInfo,
@@ -142,18 +143,28 @@ class H1Connection:
             return None  # ConnectionClosed
         host = b""
         headers: Headers = []
-        has_body = False
+        has_body = upgrade_asked = False
         for name, value in event.headers:
             if name == b"host":
                 host = value
             else:
                 if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
                     has_body = True
+                elif name == b"upgrade":
+                    upgrade_asked = True
                 headers.append((name, value))
         if not has_body:
             conn.next_event()  # the EndOfMessage of an empty body is already decodable
+        upgrade = requested_upgrade(headers) if upgrade_asked else None
         return Request(
-            event.method, event.target, host, headers, event.http_version, has_body, self.client_ip
+            event.method,
+            event.target,
+            host,
+            headers,
+            event.http_version,
+            has_body,
+            self.client_ip,
+            upgrade,
         )
 
     async def _reject(self, exc: h11.RemoteProtocolError) -> None:
@@ -201,6 +212,14 @@ class H1Connection:
         if head.status == 100:
             return  # we sent our own 100 Continue when the body was first read
         await self._send(self._h11.send(_informational(head.status, head.headers)))
+
+    async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
+        """Send the 101: h11 then hands the connection over, with any bytes the client
+        already sent in the new protocol. The connection ends when the tunnel does."""
+        assert head is not None
+        await self._send(self._h11.send(_informational(head.status, head.headers)))
+        self.head_sent = True
+        return self._h11.trailing_data[0], self._stream
 
     async def send_head(self, head: ResponseHead, body: bytes, end: bool) -> None:
         conn = self._h11

@@ -39,6 +39,18 @@ def _accepts_trailers(headers: Headers) -> bool:
     )
 
 
+def requested_upgrade(headers: Headers) -> bytes | None:
+    """The protocol an HTTP/1.1 request asks to switch to: Upgrade, listed in Connection."""
+    if b"upgrade" not in _connection_tokens(headers):
+        return None
+    return next((value for name, value in headers if name == b"upgrade"), None)
+
+
+def upgrade_headers(protocol: bytes) -> Headers:
+    """The hop-by-hop pair that carries an upgrade across the proxy (RFC 9110 §7.8)."""
+    return [(b"connection", b"upgrade"), (b"upgrade", protocol)]
+
+
 def without_hop_by_hop(headers: Headers) -> Headers:
     named = _connection_tokens(headers)
     return [
@@ -80,6 +92,8 @@ def upstream_request_headers(request: Request, chunked: bool) -> Headers:
     out.append((b"via", via))
     if chunked:
         out.append((b"transfer-encoding", b"chunked"))
+    if request.upgrade is not None:
+        out += upgrade_headers(request.upgrade)
     return out
 
 

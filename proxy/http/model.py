@@ -7,7 +7,9 @@ objects and implement `Exchange`; everything after that point is protocol-agnost
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from proxy.netio import ByteStream
 
 Headers = list[tuple[bytes, bytes]]  # lower-case names
 
@@ -25,6 +27,7 @@ class Request:
     http_version: bytes  # b"1.0", b"1.1" or b"2"
     has_body: bool  # whether body data follows (known from framing)
     client_ip: str
+    upgrade: bytes | None = None  # HTTP/1.1 protocol upgrade asked for (e.g. b"websocket")
 
     @property
     def protocol(self) -> str:
@@ -67,6 +70,17 @@ class Outcome:
 class Observer(Protocol):
     def record(self, outcome: Outcome) -> None:
         """Called once per request, after it ended; must not block."""
+        ...
+
+
+@runtime_checkable
+class Upgradable(Protocol):
+    """A connection that can leave HTTP for the protocol the client asked for (HTTP/1.1
+    Upgrade: WebSocket). Both the client side and an upstream connection may be one."""
+
+    async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
+        """Complete the switch (the client side sends `head`, the 101) and hand over the raw
+        stream with the bytes already read past the HTTP head."""
         ...
 
 

@@ -12,7 +12,7 @@ import trio
 from proxy.config import LimitsConfig, Upstream
 from proxy.http.h1 import start_next_cycle
 from proxy.http.model import Headers, ResponseHead
-from proxy.netio import StreamTimeout, close_socket
+from proxy.netio import ByteStream, StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, Transport
 from proxy.upstream.stream import BodyEnd, UpstreamClosed, UpstreamEvent, UpstreamTimeout
 
@@ -91,6 +91,12 @@ class H1UpstreamConnection:
         if event is h11.NEED_DATA:
             return None
         raise UpstreamClosed(f"{self.url} closed the connection mid-response")
+
+    async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
+        """After the upstream's 101: the raw connection and the bytes read past its head.
+        The connection is never pooled again (h11 stays in SWITCHED_PROTOCOL)."""
+        del head  # the upstream sent it; nothing to send from this side
+        return self._h11.trailing_data[0], self.stream
 
     def release(self) -> None:
         self._pool.release(self)
