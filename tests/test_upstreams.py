@@ -277,3 +277,17 @@ async def test_untrusted_upstream_certificate_is_502_with_the_reason(
             "verification failed for 127.0.0.1: unable to get local issuer certificate"
         ) in proxy.log()
     assert backend.requests == []
+
+
+async def test_upgrade_request_to_an_h2c_upstream_goes_as_a_plain_request(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """HTTP/2 has no Upgrade (RFC 9113 §8.2.2): the connection-specific fields are dropped
+    and the upstream's ordinary answer comes back."""
+    backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend())
+    async with proxy_for(tmp_path, site(backend.url)) as proxy:
+        upgrade = ("-H", "Connection: Upgrade", "-H", "Upgrade: websocket")
+        status, body = await curl(proxy, "/echo", "--http1.1", *upgrade)
+        assert status == 200
+        seen = json.loads(body)["headers"]
+        assert "upgrade" not in seen and "connection" not in seen

@@ -28,6 +28,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from proxy.config import LimitsConfig, Upstream
+from proxy.http.headers import HOP_BY_HOP
 from proxy.http.model import Headers, ResponseHead
 from proxy.netio import StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, OtherProtocol, Transport
@@ -82,16 +83,21 @@ class _GoawayKeepsStreams(h2.connection.H2ConnectionStateMachine):
     }
 
 
+# Connection-specific fields have no place in HTTP/2 (RFC 9113 §8.2.2): HTTP/1.1 framing
+# (Transfer-Encoding) and an Upgrade request's Connection/Upgrade. TE stays: the header policy
+# has already reduced it to "trailers", the one value HTTP/2 allows.
+_NOT_IN_HTTP2 = HOP_BY_HOP - {b"te"}
+
+
 def request_fields(method: bytes, target: bytes, headers: Headers, scheme: bytes) -> Headers:
-    """The HTTP/2 fields of a request: Host (first, as the core sends it) becomes :authority;
-    Transfer-Encoding, HTTP/1.1 framing, has no place in HTTP/2 (RFC 9113 §8.2.2)."""
+    """The HTTP/2 fields of a request: Host (first, as the core sends it) becomes :authority."""
     fields: Headers = [
         (b":method", method),
         (b":scheme", scheme),
         (b":authority", headers[0][1]),
         (b":path", target),
     ]
-    fields += [field for field in headers[1:] if field[0] != b"transfer-encoding"]
+    fields += [field for field in headers[1:] if field[0] not in _NOT_IN_HTTP2]
     return fields
 
 
