@@ -28,7 +28,7 @@ from proxy.http.h2 import H2Connection
 from proxy.http.model import ConnectionInfo, Exchange, Observer
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
-from proxy.netio import ByteStream, SocketStream, StreamTimeout, close_socket
+from proxy.netio import SocketStream, StreamTimeout, close_socket
 from proxy.tls.clienthello import ClientHello, ClientHelloError
 from proxy.tls.stream import TLSStream, peek_client_hello
 
@@ -147,8 +147,11 @@ class Server:
                     log.info("listening for %s on %s port %d", b.kind, b.host, b.port)
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as acceptors:
+                        redirect = functools.partial(
+                            self._serve_plain_http, self._redirect, self.lifecycle
+                        )
                         for sock, kind in listeners:
-                            serve = self._serve_tls if kind == "https" else self._serve_http
+                            serve = self._serve_tls if kind == "https" else redirect
                             acceptors.start_soon(
                                 self._accept_loop, sock, serve, connections, self.lifecycle
                             )
@@ -202,7 +205,7 @@ class Server:
             log.info("listening for admin on %s port %d", host, port)
             lifecycle = Lifecycle(ADMIN_MAX_CONNECTIONS)
             handler = AdminHandler(self.metrics, self)
-            serve = functools.partial(self._serve_admin_connection, handler, lifecycle)
+            serve = functools.partial(self._serve_plain_http, handler, lifecycle)
             async with trio.open_nursery() as connections:
                 task_status.started()
                 await self._accept_loop(sock, serve, connections, lifecycle)
@@ -246,17 +249,13 @@ class Server:
         finally:
             lifecycle.closed()
 
-    async def _serve_admin_connection(
+    async def _serve_plain_http(
         self, handler: Handler, lifecycle: Lifecycle, sock: socket.socket, client_ip: str
     ) -> None:
+        """HTTP/1.1 without TLS: the redirector's port and the admin listener."""
         info = ConnectionInfo(client_ip, None, None)
         limits = self.config.limits
         await H1Connection(SocketStream(sock), sock, info, handler, limits, lifecycle).serve()
-
-    async def _serve_http(self, sock: socket.socket, client_ip: str) -> None:
-        stream = SocketStream(sock)
-        info = ConnectionInfo(client_ip, None, None)
-        await self._h1(stream, sock, info, self._redirect)
 
     async def _serve_tls(self, sock: socket.socket, client_ip: str) -> None:
         deadline = trio.current_time() + self.config.limits.header_timeout
@@ -290,7 +289,9 @@ class Server:
                 stream, info, self._forward, config.limits, config.http2, self.lifecycle
             ).serve()
         else:
-            await self._h1(stream, stream.socket, info, self._forward)
+            await H1Connection(
+                stream, stream.socket, info, self._forward, self.config.limits, self.lifecycle
+            ).serve()
 
     def _context_for(self, hello: ClientHello) -> ssl.SSLContext:
         """The certificate for this ClientHello. A pending TLS-ALPN-01 challenge (RFC 8737)
@@ -300,12 +301,6 @@ class Server:
             if challenge is not None:
                 return challenge
         return self.certs.context_for(hello.server_name)
-
-    async def _h1(
-        self, stream: ByteStream, sock: socket.socket, info: ConnectionInfo, handler: Handler
-    ) -> None:
-        limits = self.config.limits
-        await H1Connection(stream, sock, info, handler, limits, self.lifecycle).serve()
 
     async def _refuse_non_tls(self, sock: socket.socket, client_ip: str) -> None:
         """Plain HTTP sent to the TLS port gets a readable answer, as Go and Caddy give."""
