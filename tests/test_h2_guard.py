@@ -29,9 +29,15 @@ def _block(*sizes: int, ended: bool) -> bytes:
 
 @pytest.mark.parametrize("step", [1, 7, 9, 1000, 1 << 20])
 def test_ordinary_traffic_and_big_bodies_pass(step: int) -> None:
+    """A block just under the limit and 160 KiB of DATA pass; the guard still follows the
+    frame boundaries after them, so a block over the limit that comes next is refused."""
     data = PREFACE + SettingsFrame(0).serialize() + _block(8000, 8000, 3000, ended=True)
     data += b"".join(DataFrame(1, data=bytes(16384)).serialize() for _ in range(10))
-    _feed(data, step)
+    oversized = _block(16000, 16000, ended=False)
+    with pytest.raises(EnhanceYourCalm) as refused:
+        _feed(data + oversized, step)
+    assert refused.value.args == (f"header block beyond {LIMIT} bytes",)
+    _feed(data, step)  # and without it, nothing is refused
 
 
 @pytest.mark.parametrize("step", [1, 7, 9, 1000, 1 << 20])
