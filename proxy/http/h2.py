@@ -34,7 +34,7 @@ from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard
 from proxy.http.model import ClientGone, ConnectionInfo, Headers, Request, ResponseHead
 from proxy.lifecycle import Lifecycle
-from proxy.netio import ByteStream, StreamTimeout
+from proxy.netio import ByteStream, CoalescingWriter, StreamTimeout
 
 log = logging.getLogger(__name__)
 logging.getLogger("hpack").setLevel(logging.INFO)  # a debug line per header field otherwise
@@ -278,8 +278,9 @@ class H2Connection:
         self._streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()  # streams waiting to send response DATA
         self._room = trio.lowlevel.ParkingLot()  # the reader, waiting for the writer's progress
-        self._writer = trio.lowlevel.ParkingLot()
-        self._closing = False  # the writer flushes what is queued, then ends
+        self._writer = CoalescingWriter(
+            stream, limits.client_timeout, self._take_output, self._output_sent
+        )
         self._goaway: bytes = b""  # our graceful GOAWAY, sent outside h2 (see close_if_idle)
         self._last_stream_id: int | None = None  # set once GOAWAY is queued
         # The reader's idle timeout: header_timeout for the first request, then
@@ -307,8 +308,7 @@ class H2Connection:
                 for stream in list(self._streams.values()):  # left only if cut off
                     stream.was_reset()
                 nursery.cancel_scope.deadline = trio.current_time() + LINGER_SECONDS
-                self._closing = True
-                self._writer.unpark_all()
+                self._writer.close()
             if not self._peer_gone:  # let it read our last frames, GOAWAY included
                 await self._linger()
         except Exception:  # a bug must cost this connection, not the process
@@ -332,7 +332,7 @@ class H2Connection:
             self._idle.cancel()
 
     def wake_writer(self) -> None:
-        self._writer.unpark_all()
+        self._writer.wake()
 
     def backlog(self) -> int:
         """Bytes h2 has queued that the writer has not taken yet. h2 has no public query:
@@ -343,7 +343,7 @@ class H2Connection:
         """Wake the writer if h2 queued output: most reads and stream ends queue nothing, and
         a needless wake-up costs two task switches."""
         if self.h2._data_to_send:
-            self._writer.unpark_all()
+            self._writer.wake()
 
     def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None:
         if not stream.reset:
@@ -541,30 +541,25 @@ class H2Connection:
     # -- writing ---------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        """Send whatever h2 has queued, in one write per wake-up, until told to close."""
-        conn = self.h2
-        send_all = self._stream.send_all
-        timeout = self.limits.client_timeout
-        while True:
-            data = conn.data_to_send()
-            if self._goaway:
-                data += self._goaway
-                self._goaway = b""
-            if data:
-                try:
-                    await send_all(data, trio.current_time() + timeout)
-                except (OSError, StreamTimeout) as exc:
-                    log.debug("client %s: h2 write failed: %r", self.info.client_ip, exc)
-                    self._peer_gone = True
-                    assert self._nursery is not None
-                    self._nursery.cancel_scope.cancel()
-                    return
-                self._unblock_all()
-                self._room.unpark_all()
-            elif self._closing:
-                return
-            else:
-                await self._writer.park()
+        try:
+            await self._writer.run()
+        except (OSError, StreamTimeout) as exc:
+            log.debug("client %s: h2 write failed: %r", self.info.client_ip, exc)
+            self._peer_gone = True
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+
+    def _take_output(self) -> bytes:
+        """h2's queued frames, then our own GOAWAY (h2 sends none after close_if_idle)."""
+        data = self.h2.data_to_send()
+        if self._goaway:
+            data += self._goaway
+            self._goaway = b""
+        return data
+
+    def _output_sent(self) -> None:
+        self._unblock_all()
+        self._room.unpark_all()
 
     async def _linger(self) -> None:
         """Read until the client closes (briefly): closing with unread input (its last

@@ -30,7 +30,7 @@ from h2.errors import ErrorCodes
 from proxy.config import LimitsConfig, Upstream
 from proxy.http.headers import HOP_BY_HOP
 from proxy.http.model import Headers, ResponseHead
-from proxy.netio import StreamTimeout, close_socket
+from proxy.netio import CoalescingWriter, StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, OtherProtocol, Transport
 from proxy.upstream.stream import (
     BodyEnd,
@@ -304,8 +304,9 @@ class H2UpstreamConnection:
         self._unsent = bytearray()  # h2's output taken by the reader, for the writer to send
         self._usable = True  # the pool may hand out new streams on it
         self._refusing = False  # no new stream may start: GOAWAY, failure, or closing
-        self._closing = False  # the writer flushes what is queued, then ends
-        self._writer = trio.lowlevel.ParkingLot()
+        self._writer = CoalescingWriter(
+            transport.stream, self._timeout, self._take_for_writer, self._unblock_all
+        )
         self._idle = trio.CancelScope()  # its deadline is the idle timeout; cancelled when done
         self._scope: trio.CancelScope | None = None
 
@@ -355,8 +356,7 @@ class H2UpstreamConnection:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._write_loop)
                 if await self._read_loop():
-                    self._closing = True  # flush our GOAWAY, then the writer ends
-                    self.wake_writer()
+                    self._writer.close()  # flush our GOAWAY, then the writer ends
         finally:
             self._usable = False
             self._refusing = True
@@ -424,7 +424,7 @@ class H2UpstreamConnection:
                 self._idle.cancel()
 
     def wake_writer(self) -> None:
-        self._writer.unpark_all()
+        self._writer.wake()
 
     def _take_output(self) -> None:
         """Hand what h2 queued (if anything) to the writer: most acknowledgments queue no
@@ -432,7 +432,7 @@ class H2UpstreamConnection:
         data = self.h2.data_to_send()
         if data:
             self._unsent += data
-            self._writer.unpark_all()
+            self._writer.wake()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -560,31 +560,22 @@ class H2UpstreamConnection:
     # -- writing ---------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        """Send whatever h2 has queued, in one write per wake-up, until told to close."""
-        conn = self.h2
-        send_all = self._transport.stream.send_all
-        while True:
-            data = conn.data_to_send()
-            if self._unsent:
-                data = bytes(self._unsent) + data
-                self._unsent.clear()
-            if data:
-                self.queued = 0
-                try:
-                    await send_all(data, trio.current_time() + self._timeout)
-                except StreamTimeout:
-                    self._fail(
-                        UpstreamTimeout(f"{self.url} stopped reading for {self._timeout:g}s")
-                    )
-                    return
-                except OSError as exc:
-                    self._fail(UpstreamClosed(f"sending to {self.url}: {exc}"))
-                    return
-                self._unblock_all()
-            elif self._closing:
-                return
-            else:
-                await self._writer.park()
+        try:
+            await self._writer.run()
+        except StreamTimeout:
+            self._fail(UpstreamTimeout(f"{self.url} stopped reading for {self._timeout:g}s"))
+        except OSError as exc:
+            self._fail(UpstreamClosed(f"sending to {self.url}: {exc}"))
+
+    def _take_for_writer(self) -> bytes:
+        """What the reader took from h2 earlier, then what h2 queued since."""
+        data = self.h2.data_to_send()
+        if self._unsent:
+            data = bytes(self._unsent) + data
+            self._unsent.clear()
+        if data:
+            self.queued = 0
+        return data
 
 
 class _Attempt:
