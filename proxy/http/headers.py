@@ -29,14 +29,13 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def _accepts_trailers(headers: Headers) -> bool:
-    """Whether a TE header lists the "trailers" token (RFC 9110 §10.1.4)."""
-    return any(
-        token.partition(b";")[0].strip().lower() == b"trailers"
-        for name, value in headers
-        if name == b"te"
-        for token in value.split(b",")
-    )
+def _lists_trailers(te: bytes) -> bool:
+    """Whether a TE value lists the "trailers" token (RFC 9110 §10.1.4)."""
+    return any(token.partition(b";")[0].strip().lower() == b"trailers" for token in te.split(b","))
+
+
+def _hop_by_hop(name: bytes, named: frozenset[bytes]) -> bool:
+    return name in HOP_BY_HOP or name in named or name.startswith(b"proxy-")
 
 
 def requested_upgrade(headers: Headers) -> bytes | None:
@@ -53,11 +52,7 @@ def upgrade_headers(protocol: bytes) -> Headers:
 
 def without_hop_by_hop(headers: Headers) -> Headers:
     named = _connection_tokens(headers)
-    return [
-        (name, value)
-        for name, value in headers
-        if name not in HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")
-    ]
+    return [(name, value) for name, value in headers if not _hop_by_hop(name, named)]
 
 
 def _via(http_version: bytes) -> bytes:
@@ -76,15 +71,21 @@ def upstream_request_headers(request: Request, chunked: bool) -> Headers:
     """
     forwarded_for = request.client_ip.encode("ascii")
     via = _via(request.http_version)
+    trailers = False
+    named = _connection_tokens(request.headers)
     out: Headers = [(b"host", request.host)]
-    for name, value in without_hop_by_hop(request.headers):
-        if name == b"x-forwarded-for":
+    for name, value in request.headers:
+        if name == b"te":
+            trailers = trailers or _lists_trailers(value)
+        elif _hop_by_hop(name, named):
+            continue
+        elif name == b"x-forwarded-for":
             forwarded_for = value + b", " + forwarded_for
         elif name == b"via":
             via = value + b", " + via
         elif name not in (b"x-forwarded-proto", b"x-forwarded-host", b"expect"):
             out.append((name, value))
-    if _accepts_trailers(request.headers):
+    if trailers:
         out.append((b"te", b"trailers"))
     out.append((b"x-forwarded-for", forwarded_for))
     out.append((b"x-forwarded-proto", b"https"))
