@@ -33,7 +33,9 @@ from proxy.netio import ByteStream, StreamTimeout
 from proxy.upstream.pool import Upstreams, UpstreamUnavailable
 from proxy.upstream.stream import (
     BodyEnd,
+    UnforwardableRequest,
     UpstreamClosed,
+    UpstreamProtocolError,
     UpstreamRefused,
     UpstreamStream,
     UpstreamTimeout,
@@ -117,6 +119,9 @@ class Forwarder:
         except UpstreamClosed as exc:
             log.error("site %s: upstream error: %s", site.name, exc)
             await self._fail(exchange, outcome, 502, "Bad Gateway")
+        except UnforwardableRequest as exc:
+            log.info("client %s: bad request: %s", exchange.request.client_ip, exc)
+            await self._fail(exchange, outcome, 400, "Bad Request")
 
     async def _forward(self, exchange: Exchange, site: SiteConfig, outcome: Outcome) -> None:
         request = exchange.request
@@ -136,7 +141,12 @@ class Forwarder:
                 if isinstance(exc, UpstreamRefused):
                     retry = attempt < MAX_ATTEMPTS
                 else:
-                    retry = attempt == 1 and upstream.reused and not request.has_body
+                    retry = (
+                        attempt == 1
+                        and upstream.reused
+                        and not request.has_body
+                        and not isinstance(exc, UpstreamProtocolError)
+                    )
                 if not retry or exchange.head_sent:
                     raise
             except BaseException:

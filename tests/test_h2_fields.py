@@ -73,11 +73,26 @@ def test_asterisk_and_authority_form_targets(
         [*BASE, (b"transfer-encoding", b"chunked")],
         [*BASE, (b"upgrade", b"h2c")],
         [*BASE, (b"te", b"gzip")],
+        # What an HTTP/1.1 upstream could not be sent, refused as the same request over
+        # HTTP/1.1 would be:
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", "/caf\u00e9".encode())],
+        [*BASE, (b"content-length", b"1")],  # with END_STREAM: a body that never comes
+        [*BASE, (b"content-length", b"0x1")],
+        [*BASE, (b"content-length", b"-1")],
+        [*BASE, (b"content-length", b"1, 1")],
+        [*BASE, (b"content-length", b"0"), (b"content-length", b"1")],
     ],
 )
 def test_malformed_requests(fields: list[tuple[bytes, bytes]]) -> None:
     with pytest.raises(Malformed):
         request_from_headers(fields, True, "::1")
+
+
+def test_content_length_with_a_body_to_come() -> None:
+    fields = [*BASE, (b"content-length", b"5"), (b"content-length", b"5")]
+    request = request_from_headers(fields, False, "::1")
+    assert request.has_body and request.headers == fields[3:]
+    assert not request_from_headers([*BASE, (b"content-length", b"0")], True, "::1").has_body
 
 
 def test_trailers() -> None:

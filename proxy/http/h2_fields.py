@@ -17,7 +17,9 @@ from proxy.http.model import Headers, Request
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a method
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # a field name: lower case in HTTP/2
 _VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
-_NO_SPACE = re.compile(rb"[\x21-\x7e\x80-\xff]+")  # :path, :authority, Host
+_NO_SPACE = re.compile(rb"[\x21-\x7e\x80-\xff]+")  # :authority, Host
+_TARGET = re.compile(rb"[\x21-\x7e]+")  # :path: visible ASCII, as an HTTP/1.1 request line
+_DIGITS = re.compile(rb"[0-9]{1,18}")
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
@@ -39,6 +41,7 @@ def request_from_headers(
     fields: Headers = []
     cookies: list[bytes] = []
     regular = False
+    length: bytes | None = None
     for name, value in headers:
         if name.startswith(b":"):
             if regular:
@@ -66,7 +69,13 @@ def request_from_headers(
         elif name in CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
             raise Malformed(f"connection-specific field {name!r}")
         else:
+            if name == b"content-length":
+                if not _DIGITS.fullmatch(value) or (length is not None and value != length):
+                    raise Malformed("invalid or conflicting content-length")
+                length = value
             fields.append((name, value))
+    if end_stream and length is not None and int(length) != 0:
+        raise Malformed("content-length promises a body the stream does not have")
     if method is None or not _TOKEN.fullmatch(method):
         raise Malformed("missing or invalid :method")
     if method == b"CONNECT":
@@ -75,7 +84,7 @@ def request_from_headers(
         raise Malformed("missing :scheme or invalid :path")
     else:
         target = path
-    if target is None or not _NO_SPACE.fullmatch(target):
+    if target is None or not _TARGET.fullmatch(target):
         raise Malformed("invalid request target")
     if authority is not None and host is not None and host != authority:
         raise Malformed("Host differs from :authority")

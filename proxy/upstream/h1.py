@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections import deque
 from typing import Any
@@ -14,7 +15,16 @@ from proxy.http.h1 import start_next_cycle
 from proxy.http.model import Headers, ResponseHead
 from proxy.netio import ByteStream, StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, Transport
-from proxy.upstream.stream import BodyEnd, UpstreamClosed, UpstreamEvent, UpstreamTimeout
+from proxy.upstream.stream import (
+    BodyEnd,
+    UnforwardableRequest,
+    UpstreamClosed,
+    UpstreamEvent,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+log = logging.getLogger(__name__)
 
 IDLE_LIFETIME = 60.0  # seconds an idle pooled connection is kept (nginx: keepalive_timeout 60s)
 
@@ -23,7 +33,17 @@ class H1UpstreamConnection:
     """One keep-alive connection. It is the `UpstreamStream` of the one request it carries
     at a time, and goes back to its pool when that exchange completes cleanly."""
 
-    __slots__ = ("_h11", "_pool", "_waited", "idle_since", "reused", "socket", "stream", "url")
+    __slots__ = (
+        "_h11",
+        "_pool",
+        "_received",
+        "_waited",
+        "idle_since",
+        "reused",
+        "socket",
+        "stream",
+        "url",
+    )
 
     def __init__(self, transport: Transport, pool: H1Pool, max_head_bytes: int) -> None:
         self.stream = transport.stream
@@ -32,6 +52,7 @@ class H1UpstreamConnection:
         self._pool = pool
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
         self._waited = False
+        self._received = False  # any response byte since the request went out
         self.reused = False
         self.idle_since = 0.0
 
@@ -43,54 +64,97 @@ class H1UpstreamConnection:
         except OSError as exc:
             raise UpstreamClosed(f"sending to {self.url}: {exc}") from exc
 
+    def _unforwardable(self, exc: h11.LocalProtocolError) -> UnforwardableRequest:
+        """h11 refusing to send a request means the client asked for what HTTP/1.1 cannot
+        say and its front end let it through: the client's fault."""
+        return UnforwardableRequest(f"cannot forward to {self.url}: {exc}")
+
+    def _encode(self, event: h11.Data | h11.EndOfMessage) -> bytes:
+        try:
+            return self._h11.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            raise self._unforwardable(exc) from exc
+
     async def send_head(
         self, method: bytes, target: bytes, headers: Headers, end: bool, timeout: float
     ) -> None:
         conn = self._h11
-        data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
-        if end:  # no body: head and end of message in one write
-            data += conn.send(h11.EndOfMessage()) or b""
-        self._waited = False
+        try:
+            data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+            if end:  # no body: head and end of message in one write
+                data += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError as exc:
+            raise self._unforwardable(exc) from exc
+        self._waited = self._received = False
         await self._send(data, timeout)
 
     async def send_data(self, data: bytes, timeout: float) -> None:
-        await self._send(self._h11.send(h11.Data(data=data)) or b"", timeout)
+        await self._send(self._encode(h11.Data(data=data)), timeout)
 
     async def send_end(self, trailers: Headers | None, timeout: float) -> None:
-        await self._send(self._h11.send(h11.EndOfMessage(headers=trailers or [])) or b"", timeout)
+        await self._send(self._encode(h11.EndOfMessage(headers=trailers or [])), timeout)
 
     async def next_event(self, timeout: float) -> UpstreamEvent:
         conn = self._h11
         try:
             while True:
-                event = self._decode(conn.next_event())
+                event = self._next_decoded()
                 if event is not None:
                     return event
                 deadline = trio.current_time() + timeout
                 if not self._waited:  # right after the request nothing can be there yet
                     self._waited = True
                     await self.stream.wait_readable(deadline)
-                conn.receive_data(await self.stream.receive_some(deadline))
+                data = await self.stream.receive_some(deadline)
+                if not data and not self._received:
+                    # Closed before answering: on a reused connection, the upstream's idle
+                    # close crossed our request (a plain UpstreamClosed may be resent).
+                    raise UpstreamClosed(f"{self.url} closed the connection without responding")
+                self._received = True
+                conn.receive_data(data)
         except StreamTimeout as exc:
             raise UpstreamTimeout(f"no response from {self.url} within {timeout:g}s") from exc
         except OSError as exc:
             raise UpstreamClosed(f"reading from {self.url}: {exc}") from exc
 
     def buffered_event(self) -> UpstreamEvent | None:
-        return self._decode(self._h11.next_event())
+        return self._next_decoded()
 
-    def _decode(self, event: Any) -> UpstreamEvent | None:
-        """h11's event as an UpstreamEvent; None when more input is needed."""
+    def _next_decoded(self) -> UpstreamEvent | None:
+        """h11's next event as an UpstreamEvent; None when more input is needed.
+
+        Whatever h11 refuses in a response is the upstream's fault (502), never the client's.
+        """
+        try:
+            event: Any = self._h11.next_event()  # compared by type, fastest: no narrowing
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamProtocolError(f"{self.url} sent a malformed response: {exc}") from exc
         kind = type(event)
         if kind is h11.Data:
             return bytes(event.data)
         if kind is h11.Response or kind is h11.InformationalResponse:
-            return ResponseHead(event.status_code, list(event.headers), event.http_version)
+            return self._checked_head(event)
         if kind is h11.EndOfMessage:
             return BodyEnd(list(event.headers) or None)
         if event is h11.NEED_DATA:
             return None
         raise UpstreamClosed(f"{self.url} closed the connection mid-response")
+
+    def _checked_head(self, event: h11.Response | h11.InformationalResponse) -> ResponseHead:
+        """The response head, unless its framing is ambiguous. h11 lets Transfer-Encoding
+        win over Content-Length and accepts any HTTP/x.y; a proxy must not guess (RFC 9112
+        §6.3): such a response closes the connection, as nginx does."""
+        if event.http_version not in (b"1.1", b"1.0"):
+            raise UpstreamProtocolError(
+                f"{self.url} answered with HTTP version {event.http_version!r}"
+            )
+        headers = list(event.headers)
+        names = {name for name, _ in headers}
+        if b"transfer-encoding" in names and b"content-length" in names:
+            raise UpstreamProtocolError(
+                f"{self.url} sent both Content-Length and Transfer-Encoding"
+            )
+        return ResponseHead(event.status_code, headers, event.http_version)
 
     async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
         """After the upstream's 101: the raw connection and the bytes read past its head.
@@ -105,7 +169,17 @@ class H1UpstreamConnection:
         await self.stream.aclose()
 
     def ready_for_reuse(self) -> bool:
-        return start_next_cycle(self._h11)
+        """Both sides finished cleanly and nothing is left unread: bytes past the end of a
+        response (more than its Content-Length) would otherwise be taken as the next
+        request's response, possibly another client's."""
+        leftover, closed = self._h11.trailing_data
+        if leftover:
+            log.warning(
+                "%s sent %d bytes past the end of its response; connection not kept",
+                self.url,
+                len(leftover),
+            )
+        return not (leftover or closed) and start_next_cycle(self._h11)
 
     def is_stale(self) -> bool:
         """An idle connection the upstream has closed (or sent junk on) must not be reused.

@@ -22,6 +22,16 @@ class UpstreamRefused(UpstreamClosed):
     the client for it: safe to send again on another connection."""
 
 
+class UpstreamProtocolError(UpstreamClosed):
+    """The upstream's response was malformed or ambiguous (502). Never resent: the upstream
+    may have acted on the request; the connection is closed, never reused."""
+
+
+class UnforwardableRequest(Exception):
+    """The client's request cannot be expressed to this upstream (e.g. a body shorter than
+    its content-length): the client's fault (400), and the upstream connection is closed."""
+
+
 class UpstreamTimeout(Exception):
     """The upstream did not make progress within upstream_timeout (504)."""
 
