@@ -61,6 +61,7 @@ def json_line(outcome: Outcome, wall_time: float) -> str:
             "tls_version": info.tls_version,
             "alpn": info.alpn,
             "site": outcome.site,
+            "listener": outcome.listener,
         }
     )
 

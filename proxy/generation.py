@@ -14,18 +14,17 @@ import trio
 
 from proxy.certs.manager import CertManager
 from proxy.config import Config
-from proxy.forward import Forwarder
-from proxy.http.model import Observer
-from proxy.http.redirect import Redirector
+from proxy.handlers.forward import Forwarder
+from proxy.handlers.redirect import Redirector
 from proxy.upstream.pool import Upstreams
 
 
 class Generation:
-    def __init__(self, config: Config, alpn: Sequence[str], observers: Sequence[Observer]) -> None:
+    def __init__(self, config: Config, alpn: Sequence[str]) -> None:
         self.config = config
         self.certs = CertManager(config, alpn)
         self.upstreams = Upstreams(config.sites, config.limits)
-        self.forwarder = Forwarder(config, self.upstreams, observers)
+        self.forwarder = Forwarder(config, self.upstreams)
         self.redirector = Redirector(config.listen.https, config.certs.dir)
         self._scope = trio.CancelScope()
 

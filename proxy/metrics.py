@@ -69,9 +69,9 @@ class Metrics:
         self.registry = registry = CollectorRegistry()
         self._requests = Counter(
             "port443_requests",
-            "Requests answered, by site (empty: no site for the Host), status (0: the client "
-            "left before a response) and protocol.",
-            ["site", "status", "protocol"],
+            "Requests answered, by listener (https, http, admin), site (empty: no site for the "
+            "Host), status (0: the client left before a response) and protocol.",
+            ["listener", "site", "status", "protocol"],
             registry=registry,
         )
         self._duration = Histogram(
@@ -125,7 +125,7 @@ class Metrics:
             registry=registry,
         ).set_function(lambda: server.lifecycle.open_connections)
         registry.register(_CertificateCollector(server))
-        self._request_children: dict[tuple[str, int, str], Counter] = {}
+        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
         self._site_children: dict[str, _SiteChildren] = {}
         self._upstream_children: dict[str, tuple[Histogram, Gauge]] = {}
 
@@ -143,10 +143,12 @@ class Metrics:
         # Children are cached per label values: labels() costs a lock and validation per
         # call, and this runs once per request. The label sets are bounded by the config.
         site = outcome.site or ""
-        key = (site, outcome.status, outcome.request.protocol)
+        key = (outcome.listener, site, outcome.status, outcome.request.protocol)
         requests = self._request_children.get(key)
         if requests is None:
-            requests = self._requests.labels(site, str(outcome.status), outcome.request.protocol)
+            requests = self._requests.labels(
+                outcome.listener, site, str(outcome.status), outcome.request.protocol
+            )
             self._request_children[key] = requests
         requests.inc()
         per_site = self._site_children.get(site)

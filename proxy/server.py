@@ -22,10 +22,11 @@ from proxy.certs.acme_challenges import ACME_TLS_ALPN, tls_alpn01_context
 from proxy.certs.manager import CertManager
 from proxy.config import Config
 from proxy.generation import Generation, describe_changes
-from proxy.http.admin import AdminHandler
+from proxy.handlers.admin import AdminHandler
+from proxy.handlers.observed import Observed
 from proxy.http.h1 import H1Connection, Handler
 from proxy.http.h2 import H2Connection
-from proxy.http.model import ConnectionInfo, Exchange, Observer
+from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.netio import SocketStream, StreamTimeout, close_socket
@@ -79,10 +80,13 @@ class Server:
         self.listening = False  # the public listeners are bound (readiness)
         self.metrics = Metrics(self)
         self._access_log = AccessLog(config.access_log) if config.access_log.enabled else None
-        self._observers: list[Observer] = [self.metrics]
+        observers: list[Observer] = [self.metrics]
         if self._access_log is not None:
-            self._observers.append(self._access_log)
-        self._current = Generation(config, ALPN, self._observers)
+            observers.append(self._access_log)
+        # Handlers delegate to the generation current when each request starts.
+        self._https_handler = Observed(self._forward, "https", observers)
+        self._http_handler = Observed(self._redirect, "http", observers)
+        self._current = Generation(config, ALPN)
         self._shutdown = trio.Event()
 
     @property
@@ -93,11 +97,11 @@ class Server:
     def certs(self) -> CertManager:
         return self._current.certs
 
-    async def _forward(self, exchange: Exchange) -> None:
-        await self._current.forwarder(exchange)
+    async def _forward(self, exchange: Exchange, outcome: Outcome) -> None:
+        await self._current.forwarder(exchange, outcome)
 
-    async def _redirect(self, exchange: Exchange) -> None:
-        await self._current.redirector(exchange)
+    async def _redirect(self, exchange: Exchange, outcome: Outcome) -> None:
+        await self._current.redirector(exchange, outcome)
 
     async def reopen_logs(self) -> None:
         """SIGUSR1, after logrotate renamed the access log file."""
@@ -113,7 +117,7 @@ class Server:
         for section in ("listen", "admin", "access_log"):
             if getattr(config, section) != getattr(old.config, section):
                 log.warning("reload: [%s] changes take effect only after a restart", section)
-        new = Generation(config, ALPN, self._observers)
+        new = Generation(config, ALPN)
         await self._services.start(new.run)
         self._current = new
         old.retire()
@@ -148,7 +152,7 @@ class Server:
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as acceptors:
                         redirect = functools.partial(
-                            self._serve_plain_http, self._redirect, self.lifecycle
+                            self._serve_plain_http, self._http_handler, self.lifecycle
                         )
                         for sock, kind in listeners:
                             serve = self._serve_tls if kind == "https" else redirect
@@ -204,7 +208,8 @@ class Server:
             host, port = sock.getsockname()[:2]
             log.info("listening for admin on %s port %d", host, port)
             lifecycle = Lifecycle(ADMIN_MAX_CONNECTIONS)
-            handler = AdminHandler(self.metrics, self)
+            # Scrapes and health checks are counted, but kept out of the access log.
+            handler = Observed(AdminHandler(self.metrics, self), "admin", [self.metrics])
             serve = functools.partial(self._serve_plain_http, handler, lifecycle)
             async with trio.open_nursery() as connections:
                 task_status.started()
@@ -286,11 +291,11 @@ class Server:
         if stream.alpn_protocol == "h2":
             config = self.config
             await H2Connection(
-                stream, info, self._forward, config.limits, config.http2, self.lifecycle
+                stream, info, self._https_handler, config.limits, config.http2, self.lifecycle
             ).serve()
         else:
             await H1Connection(
-                stream, stream.socket, info, self._forward, self.config.limits, self.lifecycle
+                stream, stream.socket, info, self._https_handler, self.config.limits, self.lifecycle
             ).serve()
 
     def _context_for(self, hello: ClientHello) -> ssl.SSLContext:

@@ -23,7 +23,7 @@ from proxy.certs.manager import CertManager
 from proxy.certs.store import CertStore
 from proxy.config import CertsConfig, Config, SiteConfig
 from proxy.config_load import ConfigError, load_config
-from proxy.http.admin import unready_reason
+from proxy.handlers.admin import unready_reason
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics, handshake_failure_reason
 from proxy.netio import StreamTimeout
@@ -33,6 +33,7 @@ from tests.proxyproc import ProxyProcess, curl_args, free_port, run, sites_toml,
 ACCESS_FIELDS = {
     "timestamp", "client_ip", "host", "method", "path", "protocol", "status", "bytes_in",
     "bytes_out", "duration", "upstream", "upstream_time", "tls_version", "alpn", "site",
+    "listener",
 }  # fmt: skip
 LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 CLF_TIME = r"\[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000\]"
@@ -169,6 +170,31 @@ async def test_file_log_is_reopened_on_sigusr1(tmp_path: Path, backend: Backend)
     assert json_access_lines(proxy.log()) == []  # nothing went to stdout
 
 
+async def test_plain_http_answers_are_logged_and_counted_by_listener(
+    tmp_path: Path, backend: Backend
+) -> None:
+    proxy = await start_proxy(tmp_path, sites_toml((["localhost"], [backend.url])), admin=True)
+    try:
+        plain = f"http://localhost:{proxy.http_port}"
+        for path in ("/page?q=1", "/.well-known/acme-challenge/unknown-token"):
+            await run("curl", "-sS", "--max-time", "10", plain + path, check=True)
+        await curl(proxy, "/echo")
+        lines = await wait_for_lines(proxy.log_path, 3, "{")
+        status, text = await admin_get(proxy, "/metrics")
+    finally:
+        await proxy.terminate()
+    seen = [(line["listener"], line["path"], line["status"]) for line in map(json.loads, lines)]
+    assert sorted(seen) == [
+        ("http", "/.well-known/acme-challenge/unknown-token", 404),
+        ("http", "/page?q=1", 308),
+        ("https", "/echo", 200),
+    ]
+    samples = parse_metrics(text)
+    for code in ("308", "404"):
+        labels = {"listener": "http", "site": "", "status": code, "protocol": "HTTP/1.1"}
+        assert sample(samples, "port443_requests_total", **labels) == 1
+
+
 # -- metrics -------------------------------------------------------------------------------
 
 
@@ -205,7 +231,12 @@ async def test_metrics_count_real_requests_and_handshake_failures(
 
     def requests(site: str, status: str) -> float:
         return sample(
-            samples, "port443_requests_total", site=site, status=status, protocol="HTTP/1.1"
+            samples,
+            "port443_requests_total",
+            listener="https",
+            site=site,
+            status=status,
+            protocol="HTTP/1.1",
         )
 
     assert requests("localhost", "200") == 3

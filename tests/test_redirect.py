@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from proxy.http.redirect import https_location
+from proxy.handlers.redirect import https_location
 from tests.proxyproc import ProxyProcess, run
 
 

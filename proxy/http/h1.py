@@ -18,6 +18,7 @@ import trio
 from proxy.config import LimitsConfig
 from proxy.http.headers import requested_upgrade
 from proxy.http.model import (
+    CONNECTION_CLOSE,
     ClientGone,
     ConnectionInfo,
     Headers,
@@ -31,7 +32,6 @@ from proxy.netio import ByteStream, StreamTimeout
 log = logging.getLogger(__name__)
 
 Handler = Callable[["H1Connection"], Awaitable[None]]
-CONNECTION_CLOSE = (b"connection", b"close")
 LINGER_SECONDS = 2.0
 REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 

@@ -51,18 +51,19 @@ class ConnectionInfo:
     alpn: str | None  # "h2", "http/1.1"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Outcome:
     """What became of one request: the input of access logs and metrics."""
 
     request: Request
     info: ConnectionInfo
-    site: str | None
-    status: int  # 0 if the client went away before any response
-    bytes_in: int  # request body bytes forwarded
-    bytes_out: int  # response body bytes sent
-    started: float  # trio.current_time() when forwarding began
+    listener: str  # "https", "http" (redirects, ACME answers) or "admin"
+    started: float  # trio.current_time() when handling began
     finished: float
+    site: str | None = None  # None: no site serves the Host (or not an HTTPS request)
+    status: int = 0  # 0 if the client went away before any response
+    bytes_in: int = 0  # request body bytes forwarded
+    bytes_out: int = 0  # response body bytes sent
     upstream: str | None = None
     upstream_time: float | None = None  # from request sent to response head received
 
@@ -115,6 +116,9 @@ class Exchange(Protocol):
     async def abort(self) -> None:
         """The response cannot be completed: make the client see an error, not a short body."""
         ...
+
+
+CONNECTION_CLOSE = (b"connection", b"close")  # a response after which the connection ends
 
 
 def plain_response(

@@ -12,7 +12,8 @@ from typing import Protocol
 
 from proxy.certs.manager import CertManager
 from proxy.config import Config
-from proxy.http.model import Exchange, ResponseHead, plain_response
+from proxy.handlers.observed import RequestHandler, respond
+from proxy.http.model import Exchange, Outcome, ResponseHead, plain_response
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,14 @@ def unready_reason(server: ServerStatus) -> str | None:
     return None
 
 
-class AdminHandler:
+class AdminHandler(RequestHandler):
     """GET /metrics, /healthz (the process runs) and /readyz (it should get traffic)."""
 
     def __init__(self, metrics: Metrics, server: ServerStatus) -> None:
         self._metrics = metrics
         self._server = server
 
-    async def __call__(self, exchange: Exchange) -> None:
+    async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
         request = exchange.request
         path = request.target.partition(b"?")[0]
         if request.method not in (b"GET", b"HEAD"):
@@ -74,7 +75,7 @@ class AdminHandler:
         else:
             head, body = plain_response(404, "Not Found: try /metrics, /healthz or /readyz")
         head.headers.append((b"cache-control", b"no-store"))
-        await exchange.send_head(head, body, end=True)
+        await respond(exchange, outcome, head, body)
 
     def _metrics_response(self) -> tuple[ResponseHead, bytes]:
         try:

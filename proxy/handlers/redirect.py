@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 from proxy.certs.acme_challenges import HTTP01_PATH_PREFIX, http01_key_authorization
-from proxy.http.h1 import CONNECTION_CLOSE
-from proxy.http.model import Exchange, ResponseHead, plain_response
+from proxy.handlers.observed import RequestHandler, respond
+from proxy.http.model import CONNECTION_CLOSE, Exchange, Outcome, ResponseHead, plain_response
 
 ACME_CHALLENGE_PREFIX = HTTP01_PATH_PREFIX.encode("ascii")
 # reg-name or IPv4 (RFC 3986 host), or a bracketed IPv6 literal; optional port.
@@ -29,7 +29,7 @@ def https_location(host: bytes, target: bytes, https_port: int) -> bytes | None:
     return b"https://" + name.lower() + port + target
 
 
-class Redirector:
+class Redirector(RequestHandler):
     """Request handler of the HTTP listener. Closes every connection after one answer,
     as Caddy does: a client that was redirected has no more business on this port."""
 
@@ -37,7 +37,7 @@ class Redirector:
         self._https_port = https_port
         self._certs_dir = certs_dir
 
-    async def __call__(self, exchange: Exchange) -> None:
+    async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
         request = exchange.request
         if request.target.startswith(ACME_CHALLENGE_PREFIX):
             head, body = self._acme_http01(request.target)
@@ -51,7 +51,7 @@ class Redirector:
                 head, body = plain_response(
                     308, "Permanent Redirect", (b"location", location), CONNECTION_CLOSE
                 )
-        await exchange.send_head(head, body, end=True)
+        await respond(exchange, outcome, head, body)
 
     def _acme_http01(self, target: bytes) -> tuple[ResponseHead, bytes]:
         """The key authorization of a pending HTTP-01 challenge (RFC 8555 §8.3), never

@@ -8,11 +8,11 @@ bounded and a slow reader slows the writer (backpressure) instead of filling buf
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import trio
 
 from proxy.config import Config, SiteConfig
+from proxy.handlers.observed import RequestHandler, respond
 from proxy.http.headers import (
     client_response_headers,
     requested_upgrade,
@@ -23,7 +23,6 @@ from proxy.http.model import (
     ClientGone,
     Exchange,
     Headers,
-    Observer,
     Outcome,
     ResponseHead,
     Upgradable,
@@ -72,37 +71,27 @@ def _decisive(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0]
 
 
-class Forwarder:
+class Forwarder(RequestHandler):
     """The request handler of the HTTPS listener for one configuration."""
 
-    def __init__(
-        self, config: Config, upstreams: Upstreams, observers: Sequence[Observer] = ()
-    ) -> None:
+    def __init__(self, config: Config, upstreams: Upstreams) -> None:
         self._config = config
         self._timeout = config.limits.upstream_timeout
         self._upstreams = upstreams
-        self._observers = tuple(observers)
         self._hsts = config.hsts.header_value()
         default = config.tls.default_site
         self._default_site = config.site_for_host(default) if default else None
 
-    async def __call__(self, exchange: Exchange) -> None:
+    async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
         request = exchange.request
         site = self._config.site_for_host(host_without_port(request.host)) or self._default_site
-        now = trio.current_time()
-        site_name = site.name if site else None
-        outcome = Outcome(request, exchange.info, site_name, 0, 0, 0, now, now)
-        try:
-            if site is None:
-                await self._respond(
-                    exchange, outcome, 421, "Misdirected Request: no site for this host"
-                )
-            else:
-                await self._forward_or_fail(exchange, site, outcome)
-        finally:
-            outcome.finished = trio.current_time()
-            for observer in self._observers:
-                observer.record(outcome)
+        if site is None:
+            await self._respond(
+                exchange, outcome, 421, "Misdirected Request: no site for this host"
+            )
+        else:
+            outcome.site = site.name
+            await self._forward_or_fail(exchange, site, outcome)
 
     async def _forward_or_fail(
         self, exchange: Exchange, site: SiteConfig, outcome: Outcome
@@ -281,5 +270,4 @@ class Forwarder:
         head, body = plain_response(status, message)
         if self._hsts is not None:
             head.headers.append((b"strict-transport-security", self._hsts))
-        outcome.status, outcome.bytes_out = status, len(body)
-        await exchange.send_head(head, body, end=True)
+        await respond(exchange, outcome, head, body)

@@ -1,0 +1,53 @@
+"""One way to observe every request handler: an `Outcome` per request for the observers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import trio
+
+from proxy.http.model import Exchange, Observer, Outcome, ResponseHead
+
+
+class RequestHandler(Protocol):
+    async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
+        """Answer the request, filling in what the outcome says about it (status, bytes,
+        site, upstream) as it goes."""
+        ...
+
+
+class Observed:
+    """A listener's handler: runs `handler` and hands its finished `Outcome` to every
+    observer (access log, metrics), also when the handler fails or the client leaves."""
+
+    __slots__ = ("_handler", "_listener", "_observers")
+
+    def __init__(
+        self, handler: RequestHandler, listener: str, observers: Sequence[Observer]
+    ) -> None:
+        self._handler = handler
+        self._listener = listener
+        self._observers = tuple(observers)
+
+    async def __call__(self, exchange: Exchange) -> None:
+        now = trio.current_time()
+        outcome = Outcome(
+            request=exchange.request,
+            info=exchange.info,
+            listener=self._listener,
+            started=now,
+            finished=now,
+        )
+        try:
+            await self._handler(exchange, outcome)
+        finally:
+            outcome.finished = trio.current_time()
+            for observer in self._observers:
+                observer.record(outcome)
+
+
+async def respond(exchange: Exchange, outcome: Outcome, head: ResponseHead, body: bytes) -> None:
+    """Send a whole response the proxy itself generated, and record it in the outcome."""
+    outcome.status, outcome.bytes_out = head.status, len(body)
+    await exchange.send_head(head, body, end=True)
