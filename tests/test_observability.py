@@ -183,6 +183,7 @@ async def test_plain_http_answers_are_logged_and_counted_by_listener(
         status, text = await admin_get(proxy, "/metrics")
     finally:
         await proxy.terminate()
+    assert status == 200
     seen = [(line["listener"], line["path"], line["status"]) for line in map(json.loads, lines)]
     assert sorted(seen) == [
         ("http", "/.well-known/acme-challenge/unknown-token", 404),

@@ -17,15 +17,15 @@ from proxy.http.headers import (
     client_response_headers,
     requested_upgrade,
     upgrade_headers,
-    upstream_request_headers,
+    upstream_request,
 )
 from proxy.http.model import (
     ClientGone,
     Exchange,
-    Headers,
     Outcome,
     ResponseHead,
     Upgradable,
+    UpstreamRequest,
     plain_response,
 )
 from proxy.netio import ByteStream, StreamTimeout
@@ -114,8 +114,7 @@ class Forwarder(RequestHandler):
 
     async def _forward(self, exchange: Exchange, site: SiteConfig, outcome: Outcome) -> None:
         request = exchange.request
-        chunked = request.has_body and not any(n == b"content-length" for n, _ in request.headers)
-        headers = upstream_request_headers(request, chunked)
+        outgoing = upstream_request(request)
         upstreams = self._upstreams.for_site(site)
         # Resend on another connection a request the upstream refused unprocessed (HTTP/2
         # GOAWAY: busy upstreams may refuse a few in a row), or, once, as nginx does, a
@@ -124,7 +123,7 @@ class Forwarder(RequestHandler):
             upstream = await upstreams.open_stream()
             outcome.upstream = upstream.url
             try:
-                await self._exchange(exchange, upstream, headers, outcome)
+                await self._exchange(exchange, upstream, outgoing, outcome)
             except UpstreamClosed as exc:
                 await upstream.aclose()
                 if isinstance(exc, UpstreamRefused):
@@ -146,13 +145,14 @@ class Forwarder(RequestHandler):
                 return
 
     async def _exchange(
-        self, exchange: Exchange, upstream: UpstreamStream, headers: Headers, outcome: Outcome
+        self,
+        exchange: Exchange,
+        upstream: UpstreamStream,
+        outgoing: UpstreamRequest,
+        outcome: Outcome,
     ) -> None:
-        request = exchange.request
-        await upstream.send_head(
-            request.method, request.target, headers, not request.has_body, self._timeout
-        )
-        if not request.has_body:
+        await upstream.send_head(outgoing, self._timeout)
+        if not outgoing.has_body:
             await self._relay_response(exchange, upstream, outcome)
             return
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from proxy.http.headers import CONNECTION_SPECIFIC
 from proxy.http.model import Headers, Request
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a method
@@ -20,9 +21,6 @@ _VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x
 _NO_SPACE = re.compile(rb"[\x21-\x7e\x80-\xff]+")  # :authority, Host
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # :path: visible ASCII, as an HTTP/1.1 request line
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 
 
 class Malformed(Exception):

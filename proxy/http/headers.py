@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from proxy.http.model import Headers, Request
+from proxy.http.model import Headers, Request, UpstreamRequest
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
+# Fields that describe one connection, not the message: HTTP/2 forbids them (RFC 9113
+# §8.2.2), and each upstream protocol writes its own framing.
+CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
+HOP_BY_HOP = CONNECTION_SPECIFIC | {
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+}
 VIA_NAME = b"port443"
 
 
@@ -59,10 +57,11 @@ def _via(http_version: bytes) -> bytes:
     return http_version + b" " + VIA_NAME
 
 
-def upstream_request_headers(request: Request, chunked: bool) -> Headers:
-    """Headers sent upstream: Host kept, hop-by-hop dropped, X-Forwarded-* and Via added.
+def upstream_request(request: Request) -> UpstreamRequest:
+    """The request to send upstream: hop-by-hop fields dropped, X-Forwarded-* and Via added;
+    Host and Content-Length become the request's authority and body length, for each
+    upstream protocol to frame.
 
-    `chunked` adds Transfer-Encoding for a body of unknown length (h11 needs the framing).
     Expect is dropped: like nginx and Go, we answer 100-continue ourselves when we start
     reading the body, so backends that ignore Expect cannot stall the upload.
     TE is hop-by-hop, but its "trailers" token goes on as `TE: trailers`: trailers are relayed
@@ -72,13 +71,16 @@ def upstream_request_headers(request: Request, chunked: bool) -> Headers:
     forwarded_for = request.client_ip.encode("ascii")
     via = _via(request.http_version)
     trailers = False
+    length: int | None = None
     named = _connection_tokens(request.headers)
-    out: Headers = [(b"host", request.host)]
+    out: Headers = []
     for name, value in request.headers:
         if name == b"te":
             trailers = trailers or _lists_trailers(value)
         elif _hop_by_hop(name, named):
             continue
+        elif name == b"content-length":
+            length = int(value)  # digits: both front ends checked it
         elif name == b"x-forwarded-for":
             forwarded_for = value + b", " + forwarded_for
         elif name == b"via":
@@ -91,11 +93,15 @@ def upstream_request_headers(request: Request, chunked: bool) -> Headers:
     out.append((b"x-forwarded-proto", b"https"))
     out.append((b"x-forwarded-host", request.host))
     out.append((b"via", via))
-    if chunked:
-        out.append((b"transfer-encoding", b"chunked"))
-    if request.upgrade is not None:
-        out += upgrade_headers(request.upgrade)
-    return out
+    return UpstreamRequest(
+        method=request.method,
+        target=request.target,
+        authority=request.host,
+        fields=out,
+        has_body=request.has_body,
+        body_length=length,
+        upgrade=request.upgrade,
+    )
 
 
 def client_response_headers(

@@ -35,6 +35,21 @@ class Request:
         return "HTTP/" + self.http_version.decode("ascii")
 
 
+@dataclass(slots=True, kw_only=True)
+class UpstreamRequest:
+    """A request as the forwarding core hands it to an upstream, whatever protocol carries
+    it. Only end-to-end fields: each upstream protocol frames it its own way (HTTP/1.1:
+    Host, Content-Length or chunked, Connection/Upgrade; HTTP/2: pseudo-header fields)."""
+
+    method: bytes
+    target: bytes
+    authority: bytes  # the client's Host or :authority
+    fields: Headers  # without Host, Content-Length and any connection-specific field
+    has_body: bool
+    body_length: int | None = None  # the client's Content-Length, when it sent one
+    upgrade: bytes | None = None  # an HTTP/1.1 protocol upgrade to ask the upstream for
+
+
 @dataclass(slots=True)
 class ResponseHead:
     status: int

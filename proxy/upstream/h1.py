@@ -12,7 +12,8 @@ import trio
 
 from proxy.config import LimitsConfig, Upstream
 from proxy.http.h1 import start_next_cycle
-from proxy.http.model import Headers, ResponseHead
+from proxy.http.headers import upgrade_headers
+from proxy.http.model import Headers, ResponseHead, UpstreamRequest
 from proxy.netio import ByteStream, StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, Transport
 from proxy.upstream.stream import (
@@ -27,6 +28,19 @@ from proxy.upstream.stream import (
 log = logging.getLogger(__name__)
 
 IDLE_LIFETIME = 60.0  # seconds an idle pooled connection is kept (nginx: keepalive_timeout 60s)
+
+
+def h1_fields(request: UpstreamRequest) -> Headers:
+    """HTTP/1.1 framing: Host first, then the body's length, or chunked when it is unknown,
+    and the Connection/Upgrade pair of a protocol upgrade."""
+    fields: Headers = [(b"host", request.authority), *request.fields]
+    if request.body_length is not None:
+        fields.append((b"content-length", b"%d" % request.body_length))
+    elif request.has_body:
+        fields.append((b"transfer-encoding", b"chunked"))
+    if request.upgrade is not None:
+        fields += upgrade_headers(request.upgrade)
+    return fields
 
 
 class H1UpstreamConnection:
@@ -75,13 +89,12 @@ class H1UpstreamConnection:
         except h11.LocalProtocolError as exc:
             raise self._unforwardable(exc) from exc
 
-    async def send_head(
-        self, method: bytes, target: bytes, headers: Headers, end: bool, timeout: float
-    ) -> None:
+    async def send_head(self, request: UpstreamRequest, timeout: float) -> None:
         conn = self._h11
+        head = h11.Request(method=request.method, target=request.target, headers=h1_fields(request))
         try:
-            data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
-            if end:  # no body: head and end of message in one write
+            data = conn.send(head) or b""
+            if not request.has_body:  # head and end of message in one write
                 data += conn.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError as exc:
             raise self._unforwardable(exc) from exc

@@ -28,8 +28,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from proxy.config import LimitsConfig, Upstream
-from proxy.http.headers import HOP_BY_HOP
-from proxy.http.model import Headers, ResponseHead
+from proxy.http.model import Headers, ResponseHead, UpstreamRequest
 from proxy.netio import CoalescingWriter, StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, OtherProtocol, Transport
 from proxy.upstream.stream import (
@@ -83,21 +82,18 @@ class _GoawayKeepsStreams(h2.connection.H2ConnectionStateMachine):
     }
 
 
-# Connection-specific fields have no place in HTTP/2 (RFC 9113 §8.2.2): HTTP/1.1 framing
-# (Transfer-Encoding) and an Upgrade request's Connection/Upgrade. TE stays: the header policy
-# has already reduced it to "trailers", the one value HTTP/2 allows.
-_NOT_IN_HTTP2 = HOP_BY_HOP - {b"te"}
-
-
-def request_fields(method: bytes, target: bytes, headers: Headers, scheme: bytes) -> Headers:
-    """The HTTP/2 fields of a request: Host (first, as the core sends it) becomes :authority."""
+def request_fields(request: UpstreamRequest, scheme: bytes) -> Headers:
+    """HTTP/2 framing: pseudo-header fields first, the body's length when known. An
+    upgrade is not asked for: HTTP/2 has none, so the request goes as a plain one."""
     fields: Headers = [
-        (b":method", method),
+        (b":method", request.method),
         (b":scheme", scheme),
-        (b":authority", headers[0][1]),
-        (b":path", target),
+        (b":authority", request.authority),
+        (b":path", request.target),
+        *request.fields,
     ]
-    fields += [field for field in headers[1:] if field[0] not in _NOT_IN_HTTP2]
+    if request.body_length is not None:
+        fields.append((b"content-length", b"%d" % request.body_length))
     return fields
 
 
@@ -184,11 +180,10 @@ class H2UpstreamStream:
 
     # -- UpstreamStream --------------------------------------------------------------------
 
-    async def send_head(
-        self, method: bytes, target: bytes, headers: Headers, end: bool, timeout: float
-    ) -> None:
+    async def send_head(self, request: UpstreamRequest, timeout: float) -> None:
         conn = self._conn
-        self.stream_id = conn.start(self, request_fields(method, target, headers, conn.scheme), end)
+        end = not request.has_body
+        self.stream_id = conn.start(self, request_fields(request, conn.scheme), end)
         self.local_done = end
 
     async def send_data(self, data: bytes, timeout: float) -> None:

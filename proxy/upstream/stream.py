@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.http.model import Headers, ResponseHead
+from proxy.http.model import Headers, ResponseHead, UpstreamRequest
 
 
 class UpstreamClosed(Exception):
@@ -49,10 +49,9 @@ class UpstreamStream(Protocol):
     url: str
     reused: bool  # carried by a connection that already served requests (retry policy)
 
-    async def send_head(
-        self, method: bytes, target: bytes, headers: Headers, end: bool, timeout: float
-    ) -> None:
-        """Send the request head; `headers` start with Host. `end` when there is no body."""
+    async def send_head(self, request: UpstreamRequest, timeout: float) -> None:
+        """Send the request head, framed as this protocol does; with the end of the request
+        when it has no body."""
         ...
 
     async def send_data(self, data: bytes, timeout: float) -> None: ...
