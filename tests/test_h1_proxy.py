@@ -243,3 +243,45 @@ async def test_client_vanishing_mid_upload_does_not_hurt_the_proxy(proxy: ProxyP
     assert proxy.process.poll() is None, proxy.log()
     lines, _ = await curl(proxy, "/echo")
     assert lines[0] == "HTTP/1.1 200 OK"
+
+
+async def _exchange_until_closed(proxy: ProxyProcess, request: bytes) -> bytes:
+    """Send raw bytes over TLS and read until the proxy closes, in a thread: the backend
+    runs in this test's event loop."""
+    tls = await _tls_socket(proxy)
+
+    def exchange() -> bytes:
+        with tls:
+            tls.sendall(request)
+            received = b""
+            while chunk := tls.recv(65536):
+                received += chunk
+            return received
+
+    return await trio.to_thread.run_sync(exchange)
+
+
+async def test_pipelined_requests_are_answered_in_order(proxy: ProxyProcess) -> None:
+    received = await _exchange_until_closed(
+        proxy,
+        b"GET /echo?n=1 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"GET /chunked/5 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"GET /echo?n=3 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 3
+    first, second, third = (received.index(marker) for marker in (b"?n=1", b"5\r\n", b"?n=3"))
+    assert first < second < third
+    assert received.endswith(b"}")  # the close came after the last body, not before
+
+
+async def test_http10_client_gets_a_close_delimited_body_for_a_chunked_upstream(
+    proxy: ProxyProcess,
+) -> None:
+    received = await _exchange_until_closed(
+        proxy, b"GET /chunked/70000 HTTP/1.0\r\nHost: localhost\r\n\r\n"
+    )
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 200 ok"
+    assert b"connection: close" in lines and b"transfer-encoding: chunked" not in lines
+    assert len(body) == 70000

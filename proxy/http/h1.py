@@ -1,7 +1,9 @@
-"""HTTP/1.1 front end: h11 over a byte stream, one task per connection.
+"""HTTP/1.1 front end: h11 parses requests from a byte stream, one task per connection.
 
 The connection object is also the `Exchange` of the request in progress (HTTP/1.1 has one
 at a time), so a keep-alive request costs no task and no extra objects beyond h11's own.
+Responses are written by `h1_writer` (their fields are validated already); h11 parses each
+request, and a fresh h11 connection takes over the bytes that follow a completed exchange.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 
 import h11
 import trio
 
 from proxy.config import LimitsConfig
+from proxy.http.h1_writer import FramingError, ResponseWriter, informational
 from proxy.http.headers import requested_upgrade
 from proxy.http.model import (
     CONNECTION_CLOSE,
@@ -33,22 +35,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[["H1Connection"], Awaitable[None]]
 LINGER_SECONDS = 2.0
-REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
-
-
-def start_next_cycle(conn: h11.Connection) -> bool:
-    """Ready an h11 connection (either role) for its next request, if both sides finished
-    cleanly; False means it cannot be reused and must be closed."""
-    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-        conn.start_next_cycle()
-        return True
-    return False
-
-
-def _informational(status: int, headers: Headers) -> h11.InformationalResponse:
-    return h11.InformationalResponse(
-        status_code=status, headers=headers, reason=REASONS.get(status, b"")
-    )
 
 
 class H1Connection:
@@ -68,7 +54,10 @@ class H1Connection:
         self._handler = handler
         self._limits = limits
         self._lifecycle = lifecycle
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self._h11 = self._new_parser()
+        self._writer = ResponseWriter()
+        self._keep_alive = True  # what the request in progress allows
+        self._continued = False  # 100 Continue sent for the request in progress
         self._idle = False
         self.info = info
         self.client_ip = client_ip = info.client_ip
@@ -86,19 +75,38 @@ class H1Connection:
                 if request is None:
                     return
                 self.request, self.head_sent, self._trailers = request, False, None
+                self._writer, self._continued = ResponseWriter(), False
                 await self._handler(self)
-                if not start_next_cycle(self._h11):
+                if not self._next_cycle():
                     return
                 deadline = trio.current_time() + self._limits.keepalive_timeout
         except h11.RemoteProtocolError as exc:
             await self._reject(exc)
-        except (ClientGone, StreamTimeout, OSError, h11.LocalProtocolError) as exc:
+        except (ClientGone, StreamTimeout, OSError, FramingError) as exc:
             log.debug("client %s: connection ended: %r", self.client_ip, exc)
         finally:
             self._lifecycle.unregister(self)
             if self.head_sent and self._h11.their_state in (h11.SEND_BODY, h11.ERROR):
                 await self._linger()
             await self._stream.aclose()
+
+    def _new_parser(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
+
+    def _next_cycle(self) -> bool:
+        """Get ready for the next request if both sides finished cleanly and the connection
+        may stay open; h11 only parsed, so a new parser takes over what the client sent
+        after this request (pipelining)."""
+        writer = self._writer
+        if not (writer.complete and writer.keep_alive and self._h11.their_state is h11.DONE):
+            return False
+        leftover, closed = self._h11.trailing_data
+        self._h11 = parser = self._new_parser()
+        if leftover:
+            parser.receive_data(leftover)
+        if closed:
+            parser.receive_data(b"")
+        return True
 
     async def _linger(self) -> None:
         """Discard what the client is still sending before closing, as nginx's lingering
@@ -144,6 +152,7 @@ class H1Connection:
         host = b""
         headers: Headers = []
         has_body = upgrade_asked = False
+        keep_alive = event.http_version == b"1.1" and not self._lifecycle.draining
         for name, value in event.headers:
             if name == b"host":
                 host = value
@@ -152,7 +161,10 @@ class H1Connection:
                     has_body = True
                 elif name == b"upgrade":
                     upgrade_asked = True
+                elif name == b"connection" and b"close" in value.lower():
+                    keep_alive = False
                 headers.append((name, value))
+        self._keep_alive = keep_alive
         if not has_body:
             conn.next_event()  # the EndOfMessage of an empty body is already decodable
         upgrade = requested_upgrade(headers) if upgrade_asked else None
@@ -171,11 +183,11 @@ class H1Connection:
         """Answer a malformed request (400, 431 for an oversized head) if the state allows."""
         status = exc.error_status_hint
         log.info("client %s: bad request (%d): %s", self.client_ip, status, exc)
-        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.head_sent:
             return
         reason = "Request Header Fields Too Large" if status == 431 else "Bad Request"
         head, body = plain_response(status, reason, CONNECTION_CLOSE)
-        with contextlib.suppress(OSError, StreamTimeout, h11.LocalProtocolError):
+        with contextlib.suppress(ClientGone, FramingError):
             await self.send_head(head, body, end=True)
 
     # -- Exchange ------------------------------------------------------------------------
@@ -189,8 +201,9 @@ class H1Connection:
 
     async def receive_data(self) -> bytes:
         conn = self._h11
-        if conn.they_are_waiting_for_100_continue:
-            await self._send(conn.send(_informational(100, [])))
+        if not self._continued and not self.head_sent and conn.they_are_waiting_for_100_continue:
+            self._continued = True
+            await self._send(informational(100, []))
         while True:
             try:
                 event = conn.next_event()
@@ -209,41 +222,43 @@ class H1Connection:
             raise ClientGone(f"client closed mid-body ({event!r})")
 
     async def send_informational(self, head: ResponseHead) -> None:
-        if head.status == 100:
-            return  # we sent our own 100 Continue when the body was first read
-        await self._send(self._h11.send(_informational(head.status, head.headers)))
+        # 100: we sent our own when the body was first read. HTTP/1.0 knows no 1xx.
+        if head.status != 100 and self.request.http_version == b"1.1":
+            await self._send(informational(head.status, head.headers))
 
     async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
-        """Send the 101: h11 then hands the connection over, with any bytes the client
-        already sent in the new protocol. The connection ends when the tunnel does."""
+        """Send the 101, and hand over the connection with any bytes the client already
+        sent in the new protocol (h11 holds them, paused after the Upgrade request). The
+        connection ends when the tunnel does."""
         assert head is not None
-        await self._send(self._h11.send(_informational(head.status, head.headers)))
+        await self._send(informational(head.status, head.headers))
         self.head_sent = True
         return self._h11.trailing_data[0], self._stream
 
     async def send_head(self, head: ResponseHead, body: bytes, end: bool) -> None:
-        conn = self._h11
-        headers = head.headers
-        if self._lifecycle.draining:
-            headers = [*headers, CONNECTION_CLOSE]
-        reason = REASONS.get(head.status, b"")
-        data = conn.send(h11.Response(status_code=head.status, headers=headers, reason=reason))
+        writer = self._writer
+        data = writer.head(
+            head.status,
+            head.headers,
+            head_request=self.request.method == b"HEAD",
+            http11=self.request.http_version == b"1.1",
+            keep_alive=self._keep_alive and not self._lifecycle.draining,
+        )
         self.head_sent = True
-        if body and self.request.method != b"HEAD":
-            data += conn.send(h11.Data(data=body))
+        if body:
+            data += writer.data(body)
         if end:
-            data += conn.send(h11.EndOfMessage())
+            data += writer.end()
         await self._send(data)
 
     async def send_data(self, data: bytes) -> None:
-        await self._send(self._h11.send(h11.Data(data=data)))
+        await self._send(self._writer.data(data))
 
     async def send_end(self, trailers: Headers | None = None) -> None:
-        await self._send(self._h11.send(h11.EndOfMessage(headers=trailers or [])))
+        await self._send(self._writer.end(trailers))
 
     async def abort(self) -> None:
         """Break the connection so a truncated body cannot pass for a complete one."""
-        self._h11.send_failed()
         await self._stream.aclose()
 
     async def _send(self, data: bytes | None) -> None:

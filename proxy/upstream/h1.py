@@ -11,7 +11,7 @@ import h11
 import trio
 
 from proxy.config import LimitsConfig, Upstream
-from proxy.http.h1 import start_next_cycle
+from proxy.http.h11_trusted import trusted_request
 from proxy.http.headers import upgrade_headers
 from proxy.http.model import Headers, ResponseHead, UpstreamRequest
 from proxy.netio import ByteStream, StreamTimeout, close_socket
@@ -91,7 +91,7 @@ class H1UpstreamConnection:
 
     async def send_head(self, request: UpstreamRequest, timeout: float) -> None:
         conn = self._h11
-        head = h11.Request(method=request.method, target=request.target, headers=h1_fields(request))
+        head = trusted_request(request.method, request.target, h1_fields(request))
         try:
             data = conn.send(head) or b""
             if not request.has_body:  # head and end of message in one write
@@ -192,7 +192,11 @@ class H1UpstreamConnection:
                 self.url,
                 len(leftover),
             )
-        return not (leftover or closed) and start_next_cycle(self._h11)
+        conn = self._h11
+        if leftover or closed or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        conn.start_next_cycle()
+        return True
 
     def is_stale(self) -> bool:
         """An idle connection the upstream has closed (or sent junk on) must not be reused.
