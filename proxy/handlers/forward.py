@@ -22,6 +22,7 @@ from proxy.http.headers import (
 from proxy.http.model import (
     ClientGone,
     Exchange,
+    MalformedBody,
     Outcome,
     ResponseHead,
     Upgradable,
@@ -108,7 +109,7 @@ class Forwarder(RequestHandler):
         except UpstreamClosed as exc:
             log.error("site %s: upstream error: %s", site.name, exc)
             await self._fail(exchange, outcome, 502, "Bad Gateway")
-        except UnforwardableRequest as exc:
+        except (UnforwardableRequest, MalformedBody) as exc:
             log.info("client %s: bad request: %s", exchange.request.client_ip, exc)
             await self._fail(exchange, outcome, 400, "Bad Request")
 

@@ -17,13 +17,16 @@ import h11
 import trio
 
 from proxy.config import LimitsConfig
+from proxy.http.h1_strict import ambiguity, has_bare_lf, head_of
 from proxy.http.h1_writer import FramingError, ResponseWriter, informational
+from proxy.http.h11_internals import declared_chunk_size
 from proxy.http.headers import requested_upgrade
 from proxy.http.model import (
     CONNECTION_CLOSE,
     ClientGone,
     ConnectionInfo,
     Headers,
+    MalformedBody,
     Request,
     ResponseHead,
     plain_response,
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[["H1Connection"], Awaitable[None]]
 LINGER_SECONDS = 2.0
+MAX_CHUNK_SIZE = 2**63 - 1  # no real body is larger; a size beyond is an attack on parsers
 
 
 class H1Connection:
@@ -56,6 +60,7 @@ class H1Connection:
         self._lifecycle = lifecycle
         self._h11 = self._new_parser()
         self._writer = ResponseWriter()
+        self._leftover = b""  # bytes after the last request, handed to the new parser
         self._keep_alive = True  # what the request in progress allows
         self._continued = False  # 100 Continue sent for the request in progress
         self._idle = False
@@ -102,6 +107,7 @@ class H1Connection:
             return False
         leftover, closed = self._h11.trailing_data
         self._h11 = parser = self._new_parser()
+        self._leftover = leftover
         if leftover:
             parser.receive_data(leftover)
         if closed:
@@ -131,6 +137,7 @@ class H1Connection:
         must arrive within header_timeout (slow-loris clients are cut off).
         """
         conn = self._h11
+        raw = self._leftover  # what h11 parses, kept for the checks it does not make
         started = False
         self._idle = True
         try:
@@ -145,10 +152,14 @@ class H1Connection:
                     started = True
                     deadline = min(deadline, trio.current_time() + self._limits.header_timeout)
                 conn.receive_data(data)
+                raw += data
         finally:
             self._idle = False
         if type(event) is not h11.Request:
             return None  # ConnectionClosed
+        refused = ambiguity(head_of(raw), event.http_version, event.target, event.headers)
+        if refused is not None:
+            raise h11.RemoteProtocolError(refused, error_status_hint=400)
         host = b""
         headers: Headers = []
         has_body = upgrade_asked = False
@@ -208,15 +219,22 @@ class H1Connection:
             try:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
+                    if has_bare_lf(conn.trailing_data[0]):
+                        # h11 waits for a CRLF where a bare LF ended a chunk line: the
+                        # framing is broken, and nothing the client sends will mend it.
+                        raise MalformedBody("bare LF in the chunked framing")
                     conn.receive_data(await self._stream.receive_some(self._client_deadline()))
                     continue
-            except (OSError, StreamTimeout, h11.RemoteProtocolError) as exc:
-                # A cut-off or malformed body (bad chunk, EOF before Content-Length) ends the
-                # exchange, never the process.
+            except h11.RemoteProtocolError as exc:
+                raise MalformedBody(f"malformed request body: {exc}") from exc
+            except (OSError, StreamTimeout) as exc:
+                # A cut-off body ends the exchange, never the process.
                 raise ClientGone(f"reading request body: {exc!r}") from exc
-            if isinstance(event, h11.Data):
+            if type(event) is h11.Data:
+                if event.chunk_start and declared_chunk_size(conn, event) > MAX_CHUNK_SIZE:
+                    raise MalformedBody("chunk size beyond 2^63")
                 return bytes(event.data)
-            if isinstance(event, h11.EndOfMessage):
+            if type(event) is h11.EndOfMessage:
                 self._trailers = list(event.headers) or None
                 return b""
             raise ClientGone(f"client closed mid-body ({event!r})")

@@ -18,6 +18,11 @@ class ClientGone(Exception):
     """The client closed or broke its connection (or stream) mid-exchange."""
 
 
+class MalformedBody(ClientGone):
+    """The client broke its request body's framing (a bad chunk, more or less data than its
+    content-length): 400 if nothing was answered yet, and the exchange ends upstream too."""
+
+
 @dataclass(slots=True)
 class Request:
     method: bytes

@@ -11,7 +11,7 @@ import h11
 import trio
 
 from proxy.config import LimitsConfig, Upstream
-from proxy.http.h11_trusted import trusted_request
+from proxy.http.h11_internals import trusted_request
 from proxy.http.headers import upgrade_headers
 from proxy.http.model import Headers, ResponseHead, UpstreamRequest
 from proxy.netio import ByteStream, StreamTimeout, close_socket
