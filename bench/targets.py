@@ -181,13 +181,13 @@ def start_backend(fx: Fixture, procs: Processes) -> Target:
     return Target(name="backend", label="backend", port=port, group=group)
 
 
-def start_sink(fx: Fixture, procs: Processes) -> int:
-    """The streaming backend (bench/sink.py) for the 1 GB bodies; returns its port."""
+def start_sink(fx: Fixture, procs: Processes) -> Target:
+    """The streaming backend (bench/sink.py) for the 1 GB bodies."""
     port = free_port()
     argv = pinned(fx.client_cpus, [str(fx.python), str(REPO / "bench" / "sink.py"), str(port)])
     group = procs.start("sink", argv, fx.work / "logs" / "sink.out")
     wait_until(lambda: _get_status(port, "/ping", "http") == "200", group, 15, "sink answer")
-    return port
+    return Target(name="sink", label="sink", port=port, group=group)
 
 
 def _start_nginx(fx: Fixture, procs: Processes, port: int, backend_port: int) -> Group:
