@@ -38,6 +38,8 @@ def _client_context(alpn: str) -> ssl.SSLContext:
 
 def _connect(ctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    # Without it the request waits behind the handshake's last flight (Nagle + delayed ACK).
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         return ctx.wrap_socket(raw, server_hostname="localhost")
     except BaseException:

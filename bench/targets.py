@@ -262,6 +262,31 @@ key = "{fx.key}"
 """
 
 
+# BENCH_CPROFILE=<file.prof>: port443 runs under cProfile on the CPU clock (time spent waiting
+# or preempted by the other processes is not charged), written when the bench stops it (SIGINT).
+_CPROFILE_LAUNCHER = """
+import cProfile, runpy, sys, time
+out = sys.argv[1]
+sys.argv = ["proxy", *sys.argv[2:]]
+prof = cProfile.Profile(time.process_time)
+prof.enable()
+try:
+    runpy.run_module("proxy", run_name="__main__", alter_sys=True)
+except (SystemExit, KeyboardInterrupt):
+    pass
+finally:
+    prof.disable()
+    prof.dump_stats(out)
+"""
+
+
+def _port443_argv(fx: Fixture, toml: Path) -> list[str]:
+    if profile := os.environ.get("BENCH_CPROFILE"):
+        launcher = [str(fx.python), "-c", _CPROFILE_LAUNCHER, str(Path(profile).resolve())]
+        return pinned(fx.proxy_cpus, [*launcher, "run", "-c", str(toml)])
+    return pinned(fx.proxy_cpus, [str(fx.python), "-m", "proxy", "run", "-c", str(toml)])
+
+
 def _port443_env() -> dict[str, str]:
     # The checkout's proxy/ first, whatever the interpreter has installed.
     return dict(
@@ -289,12 +314,11 @@ def start_port443(
         if workers != "1" and "server" in reason:
             reason = f"this port443 does not accept [server] workers = {workers} yet ({reason})"
         raise BenchError(f"{name} skipped: {reason}")
-    argv = pinned(fx.proxy_cpus, [str(fx.python), "-m", "proxy", "run", "-c", str(toml)])
     return procs.start(
         name,
-        argv,
+        _port443_argv(fx, toml),
         fx.work / "logs" / f"{name}.out",
-        stop_signal=signal.SIGTERM,
+        stop_signal=signal.SIGINT,  # the graceful path, and the one that lets cProfile write
         env=_port443_env(),
         cwd=REPO,
     )

@@ -160,8 +160,18 @@ def test_port443_config_without_workers_is_valid_today(tmp_path: Path) -> None:
     assert 'workers = "auto"' in targets.port443_toml(fx, port=1, upstream_port=2, workers="auto")
 
 
-def _m(target: str, case: str, cpu_us: float, **kw: float) -> load.Measurement:
-    return load.Measurement(target=target, case=case, concurrency=50, cpu_us=cpu_us, rps=1000, **kw)
+def _m(
+    target: str, case: str, cpu_us: float, other_pct: float = 0.0, h2load_pct: float = 0.0
+) -> load.Measurement:
+    return load.Measurement(
+        target=target,
+        case=case,
+        concurrency=50,
+        cpu_us=cpu_us,
+        rps=1000,
+        other_pct=other_pct,
+        h2load_pct=h2load_pct,
+    )
 
 
 META = {
