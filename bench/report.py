@@ -215,6 +215,25 @@ def _sweep_grid(results: Results) -> list[str]:
     return _table(["proto", "target", *(f"c={c}" for c in points)], rows)
 
 
+def _run_notes(results: Results) -> list[str]:
+    """Where the load generator was the bottleneck, and how busy the machine was."""
+    bound = [f"{m.target} {m.case}" for m in results.cases if m.generator_bound]
+    lines = [
+        "- the load generator's core was saturated in: " + ", ".join(bound)
+        if bound
+        else "- the load generator's core was not saturated in any case row (no `*`)"
+    ]
+    others = [m.other_pct for m in results.cases]
+    if others:
+        lines.append(
+            f"- other processes on the machine used {min(others):.0f}-{max(others):.0f}% of a "
+            f"core during the case runs (median {sorted(others)[len(others) // 2]:.0f}%): "
+            "they share the caches and cores with the system under test, which inflates every "
+            "CPU figure; compare ratios within this run, not absolute values across runs"
+        )
+    return lines
+
+
 def markdown(results: Results, figures: Sequence[str]) -> str:
     meta = results.meta
     out = [
@@ -250,6 +269,8 @@ def markdown(results: Results, figures: Sequence[str]) -> str:
         "generator's core was saturated (h2load, plus the backend sharing that core, >= 90%): "
         f"req/s is a lower bound for that target; `~` other processes used >= {BUSY_PCT:.0f}% "
         "of a core during the run (noisy; re-run); `!` failures, see the details.",
+        "",
+        *_run_notes(results),
         "",
         "## CPU microseconds per request (per connection for the handshake cases); lower is better",
         *_case_grid(results, lambda m: fmt(m.cpu_us) + _marks(m), ratios=True),

@@ -159,7 +159,7 @@ class Session:
         try:
             t = targets.start_target(self.fx, self.procs, kind, self.backend.port, workers)
         except BenchError as exc:
-            log(str(exc))
+            log(f"{label} skipped: {exc}")
             results.skipped[label] = str(exc).split("; log:")[0]
             return
         results.targets.append(t.label)

@@ -310,10 +310,10 @@ def start_port443(
         check=False,
     )
     if check.returncode != 0:
-        reason = " ".join((check.stdout + check.stderr).split())
+        reason = " ".join((check.stdout + check.stderr).replace(str(toml), toml.name).split())
         if workers != "1" and "server" in reason:
             reason = f"this port443 does not accept [server] workers = {workers} yet ({reason})"
-        raise BenchError(f"{name} skipped: {reason}")
+        raise BenchError(reason)
     return procs.start(
         name,
         _port443_argv(fx, toml),
