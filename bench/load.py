@@ -142,13 +142,13 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[min(len(sorted_values) - 1, max(0, rank - 1))]
 
 
-def cpu_count(cpus: str) -> int:
-    """How many CPUs a taskset list like "0", "1,3" or "4-7" names."""
-    n = 0
+def cpu_list(cpus: str) -> list[int]:
+    """The CPUs a taskset list like "0", "1,3" or "4-7" names."""
+    out: list[int] = []
     for part in cpus.split(","):
         lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
 
 
 @dataclass
@@ -170,6 +170,7 @@ class Measurement:
     backend_pct: float = 0.0
     other_pct: float = 0.0  # the rest of the machine (other users of these 2 cores)
     client_cores: int = 1
+    client_busy_pct: float = 0.0  # the client CPUs, whoever used them (/proc/stat)
     cpu_split: list[float] = field(default_factory=list)  # shares of the proxy tree's processes
     tls: str = "-"
     alpn: str = "-"
@@ -177,9 +178,11 @@ class Measurement:
 
     @property
     def generator_bound(self) -> bool:
-        """h2load's core was (nearly) full: req/s is then a lower bound for the target."""
-        client = self.h2load_pct + self.backend_pct
-        return self.h2load_pct >= 90 or client >= 90 * self.client_cores
+        """The load generator's side was the limit: h2load's core (nearly) full, whether by
+        h2load, the backend or other processes, while the proxy's was not; req/s is then a
+        lower bound for the target."""
+        client_full = self.h2load_pct >= 90 or self.client_busy_pct >= 90 * self.client_cores
+        return client_full and self.proxy_pct < 90
 
 
 @dataclass(frozen=True)
@@ -251,14 +254,17 @@ class LoadGenerator:
         log_file = self.work / "tmp" / f"{target}-{case.name}.tsv"
         argv = self.argv(case, port, sizing, log_file)
         proxy0, backend0 = procstat.tree_ticks(proxy_pid), procstat.tree_ticks(backend_pid)
-        busy0, child0, t0 = (
-            procstat.machine_busy_ticks(),
+        cpus = cpu_list(self.client_cpus)
+        client0, busy0, child0, t0 = (
+            procstat.busy_ticks(cpus),
+            procstat.busy_ticks(),
             resource.getrusage(resource.RUSAGE_CHILDREN),
             time.monotonic(),
         )
         text = self._h2load(argv, self.env(case), seconds + 90)
         wall = time.monotonic() - t0
-        busy1, child1 = procstat.machine_busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        client1, busy1 = procstat.busy_ticks(cpus), procstat.busy_ticks()
+        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proxy = procstat.ticks_delta(proxy0, procstat.tree_ticks(proxy_pid))
         backend = sum(procstat.ticks_delta(backend0, procstat.tree_ticks(backend_pid)).values())
         summary = parse_h2load(text)
@@ -284,7 +290,8 @@ class LoadGenerator:
             other_pct=max(
                 0.0, 100 * (machine_s - proxy_s - h2load_s - procstat.seconds(backend)) / wall
             ),
-            client_cores=cpu_count(self.client_cpus),
+            client_cores=len(cpus),
+            client_busy_pct=100 * procstat.seconds(client1 - client0) / wall,
             tls=summary.tls,
             alpn=summary.alpn,
         )

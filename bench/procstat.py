@@ -76,14 +76,21 @@ def seconds(ticks: int) -> float:
     return ticks / CLK_TCK
 
 
-def parse_machine_busy(proc_stat: str) -> int:
-    """Busy ticks of all CPUs together from /proc/stat's first line (all but idle and iowait)."""
-    fields = [int(x) for x in proc_stat.splitlines()[0].split()[1:]]
-    return sum(v for i, v in enumerate(fields) if i not in (3, 4))
+def parse_busy(proc_stat: str, cpus: Iterable[int] | None = None) -> int:
+    """Busy ticks (all but idle and iowait) from /proc/stat: all CPUs, or only `cpus`."""
+    wanted = None if cpus is None else {f"cpu{n}" for n in cpus}
+    total = 0
+    for line in proc_stat.splitlines():
+        if not line.strip():
+            continue
+        name, *fields = line.split()
+        if (name == "cpu") if wanted is None else (name in wanted):
+            total += sum(int(v) for i, v in enumerate(fields) if i not in (3, 4))
+    return total
 
 
-def machine_busy_ticks() -> int:
-    return parse_machine_busy(Path("/proc/stat").read_text())
+def busy_ticks(cpus: Iterable[int] | None = None) -> int:
+    return parse_busy(Path("/proc/stat").read_text(), cpus)
 
 
 def parse_statm_rss(statm: str) -> int:

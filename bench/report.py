@@ -266,8 +266,9 @@ def markdown(results: Results, figures: Sequence[str]) -> str:
         "that succeeded (by the connections, in the handshake cases). It does not depend on "
         "whether the load generator kept up, so it is the figure to compare; req/s and latency "
         "on two shared cores are moved by everything else that runs. Marks: `*` the load "
-        "generator's core was saturated (h2load, plus the backend sharing that core, >= 90%): "
-        f"req/s is a lower bound for that target; `~` other processes used >= {BUSY_PCT:.0f}% "
+        "generator's side was the limit (its core >= 90% busy, by h2load, the backend or other "
+        f"processes, while the proxy's core was not): req/s is a lower bound for that target; "
+        f"`~` other processes used >= {BUSY_PCT:.0f}% "
         "of a core during the run (noisy; re-run); `!` failures, see the details.",
         "",
         *_run_notes(results),

@@ -80,15 +80,19 @@ def test_sweep_cases_keep_the_concurrency() -> None:
     assert load.sweep_case("h2", 1).concurrency == 1
 
 
-def test_cpu_count_of_taskset_lists() -> None:
-    assert [load.cpu_count(x) for x in ("0", "1,3", "4-7", "0,2-3")] == [1, 2, 4, 3]
+def test_cpu_list_of_taskset_lists() -> None:
+    assert load.cpu_list("0") == [0]
+    assert load.cpu_list("1,3") == [1, 3]
+    assert load.cpu_list("0,4-6") == [0, 4, 5, 6]
 
 
-def test_generator_bound_when_the_client_core_is_full() -> None:
-    m = load.Measurement(target="t", case="h1", concurrency=50, h2load_pct=70, backend_pct=25)
+def test_generator_bound_when_the_client_core_is_full_and_the_proxy_is_not() -> None:
+    m = load.Measurement(target="t", case="h1", concurrency=50, client_busy_pct=95, proxy_pct=60)
     assert m.generator_bound
-    m.backend_pct = 10
+    m.proxy_pct = 97  # both sides full: the proxy is (also) the limit
     assert not m.generator_bound
+    m.proxy_pct, m.client_busy_pct, m.h2load_pct = 60, 50, 92  # h2load alone fills its core
+    assert m.generator_bound
 
 
 def test_stat_line_with_a_hostile_command_name() -> None:
@@ -116,9 +120,15 @@ def test_ticks_delta_counts_a_newborn_process_from_zero() -> None:
     assert procstat.ticks_delta({10: 5, 11: 50}, {10: 7, 11: 80, 13: 4}) == {10: 2, 11: 30, 13: 4}
 
 
-def test_machine_busy_leaves_out_idle_and_iowait() -> None:
-    stat = "cpu  100 5 50 9000 30 1 2 0 0 0\ncpu0 50 2 25 4500 15 0 1 0 0 0\n"
-    assert procstat.parse_machine_busy(stat) == 100 + 5 + 50 + 1 + 2
+def test_busy_ticks_leave_out_idle_and_iowait() -> None:
+    stat = (
+        "cpu  100 5 50 9000 30 1 2 0 0 0\n"
+        "cpu0 60 2 25 4500 15 0 1 0 0 0\n"
+        "cpu1 40 3 25 4500 15 1 1 0 0 0\n"
+        "intr 12345 0 0\n"
+    )
+    assert procstat.parse_busy(stat) == 100 + 5 + 50 + 1 + 2
+    assert procstat.parse_busy(stat, [1]) == 40 + 3 + 25 + 1 + 1
 
 
 def test_statm_rss_is_in_pages() -> None:
@@ -203,7 +213,7 @@ def page() -> str:
             _m("Caddy 1p", "h1", 100.0),
             _m("port443 1w", "h1", 250.0, other_pct=40.0),
             _m("Caddy 1p", "tls-full", 600.0),
-            _m("port443 1w", "tls-full", 630.0, h2load_pct=95.0),
+            _m("port443 1w", "tls-full", 630.0, h2load_pct=95.0),  # and the proxy core idle
         ],
         idle=[IdleMemory(target="port443 1w", count=1000, conns_per_process=[501, 499])],
     )
