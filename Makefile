@@ -33,5 +33,8 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed $(SSLYZE_VENV)/.installed lint
 	$(PY) -m pytest -q
 
+# Writes docs/benchmarks.md and its figures (port443 against nginx, HAProxy, Caddy; ~6-9 min).
+# Needs haproxy, caddy, nginx-light, nghttp2-client (.ci/apt-packages.txt). BENCH_ARGS=--quick
 bench: $(VENV)/.installed
-	$(PY) bench/run.py
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) bench/run.py $(BENCH_ARGS)
