@@ -24,7 +24,7 @@ from proxy.config import Config
 from proxy.generation import Generation, describe_changes
 from proxy.http.admin import AdminHandler
 from proxy.http.h1 import H1Connection, Handler
-from proxy.http.h2 import H2Connection
+from proxy.http.h2 import H2ServerSession
 from proxy.http.model import ConnectionInfo, Exchange, Observer
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
@@ -285,7 +285,7 @@ class Server:
         self.metrics.tls_handshake_completed(info)
         if stream.alpn_protocol == "h2":
             config = self.config
-            await H2Connection(
+            await H2ServerSession(
                 stream, info, self._forward, config.limits, config.http2, self.lifecycle
             ).serve()
         else:
