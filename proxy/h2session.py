@@ -233,9 +233,10 @@ class SessionStream(Generic[SessionT]):
             await arrived.wait()
         return arrived.is_set()
 
-    def _raise_if_reset(self) -> None:
-        if self.reset:
-            raise self._error_when_reset() if self._error is None else copy.copy(self._error)
+    def _reset_error(self) -> Exception:
+        """What a call raises once `reset` is set (one object per raise: tasks may share
+        an error)."""
+        return self._error_when_reset() if self._error is None else copy.copy(self._error)
 
     def _consumed(self, size: int) -> None:
         """The role's reader took `size` bytes: open the windows again."""
@@ -244,7 +245,8 @@ class SessionStream(Generic[SessionT]):
 
     def _h2_call(self, call: Callable[..., None], *args: object) -> None:
         """An h2 send call on this stream; h2 refuses it once the peer closed or reset it."""
-        self._raise_if_reset()
+        if self.reset:
+            raise self._reset_error()
         try:
             call(*args)
         except h2.exceptions.ProtocolError as exc:
@@ -272,7 +274,8 @@ class SessionStream(Generic[SessionT]):
         stream_id = self.stream_id
         view = memoryview(data)
         while view:
-            self._raise_if_reset()
+            if self.reset:
+                raise self._reset_error()
             try:
                 window = conn.local_flow_control_window(stream_id)
             except h2.exceptions.ProtocolError as exc:

@@ -91,7 +91,8 @@ class H2ServerStream(SessionStream["H2ServerSession"]):
         while not self._inbox:
             if self.received_end:
                 return b""
-            self._raise_if_reset()
+            if self.reset:
+                raise self._reset_error()
             if self._continue:  # the client waits for this before sending the body
                 self._continue = False
                 self._send_headers([(b":status", STATUS[100])], False)

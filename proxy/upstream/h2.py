@@ -117,14 +117,12 @@ class H2UpstreamStream(SessionStream["H2UpstreamSession"]):
     def _unfinished_code(self) -> ErrorCodes:
         return ErrorCodes.CANCEL
 
-    def _raise_if_reset(self) -> None:
-        try:
-            super()._raise_if_reset()
-        except UpstreamRefused as exc:
-            if self._body_taken:
-                # Not processed, but the body read from the client is gone: it cannot be resent.
-                raise UpstreamClosed(f"{exc}, after the request body was sent") from None
-            raise
+    def _reset_error(self) -> Exception:
+        error = super()._reset_error()
+        if type(error) is UpstreamRefused and self._body_taken:
+            # Not processed, but the body read from the client is gone: it cannot be resent.
+            return UpstreamClosed(f"{error}, after the request body was sent")
+        return error
 
     # -- events from the connection's reader -----------------------------------------------
 
@@ -153,7 +151,8 @@ class H2UpstreamStream(SessionStream["H2UpstreamSession"]):
     async def next_event(self, timeout: float) -> UpstreamEvent:
         events = self._events
         while not events:
-            self._raise_if_reset()
+            if self.reset:
+                raise self._reset_error()
             if not await self._wait_for_input(timeout):
                 raise UpstreamTimeout(f"no response from {self.url} within {timeout:g}s")
         return self._take()
