@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import math
 import socket
-from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -178,43 +177,3 @@ async def _connect(sock: socket.socket, address: tuple[object, ...] | str) -> No
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, f"connect to {address}: {errno.errorcode.get(err, err)}")
-
-
-class CoalescingWriter:
-    """The single writer of a multiplexed connection (HTTP/2, either side): whatever the
-    protocol code queued since the last write goes out in one send per wake-up, so many
-    small frames cost one syscall and one TLS record."""
-
-    def __init__(
-        self,
-        stream: ByteStream,
-        timeout: float,
-        take: Callable[[], bytes],
-        sent: Callable[[], None],
-    ) -> None:
-        self._stream = stream
-        self._timeout = timeout
-        self._take = take  # the bytes queued since the last write (b"" if none)
-        self._sent = sent  # after a write: wake whoever waits for room
-        self._lot = trio.lowlevel.ParkingLot()
-        self._closing = False
-
-    def wake(self) -> None:
-        self._lot.unpark_all()
-
-    def close(self) -> None:
-        """Send what is queued, then end `run`."""
-        self._closing = True
-        self._lot.unpark_all()
-
-    async def run(self) -> None:
-        """Until closed; raises OSError or StreamTimeout when the stream fails."""
-        while True:
-            data = self._take()
-            if data:
-                await self._stream.send_all(data, trio.current_time() + self._timeout)
-                self._sent()
-            elif self._closing:
-                return
-            else:
-                await self._lot.park()

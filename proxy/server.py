@@ -25,7 +25,7 @@ from proxy.generation import Generation, describe_changes
 from proxy.handlers.admin import AdminHandler
 from proxy.handlers.observed import Observed
 from proxy.http.h1 import H1Connection, Handler
-from proxy.http.h2 import H2Connection
+from proxy.http.h2 import H2ServerSession
 from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
@@ -290,7 +290,7 @@ class Server:
         self.metrics.tls_handshake_completed(info)
         if stream.alpn_protocol == "h2":
             config = self.config
-            await H2Connection(
+            await H2ServerSession(
                 stream, info, self._https_handler, config.limits, config.http2, self.lifecycle
             ).serve()
         else:

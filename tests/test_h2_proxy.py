@@ -19,7 +19,7 @@ from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from proxy.config import Http2Config, LimitsConfig
-from proxy.http.h2 import H2Connection, H2Stream
+from proxy.http.h2 import H2ServerSession, H2ServerStream
 from proxy.http.model import ConnectionInfo, ResponseHead
 from proxy.lifecycle import Lifecycle
 from proxy.netio import SocketStream
@@ -183,19 +183,19 @@ async def test_unread_request_data_is_acknowledged_when_a_stream_ends() -> None:
     16 streams x 64 KiB fill the 1 MiB connection window and stay unread until their handlers
     end, so the last upload only gets through if ending a stream gives that window back."""
 
-    async def handler(exchange: H2Stream) -> None:
+    async def handler(exchange: H2ServerStream) -> None:
         size = 0
         if exchange.request.target == b"/upload":
             while data := await exchange.receive_data():
                 size += len(data)
         else:  # the stream's whole window arrives and stays unread
-            while exchange.unread_flow() < 65536:
+            while exchange.unread < 65536:
                 await trio.sleep(0.01)
         await exchange.send_head(ResponseHead(200, []), str(size).encode(), end=True)
 
     ours, theirs = socket.socketpair()
     info = ConnectionInfo("127.0.0.1", None, "h2")
-    connection = H2Connection(
+    connection = H2ServerSession(
         SocketStream(ours), info, handler, LimitsConfig(), Http2Config(), Lifecycle(1)
     )
     with trio.fail_after(10):
