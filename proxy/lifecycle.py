@@ -8,6 +8,8 @@ import trio
 
 
 class Drainable(Protocol):
+    __slots__ = ()  # slotted implementations stay slotted
+
     def close_if_idle(self) -> None:
         """Shut a connection that is between requests; busy ones finish first."""
 

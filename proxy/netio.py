@@ -25,6 +25,8 @@ class StreamTimeout(Exception):
 class ByteStream(Protocol):
     """What the HTTP front ends need from a connection: plain TCP or TLS."""
 
+    __slots__ = ()  # slotted implementations stay slotted
+
     async def receive_some(self, deadline: float = NO_DEADLINE) -> bytes: ...
 
     async def wait_readable(self, deadline: float = NO_DEADLINE) -> None:
@@ -103,7 +105,7 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-class SocketStream:
+class SocketStream(ByteStream):
     """A plain TCP connection: the port-80 redirector and upstream connections use it."""
 
     __slots__ = ("socket",)

@@ -35,6 +35,8 @@ class Issued(NamedTuple):
 
 
 class Issuer(Protocol):
+    __slots__ = ()  # slotted implementations stay slotted
+
     instant: bool  # issues without the network: wait for it before listening
     has_fallback: bool  # a fallback CA that the retry policy may switch to
 
@@ -51,7 +53,7 @@ class Issuer(Protocol):
         ...
 
 
-class LocalIssuer:
+class LocalIssuer(Issuer):
     """Issues from the built-in CA, off the event loop (key generation, root file I/O)."""
 
     instant = True
@@ -71,7 +73,7 @@ class LocalIssuer:
         return None
 
 
-class AcmeIssuer:
+class AcmeIssuer(Issuer):
     """Orders from the configured ACME directory, or from its fallback when the retry
     policy says so; the configured profile is requested by every order, renewals too."""
 

@@ -11,6 +11,8 @@ from proxy.http.model import Exchange, Observer, Outcome, ResponseHead
 
 
 class RequestHandler(Protocol):
+    __slots__ = ()  # slotted implementations stay slotted
+
     async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
         """Answer the request, filling in what the outcome says about it (status, bytes,
         site, upstream) as it goes."""

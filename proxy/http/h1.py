@@ -25,10 +25,12 @@ from proxy.http.model import (
     CONNECTION_CLOSE,
     ClientGone,
     ConnectionInfo,
+    Exchange,
     Headers,
     MalformedBody,
     Request,
     ResponseHead,
+    Upgradable,
     plain_response,
 )
 from proxy.lifecycle import Lifecycle
@@ -41,7 +43,7 @@ LINGER_SECONDS = 2.0
 MAX_CHUNK_SIZE = 2**63 - 1  # no real body is larger; a size beyond is an attack on parsers
 
 
-class H1Connection:
+class H1Connection(Exchange, Upgradable):
     """Serves requests on one client connection until it closes, errs or idles out."""
 
     def __init__(

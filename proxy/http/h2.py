@@ -22,7 +22,14 @@ from proxy.config import Http2Config, LimitsConfig
 from proxy.h2session import Session, SessionStream, Setting
 from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_headers
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard
-from proxy.http.model import ClientGone, ConnectionInfo, Headers, Request, ResponseHead
+from proxy.http.model import (
+    ClientGone,
+    ConnectionInfo,
+    Exchange,
+    Headers,
+    Request,
+    ResponseHead,
+)
 from proxy.lifecycle import Lifecycle
 from proxy.netio import ByteStream
 
@@ -33,7 +40,7 @@ Handler = Callable[["H2ServerStream"], Awaitable[None]]
 STATUS = {code: str(code).encode("ascii") for code in range(100, 1000)}
 
 
-class H2ServerStream(SessionStream["H2ServerSession"]):
+class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
     """One request stream: the `Exchange` the forwarding core drives."""
 
     __slots__ = ("_continue", "_inbox", "head_sent", "info", "request", "scope")

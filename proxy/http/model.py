@@ -89,6 +89,8 @@ class Outcome:
 
 
 class Observer(Protocol):
+    __slots__ = ()  # slotted implementations stay slotted
+
     def record(self, outcome: Outcome) -> None:
         """Called once per request, after it ended; must not block."""
         ...
@@ -99,6 +101,8 @@ class Upgradable(Protocol):
     """A connection that can leave HTTP for the protocol the client asked for (HTTP/1.1
     Upgrade: WebSocket). Both the client side and an upstream connection may be one."""
 
+    __slots__ = ()  # slotted implementations stay slotted
+
     async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
         """Complete the switch (the client side sends `head`, the 101) and hand over the raw
         stream with the bytes already read past the HTTP head."""
@@ -107,6 +111,8 @@ class Upgradable(Protocol):
 
 class Exchange(Protocol):
     """One request/response on a client connection, as the forwarding core sees it."""
+
+    __slots__ = ()  # slotted implementations stay slotted
 
     request: Request
     info: ConnectionInfo

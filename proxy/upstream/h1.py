@@ -13,15 +13,17 @@ import trio
 from proxy.config import LimitsConfig, Upstream
 from proxy.http.h11_internals import trusted_request
 from proxy.http.headers import upgrade_headers
-from proxy.http.model import Headers, ResponseHead, UpstreamRequest
+from proxy.http.model import Headers, ResponseHead, Upgradable, UpstreamRequest
 from proxy.netio import ByteStream, StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, Transport
 from proxy.upstream.stream import (
     BodyEnd,
+    Pool,
     UnforwardableRequest,
     UpstreamClosed,
     UpstreamEvent,
     UpstreamProtocolError,
+    UpstreamStream,
     UpstreamTimeout,
 )
 
@@ -43,7 +45,7 @@ def h1_fields(request: UpstreamRequest) -> Headers:
     return fields
 
 
-class H1UpstreamConnection:
+class H1UpstreamConnection(UpstreamStream, Upgradable):
     """One keep-alive connection. It is the `UpstreamStream` of the one request it carries
     at a time, and goes back to its pool when that exchange completes cleanly."""
 
@@ -213,7 +215,7 @@ class H1UpstreamConnection:
         return True  # EOF, or bytes nobody asked for
 
 
-class H1Pool:
+class H1Pool(Pool):
     """Idle connections to one upstream, most recently used first (warm sockets, and the
     upstream's idle timeout closes the cold ones at the other end)."""
 

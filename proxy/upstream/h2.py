@@ -30,9 +30,11 @@ from proxy.netio import StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, OtherProtocol, Transport
 from proxy.upstream.stream import (
     BodyEnd,
+    Pool,
     UpstreamClosed,
     UpstreamEvent,
     UpstreamRefused,
+    UpstreamStream,
     UpstreamTimeout,
 )
 
@@ -74,7 +76,7 @@ def response_head(headers: Iterable[tuple[bytes, bytes]]) -> ResponseHead:
     return ResponseHead(status, fields, b"2")
 
 
-class H2UpstreamStream(SessionStream["H2UpstreamSession"]):
+class H2UpstreamStream(SessionStream["H2UpstreamSession"], UpstreamStream):
     """One request on a shared connection: the `UpstreamStream` the forwarding core drives."""
 
     __slots__ = ("_body_taken", "_events", "finished", "reused", "url")
@@ -317,7 +319,7 @@ class _Attempt:
         self.error: OSError | StreamTimeout | None = None
 
 
-class H2Pool:
+class H2Pool(Pool):
     """The HTTP/2 connections to one upstream; streams go to the oldest one with room."""
 
     def __init__(

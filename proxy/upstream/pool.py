@@ -9,7 +9,6 @@ TLS with ALPN choosing HTTP/2 or HTTP/1.1 for each new connection.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 import trio
 
@@ -18,7 +17,7 @@ from proxy.netio import StreamTimeout
 from proxy.upstream.connect import Connector, OtherProtocol
 from proxy.upstream.h1 import H1Pool
 from proxy.upstream.h2 import H2Pool, Spawn
-from proxy.upstream.stream import UpstreamStream
+from proxy.upstream.stream import Pool, UpstreamStream
 
 
 class UpstreamUnavailable(Exception):
@@ -29,17 +28,7 @@ class UpstreamUnavailable(Exception):
         self.timed_out = timed_out
 
 
-class Pool(Protocol):
-    upstream: Upstream
-
-    async def open_stream(self) -> UpstreamStream:
-        """Raises OSError (refused, unreachable) or StreamTimeout (connect timed out)."""
-        ...
-
-    def close_all(self) -> None: ...
-
-
-class ALPNPool:
+class ALPNPool(Pool):
     """An https:// upstream: each new connection speaks what ALPN chose, h2 preferred.
 
     While the upstream chooses HTTP/2, new connections go through the HTTP/2 pool, which

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.config import Upstream
 from proxy.http.model import Headers, ResponseHead, UpstreamRequest
 
 
@@ -46,6 +47,8 @@ UpstreamEvent = ResponseHead | bytes | BodyEnd
 
 
 class UpstreamStream(Protocol):
+    __slots__ = ()  # slotted implementations stay slotted
+
     url: str
     reused: bool  # carried by a connection that already served requests (retry policy)
 
@@ -73,3 +76,17 @@ class UpstreamStream(Protocol):
     async def aclose(self) -> None:
         """The exchange failed or was abandoned: never reuse what carried it."""
         ...
+
+
+class Pool(Protocol):
+    """Connections to one upstream, handing out an `UpstreamStream` per exchange."""
+
+    __slots__ = ()  # slotted implementations stay slotted
+
+    upstream: Upstream
+
+    async def open_stream(self) -> UpstreamStream:
+        """Raises OSError (refused, unreachable) or StreamTimeout (connect timed out)."""
+        ...
+
+    def close_all(self) -> None: ...
