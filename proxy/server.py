@@ -180,7 +180,11 @@ class Server:
         self.lifecycle = Lifecycle(config.limits.max_connections)
         self.listening = False  # the public listeners are bound (readiness)
         self.metrics = Metrics(self)
-        self._access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+        self._access_log = (
+            AccessLog(config.access_log, shared=config.server.workers > 1)
+            if config.access_log.enabled
+            else None
+        )
         self._observers: list[Observer] = [self.metrics]
         if self._access_log is not None:
             self._observers.append(self._access_log)

@@ -32,7 +32,7 @@ async def readyz(proxy: ProxyProcess) -> tuple[int, str]:
         f"http://127.0.0.1:{proxy.admin_port}/readyz",
     )  # fmt: skip
     body, _, code = result.stdout.decode().rpartition("\n")
-    return int(code or 0), body
+    return int(code or 0), body.strip()
 
 
 async def wait_ready(proxy: ProxyProcess, timeout: float = 30) -> None:
