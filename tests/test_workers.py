@@ -83,6 +83,7 @@ async def test_reload_reaches_every_worker(tmp_path: Path, backend: Backend) -> 
         assert f"process {proxy.process.pid}" in reload.stdout  # the supervisor's pid file
         for index in (1, 2):
             await wait_log_count(proxy, f"[worker {index}] proxy.server: reloaded", 1)
+        await wait_ready(proxy)  # the follower loads new.test's certificate within 2 s
         for _ in range(4):
             added = await run(*curl_args(proxy, "/echo", "new.test", "--http1.1"), check=True)
             assert json.loads(added.stdout)["headers"]["host"] == f"new.test:{proxy.https_port}"

@@ -12,14 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from proxy.certs.local_ca import LocalCA
 from proxy.tls import policy
 from tests.backend import Backend
-from tests.proxyproc import ProxyProcess, run, sites_toml
+from tests.proxyproc import ProxyProcess, sites_toml
 from tests.workers import start_workers
 
 RECONNECTS = 20
+REQUEST = b"GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
 @pytest.fixture
@@ -83,29 +85,34 @@ def test_ticket_keys_have_openssls_length(restore_ticket_keys: None) -> None:
         policy.set_ticket_keys([b"short"])
 
 
-async def _reconnect(proxy: ProxyProcess, session: Path, *options: str) -> str:
-    result = await run(
+async def _s_client(proxy: ProxyProcess, *options: str) -> str:
+    """ "New" or "Reused": one connection with one request, whose answer comes after the
+    TLS 1.3 tickets, so that -sess_out has one to save."""
+    argv = [
         "openssl", "s_client", "-connect", f"127.0.0.1:{proxy.https_port}",
         "-servername", "localhost", "-CAfile", str(proxy.root_ca), "-verify_return_error",
-        "-sess_in", str(session), "-sess_out", str(session), *options,
-        timeout=15,
-    )  # fmt: skip
+        "-ign_eof", *options,
+    ]  # fmt: skip
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            argv, stdin=REQUEST, capture_stdout=True, capture_stderr=True, check=False
+        )
     lines = result.stdout.decode(errors="replace").splitlines()
-    return next(line.split(",")[0] for line in lines if line.startswith(("New,", "Reused,")))
+    found = [line.split(",")[0] for line in lines if line.startswith(("New,", "Reused,"))]
+    assert found, result.stdout + result.stderr
+    return found[0]
 
 
 async def test_resumption_across_two_workers(tmp_path: Path, backend: Backend) -> None:
     proxy = await start_workers(tmp_path, sites_toml((["localhost"], [backend.url])))
     try:
         for version in ("-tls1_3", "-tls1_2"):
-            session = tmp_path / f"session{version}"
-            first = await run(
-                "openssl", "s_client", "-connect", f"127.0.0.1:{proxy.https_port}",
-                "-servername", "localhost", "-CAfile", str(proxy.root_ca), version,
-                "-sess_out", str(session), timeout=15,
-            )  # fmt: skip
-            assert b"New," in first.stdout and session.stat().st_size > 0
-            outcomes = [await _reconnect(proxy, session, version) for _ in range(RECONNECTS)]
+            session = str(tmp_path / f"session{version}")
+            assert await _s_client(proxy, version, "-sess_out", session) == "New"
+            outcomes = [
+                await _s_client(proxy, version, "-sess_in", session, "-sess_out", session)
+                for _ in range(RECONNECTS)
+            ]
             assert outcomes == ["Reused"] * RECONNECTS, version
     finally:
         assert await proxy.terminate() == 0
