@@ -14,9 +14,12 @@ import trio
 from proxy.certs.report import certificates_table
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
+from proxy.handlers.admin import ProcessView
 from proxy.pidfile import read_pid, remove_pid, write_pid
 from proxy.server import Server
 from proxy.storage_check import check_certificate_store
+from proxy.supervisor import Supervisor
+from proxy.worker import Channel, WorkerSpec, answer_supervisor
 
 DEFAULT_CONFIG = Path("config/port443.toml")
 log = logging.getLogger("proxy")
@@ -50,10 +53,30 @@ def _load(path: Path) -> Config | None:
         return None
 
 
-async def _serve(config: Config) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    for warning in check_certificate_store(config.certs.dir):
-        log.warning("%s", warning)
+async def _serve(config: Config, worker: WorkerSpec | None) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully. A worker serves
+    the listeners its supervisor hands over and answers it; a lone process owns the pid
+    file and the admin port."""
+    if worker is None:
+        for warning in check_certificate_store(config.certs.dir):
+            log.warning("%s", warning)
+        await _serve_alone(config)
+        return
+    listeners, control = worker.adopt()
+    server = Server(config, listeners=listeners, serve_admin=False)
+    channel = Channel(control)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_handle_signals, server, nursery.cancel_scope)
+            view = ProcessView(server.metrics, server)
+            nursery.start_soon(answer_supervisor, channel, view, server.shutdown)
+            await server.run()
+            nursery.cancel_scope.cancel()
+    finally:
+        channel.close()
+
+
+async def _serve_alone(config: Config) -> None:
     server = Server(config)
     write_pid(config)
     try:
@@ -61,6 +84,16 @@ async def _serve(config: Config) -> None:
             nursery.start_soon(_handle_signals, server, nursery.cancel_scope)
             await server.run()
             nursery.cancel_scope.cancel()
+    finally:
+        remove_pid(config)
+
+
+async def _supervise(config: Config) -> None:
+    for warning in check_certificate_store(config.certs.dir):
+        log.warning("%s", warning)
+    write_pid(config)  # `port443 reload` signals the supervisor, which tells every worker
+    try:
+        await Supervisor(config).run()
     finally:
         remove_pid(config)
 
@@ -120,10 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "reload":
         return _signal_reload(config)
+    worker = WorkerSpec.from_env(os.environ)
+    if worker is not None:
+        role = f"[worker {worker.index}] "
+    elif config.server.workers > 1:
+        role = "[supervisor] "
+    else:
+        role = ""
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {role}%(name)s: %(message)s",
         stream=sys.stderr,
     )
-    trio.run(_serve, config)
+    if worker is None and config.server.workers > 1:
+        trio.run(_supervise, config)
+    else:
+        trio.run(_serve, config, worker)
     return 0

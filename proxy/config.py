@@ -21,6 +21,13 @@ LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """The process model: 1 is one process; more, a supervisor and that many workers."""
+
+    workers: int = 1  # "auto" in the file: the CPUs this process may run on
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     addresses: tuple[str, ...] = ("0.0.0.0",)
     http: int = 80  # 0 disables the redirector
@@ -142,6 +149,7 @@ class AdminConfig:
 @dataclass(frozen=True)
 class Config:
     path: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     certs: CertsConfig = field(default_factory=CertsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)

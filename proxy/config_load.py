@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 import json
 import math
+import os
 import re
 import ssl
 import tomllib
@@ -33,6 +34,7 @@ from proxy.config import (
     KeyType,
     LimitsConfig,
     ListenConfig,
+    ServerConfig,
     SiteConfig,
     TLSConfig,
     Upstream,
@@ -45,6 +47,7 @@ Table = dict[str, object]
 
 _TOP_KEYS = (
     "log_level",
+    "server",
     "listen",
     "certs",
     "acme",
@@ -56,6 +59,8 @@ _TOP_KEYS = (
     "admin",
     "sites",
 )
+_SERVER_KEYS = ("workers",)
+_MAX_WORKERS = 1024
 _LISTEN_KEYS = ("address", "http", "https")
 _CERTS_KEYS = ("dir", "issuer")
 _ACME_KEYS = tuple(f.name for f in dataclasses.fields(AcmeConfig))
@@ -149,6 +154,7 @@ class _Reader:
         uses_acme = any((site.issuer or certs.issuer) == "acme" for site in sites)
         return Config(
             path=self._path,
+            server=self._server(root),
             listen=listen,
             certs=certs,
             acme=self._acme(root, listen, uses_acme),
@@ -161,6 +167,11 @@ class _Reader:
             sites=sites,
             log_level=log_level,
         )
+
+    def _server(self, root: Table) -> ServerConfig:
+        table = self._section(root, "server", _SERVER_KEYS)
+        workers = self._value(table, ("server",), "workers", ServerConfig().workers, _workers)
+        return ServerConfig(workers=workers)
 
     def _listen(self, root: Table) -> ListenConfig:
         key: KeyPath = ("listen",)
@@ -494,6 +505,16 @@ def _integer(minimum: int) -> Callable[[object], int]:
         raise _Invalid(f"must be an integer >= {minimum}, got {_show(value)}")
 
     return convert
+
+
+def _workers(value: object) -> int:
+    """A worker count, or "auto": one per CPU this process may run on (its affinity mask,
+    which taskset and container cpusets narrow)."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if type(value) is int and 1 <= value <= _MAX_WORKERS:
+        return value
+    raise _Invalid(f'must be "auto" or an integer from 1 to {_MAX_WORKERS}, got {_show(value)}')
 
 
 def _number_at_least_zero(value: object) -> float:

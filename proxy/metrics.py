@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import errno
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from proxy.certs.manager import CertManager
 from proxy.config import Config
@@ -26,6 +28,11 @@ from proxy.netio import StreamTimeout
 # Seconds, from a cached response to a slow upload or a long poll.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 GATEWAY_ERRORS = frozenset((502, 504))
+# Merging the workers' metrics: these are the same fact seen by each worker, not shares of
+# a total. The oldest certificate in service; an upstream is down if any worker saw it fail.
+MERGED_BY_MINIMUM = frozenset(
+    ("port443_certificate_expiry_timestamp_seconds", "port443_upstream_up")
+)
 
 
 class ServerState(Protocol):
@@ -209,3 +216,46 @@ class _CertificateCollector(Collector):
         for name, count in certs.renewal_failures.items():
             failures.add_metric([name], count)
         yield failures
+
+
+def merge_expositions(texts: Iterable[str]) -> bytes:
+    """One exposition for the whole instance from its workers' ones: samples of the same
+    name and labels are added up (requests, bytes, histogram buckets, open connections),
+    except the facts in MERGED_BY_MINIMUM and `_created` timestamps, of which the earliest
+    counts. A worker restarted since the last scrape shows as a counter reset."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            merged = values[family.name]
+            by_minimum = family.name in MERGED_BY_MINIMUM
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = merged.get(key)
+                if old is None:
+                    merged[key] = sample.value
+                elif by_minimum or sample.name.endswith("_created"):
+                    merged[key] = min(old, sample.value)
+                else:
+                    merged[key] = old + sample.value
+    for name, family in families.items():
+        family.samples = [
+            Sample(sample_name, dict(labels), value)
+            for (sample_name, labels), value in values[name].items()
+        ]
+    registry = CollectorRegistry()
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    """Metrics already collected elsewhere, exposed as they are."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

@@ -8,7 +8,6 @@ connections for the grace period, then cancels what is left.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import socket
 import ssl
@@ -20,9 +19,9 @@ import trio
 from proxy.accesslog import AccessLog
 from proxy.certs.acme_challenges import ACME_TLS_ALPN, tls_alpn01_context
 from proxy.certs.manager import CertManager
-from proxy.config import Config
+from proxy.config import AdminConfig, Config, LimitsConfig, ListenConfig
 from proxy.generation import Generation, describe_changes
-from proxy.handlers.admin import AdminHandler
+from proxy.handlers.admin import AdminHandler, ProcessView
 from proxy.handlers.observed import Observed
 from proxy.http.h1 import H1Connection, Handler
 from proxy.http.h2 import H2ServerSession
@@ -72,14 +71,121 @@ def bind_listener(address: str, port: int) -> socket.socket:
     return sock
 
 
-class Server:
-    """One proxy process: binds, serves, and shuts down gracefully on `shutdown()`."""
+Listeners = list[tuple[socket.socket, str]]  # (listening socket, "https" or "http")
 
-    def __init__(self, config: Config) -> None:
+
+def bind_public(listen: ListenConfig) -> Listeners:
+    """The client-facing listeners of one process: HTTPS, and the redirector unless off."""
+    listeners: Listeners = []
+    try:
+        for address in listen.addresses:
+            listeners.append((bind_listener(address, listen.https), "https"))
+            if listen.http:
+                listeners.append((bind_listener(address, listen.http), "http"))
+    except BaseException:
+        for sock, _ in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+async def serve_admin(
+    admin: AdminConfig,
+    handler: Handler,
+    limits: Callable[[], LimitsConfig],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The admin listener lives with the services, not the client listeners: /readyz
+    still answers (503) while clients drain, and admin connections neither count
+    against max_connections nor hold up the drain. A lone process and a supervisor of
+    workers both serve it; `limits` gives the limits in force when a connection opens."""
+    sock = bind_listener(admin.address, admin.port)
+    try:
+        host, port = sock.getsockname()[:2]
+        log.info("listening for admin on %s port %d", host, port)
+        lifecycle = Lifecycle(ADMIN_MAX_CONNECTIONS)
+
+        async def serve(sock: socket.socket, client_ip: str) -> None:
+            await serve_plain_http(handler, limits(), lifecycle, sock, client_ip)
+
+        async with trio.open_nursery() as connections:
+            task_status.started()
+            await accept_loop(sock, serve, connections, lifecycle)
+    finally:
+        close_socket(sock)
+
+
+async def serve_plain_http(
+    handler: Handler,
+    limits: LimitsConfig,
+    lifecycle: Lifecycle,
+    sock: socket.socket,
+    client_ip: str,
+) -> None:
+    """HTTP/1.1 without TLS: the redirector's port and the admin listener."""
+    info = ConnectionInfo(client_ip, None, None)
+    await H1Connection(SocketStream(sock), sock, info, handler, limits, lifecycle).serve()
+
+
+async def accept_loop(
+    listener: socket.socket,
+    serve: ConnectionHandler,
+    connections: trio.Nursery,
+    lifecycle: Lifecycle,
+) -> None:
+    while True:
+        await lifecycle.wait_for_capacity()
+        await trio.lowlevel.wait_readable(listener)
+        while lifecycle.open_connections < lifecycle.max_connections:
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:  # EMFILE and friends: back off, keep serving
+                log.error("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                break
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            lifecycle.opened()
+            connections.start_soon(_run_connection, lifecycle, serve, sock, address[0])
+
+
+async def _run_connection(
+    lifecycle: Lifecycle, serve: ConnectionHandler, sock: socket.socket, client_ip: str
+) -> None:
+    try:
+        await serve(sock, client_ip)
+    except Exception:
+        # A bug in one connection's handling must not take the listener and every other
+        # connection down with it: log it loudly and keep serving.
+        log.exception("client %s: connection handler failed", client_ip)
+        close_socket(sock)
+    finally:
+        lifecycle.closed()
+
+
+class Server:
+    """One proxy process: binds, serves, and shuts down gracefully on `shutdown()`.
+
+    A worker (`workers` > 1) gets its `listeners` from the supervisor, which binds them once
+    and serves the admin port for the whole instance (`serve_admin=False`).
+    """
+
+    def __init__(
+        self, config: Config, *, listeners: Listeners | None = None, serve_admin: bool = True
+    ) -> None:
+        self._inherited = listeners
+        self._serve_admin_port = serve_admin and config.admin.enabled
         self.lifecycle = Lifecycle(config.limits.max_connections)
         self.listening = False  # the public listeners are bound (readiness)
         self.metrics = Metrics(self)
-        self._access_log = AccessLog(config.access_log) if config.access_log.enabled else None
+        self._access_log = (
+            AccessLog(config.access_log, shared=config.server.workers > 1)
+            if config.access_log.enabled
+            else None
+        )
         observers: list[Observer] = [self.metrics]
         if self._access_log is not None:
             observers.append(self._access_log)
@@ -96,6 +202,9 @@ class Server:
     @property
     def certs(self) -> CertManager:
         return self._current.certs
+
+    def _limits(self) -> LimitsConfig:
+        return self.config.limits
 
     async def _forward(self, exchange: Exchange, outcome: Outcome) -> None:
         await self._current.forwarder(exchange, outcome)
@@ -114,7 +223,7 @@ class Server:
         Listen addresses and ports are bound once: changing them needs a restart.
         """
         old = self._current
-        for section in ("listen", "admin", "access_log"):
+        for section in ("server", "listen", "admin", "access_log"):
             if getattr(config, section) != getattr(old.config, section):
                 log.warning("reload: [%s] changes take effect only after a restart", section)
         new = Generation(config, ALPN)
@@ -134,30 +243,26 @@ class Server:
     async def run(
         self, *, task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listen = self.config.listen
         async with trio.open_nursery() as services:
             self._services = services
-            if self.config.admin.enabled:  # first: /healthz answers while certificates load
-                await services.start(self._serve_admin)
+            if self._serve_admin_port:  # first: /healthz answers while certificates load
+                # Scrapes and health checks are counted, but kept out of the access log.
+                view = ProcessView(self.metrics, self)
+                handler = Observed(AdminHandler(view), "admin", [self.metrics])
+                await services.start(serve_admin, self.config.admin, handler, self._limits)
             await services.start(self._current.run)
-            listeners: list[tuple[socket.socket, str]] = []
+            listeners: Listeners = []
             try:
-                for address in listen.addresses:
-                    listeners.append((bind_listener(address, listen.https), "https"))
-                    if listen.http:
-                        listeners.append((bind_listener(address, listen.http), "http"))
+                listeners = self._inherited or bind_public(self.config.listen)
                 bound = [BoundAddress(kind, *sock.getsockname()[:2]) for sock, kind in listeners]
                 for b in bound:
                     log.info("listening for %s on %s port %d", b.kind, b.host, b.port)
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as acceptors:
-                        redirect = functools.partial(
-                            self._serve_plain_http, self._http_handler, self.lifecycle
-                        )
                         for sock, kind in listeners:
-                            serve = self._serve_tls if kind == "https" else redirect
+                            serve = self._serve_tls if kind == "https" else self._serve_redirect
                             acceptors.start_soon(
-                                self._accept_loop, sock, serve, connections, self.lifecycle
+                                accept_loop, sock, serve, connections, self.lifecycle
                             )
                         self.listening = True
                         task_status.started(bound)
@@ -198,69 +303,11 @@ class Server:
             )
         connections.cancel_scope.cancel()
 
-    async def _serve_admin(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """The admin listener lives with the services, not the client listeners: /readyz
-        still answers (503) while clients drain, and admin connections neither count
-        against max_connections nor hold up the drain."""
-        admin = self.config.admin
-        sock = bind_listener(admin.address, admin.port)
-        try:
-            host, port = sock.getsockname()[:2]
-            log.info("listening for admin on %s port %d", host, port)
-            lifecycle = Lifecycle(ADMIN_MAX_CONNECTIONS)
-            # Scrapes and health checks are counted, but kept out of the access log.
-            handler = Observed(AdminHandler(self.metrics, self), "admin", [self.metrics])
-            serve = functools.partial(self._serve_plain_http, handler, lifecycle)
-            async with trio.open_nursery() as connections:
-                task_status.started()
-                await self._accept_loop(sock, serve, connections, lifecycle)
-        finally:
-            close_socket(sock)
-
-    async def _accept_loop(
-        self,
-        listener: socket.socket,
-        serve: ConnectionHandler,
-        connections: trio.Nursery,
-        lifecycle: Lifecycle,
-    ) -> None:
-        while True:
-            await lifecycle.wait_for_capacity()
-            await trio.lowlevel.wait_readable(listener)
-            while lifecycle.open_connections < lifecycle.max_connections:
-                try:
-                    sock, address = listener.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # EMFILE and friends: back off, keep serving
-                    log.error("accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    break
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                lifecycle.opened()
-                connections.start_soon(self._run_connection, lifecycle, serve, sock, address[0])
-
-    async def _run_connection(
-        self, lifecycle: Lifecycle, serve: ConnectionHandler, sock: socket.socket, client_ip: str
-    ) -> None:
-        try:
-            await serve(sock, client_ip)
-        except Exception:
-            # A bug in one connection's handling must not take the listener and every other
-            # connection down with it: log it loudly and keep serving.
-            log.exception("client %s: connection handler failed", client_ip)
-            close_socket(sock)
-        finally:
-            lifecycle.closed()
-
-    async def _serve_plain_http(
-        self, handler: Handler, lifecycle: Lifecycle, sock: socket.socket, client_ip: str
-    ) -> None:
-        """HTTP/1.1 without TLS: the redirector's port and the admin listener."""
-        info = ConnectionInfo(client_ip, None, None)
-        limits = self.config.limits
-        await H1Connection(SocketStream(sock), sock, info, handler, limits, lifecycle).serve()
+    async def _serve_redirect(self, sock: socket.socket, client_ip: str) -> None:
+        """The plain-HTTP port, with the current generation's limits."""
+        await serve_plain_http(
+            self._http_handler, self.config.limits, self.lifecycle, sock, client_ip
+        )
 
     async def _serve_tls(self, sock: socket.socket, client_ip: str) -> None:
         deadline = trio.current_time() + self.config.limits.header_timeout

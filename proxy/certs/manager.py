@@ -35,7 +35,7 @@ from proxy.tls.policy import reject_context, server_context
 log = logging.getLogger(__name__)
 
 MAX_SLEEP = 3600.0  # re-read the wall clock at least hourly (suspend, clock steps)
-FILES_POLL = 2.0  # seconds between looks at a "files" site's modification times
+FILES_POLL = 2.0  # seconds between looks at changed files: a "files" site's, or the store's
 
 FileStamp = tuple[tuple[int, int, int], ...] | None  # (mtime_ns, size, inode) per file
 
@@ -108,7 +108,11 @@ class CertManager:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve the site's stored certificate, then order a new one whenever it is due."""
+        """Serve the site's stored certificate, then order a new one whenever it is due;
+        while another process holds the site's renewal claim, follow what it stores."""
+        if not await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
+            await self._follow(site, task_status=task_status)
+            task_status = trio.TASK_STATUS_IGNORED
         status = await trio.to_thread.run_sync(load_status, self._store, site.name)
         if status.hosts != site.hosts:  # failures for other names do not hold this set back
             status = RenewalStatus(hosts=site.hosts)
@@ -127,6 +131,25 @@ class CertManager:
             await _sleep_until(wake)
             if attempt_at is not None and attempt_at <= _now():
                 cert, status = await self._attempt(site, issuer, cert, status)
+
+    async def _follow(self, site: SiteConfig, *, task_status: trio.TaskStatus[None]) -> None:
+        """Serve what the claim holder stores, picking up each new certificate within
+        FILES_POLL; return once this process wins the claim (the holder died)."""
+        log.info("site %s: another process orders and renews this certificate", site.name)
+        seen: object = None
+        started = False
+        while True:
+            version = await trio.to_thread.run_sync(self._store.version, site.name)
+            if version != seen:
+                seen = version
+                await self._load_stored(site)
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(FILES_POLL)
+            if await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
+                log.info("site %s: taking over its orders and renewals", site.name)
+                return
 
     async def _plan(
         self, site: SiteConfig, issuer: Issuer, cert: StoredCert | None, status: RenewalStatus

@@ -5,6 +5,10 @@ at any moment, so a pair is replaced as a unit: the new files are written next t
 old ones as `*.new`, `meta.json.new` is written last as the commit record, and only then
 are they renamed into place. Whoever loads next finishes or discards a half-done write.
 Each certificate directory is flock()ed while it is written or recovered.
+
+Exactly one process orders and renews each certificate: the one holding its renewal claim,
+an flock() on `.renewal-locks/<name>` kept for the life of the process. When the holder dies
+the kernel drops the lock and another process claims it; the others follow the store.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 CHAIN_FILE = "fullchain.pem"
 KEY_FILE = "privkey.pem"
 META_FILE = "meta.json"
+LOCK_DIR = ".renewal-locks"
 NEW_SUFFIX = ".new"
 _PAIR_FILES = (CHAIN_FILE, KEY_FILE)  # renamed before META_FILE, the commit record
 
@@ -48,6 +54,30 @@ class StoredCert:
     not_after: datetime
     serial: int
     meta: dict[str, object] = field(default_factory=dict, hash=False)
+
+
+class CertificateStorage(Protocol):
+    """Where certificates live and who may order them: the certificate manager's whole view
+    of storage. `CertStore` is the local directory; a store shared by several machines
+    (Redis, issue 13) implements the same five calls, its claim a lock with a lease."""
+
+    def load(self, name: str) -> StoredCert | None:
+        """The certificate `name`, or None when absent or unusable."""
+
+    def write(
+        self, name: str, fullchain_pem: bytes, key_pem: bytes, meta: dict[str, object]
+    ) -> None:
+        """Replace the certificate `name` as a unit."""
+
+    def version(self, name: str) -> object:
+        """A value that changes whenever `name` is replaced: followers poll it, cheaply."""
+
+    def claim_renewal(self, name: str) -> bool:
+        """True if this process orders and renews `name` from now on (for as long as it
+        lives); False while another process holds the claim. Never blocks."""
+
+
+_claims: dict[Path, int] = {}  # lock file -> the fd whose flock() this process holds
 
 
 class CertStore:
@@ -75,6 +105,30 @@ class CertStore:
             _write_file(directory / (META_FILE + NEW_SUFFIX), meta_json, 0o644)
             os.fsync(dir_fd)
             _roll_forward(directory, dir_fd)
+
+    def version(self, name: str) -> tuple[int, int, int] | None:
+        """The commit record's (mtime, size, inode): it is renamed into place last."""
+        try:
+            st = os.stat(self.path(name) / META_FILE)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def claim_renewal(self, name: str) -> bool:
+        """flock() `.renewal-locks/<name>` without waiting; a claim, once won, is kept until
+        the process exits (a reload's new manager in the same process keeps it)."""
+        path = self.root / LOCK_DIR / self.path(name).name
+        if path in _claims:
+            return True
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        _claims[path] = fd
+        return True
 
     def load(self, name: str) -> StoredCert | None:
         """The pair `name`, or None when it is absent or unusable (logged, never raised)."""

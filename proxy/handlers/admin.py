@@ -49,12 +49,38 @@ def unready_reason(server: ServerStatus) -> str | None:
     return None
 
 
-class AdminHandler(RequestHandler):
-    """GET /metrics, /healthz (the process runs) and /readyz (it should get traffic)."""
+class InstanceView(Protocol):
+    """What the admin port reports: one process's state, or a supervisor's view of all its
+    workers (asked over their control channels, hence async)."""
+
+    __slots__ = ()  # slotted implementations stay slotted
+
+    async def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+
+    async def unready_reason(self) -> str | None:
+        """Why no traffic should come (see `unready_reason`), or None when ready."""
+
+
+class ProcessView(InstanceView):
+    """The admin view of a lone proxy process, or of one worker for its supervisor."""
 
     def __init__(self, metrics: Metrics, server: ServerStatus) -> None:
         self._metrics = metrics
         self._server = server
+
+    async def exposition(self) -> bytes:
+        return self._metrics.exposition()
+
+    async def unready_reason(self) -> str | None:
+        return unready_reason(self._server)
+
+
+class AdminHandler(RequestHandler):
+    """GET /metrics, /healthz (the process runs) and /readyz (it should get traffic)."""
+
+    def __init__(self, view: InstanceView) -> None:
+        self._view = view
 
     async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
         request = exchange.request
@@ -62,11 +88,11 @@ class AdminHandler(RequestHandler):
         if request.method not in (b"GET", b"HEAD"):
             head, body = plain_response(405, "Method Not Allowed", (b"allow", b"GET, HEAD"))
         elif path == b"/metrics":
-            head, body = self._metrics_response()
+            head, body = await self._metrics_response()
         elif path == b"/healthz":
             head, body = plain_response(200, "ok")
         elif path == b"/readyz":
-            reason = unready_reason(self._server)
+            reason = await self._view.unready_reason()
             head, body = (
                 plain_response(200, "ready")
                 if reason is None
@@ -77,9 +103,9 @@ class AdminHandler(RequestHandler):
         head.headers.append((b"cache-control", b"no-store"))
         await respond(exchange, outcome, head, body)
 
-    def _metrics_response(self) -> tuple[ResponseHead, bytes]:
+    async def _metrics_response(self) -> tuple[ResponseHead, bytes]:
         try:
-            body = self._metrics.exposition()
+            body = await self._view.exposition()
         except Exception:  # a broken collector must cost a scrape, never the proxy
             log.exception("cannot collect the metrics")
             return plain_response(500, "Internal Server Error: cannot collect the metrics")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import _ssl
 import ctypes
+import secrets
 import ssl
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 TLS12_CIPHERS = ":".join(
     (
@@ -39,6 +41,8 @@ def server_context(chain: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContex
     # which know whether they have AES hardware (else they prefer ChaCha20).
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     set_groups(ctx, GROUPS)
+    if _ticket_keys:
+        _share_ticket_keys(ctx)
     ctx.load_cert_chain(chain, key)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
@@ -84,11 +88,20 @@ def set_groups(ctx: ssl.SSLContext, groups: str) -> None:
         native(groups)
         return
     ctrl = _ssl_ctx_ctrl()
+    if (
+        ctrl(_ssl_ctx(ctx), _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode("ascii")))
+        != 1
+    ):
+        raise ssl.SSLError(f"OpenSSL refused the group list {groups!r}")
+
+
+def _ssl_ctx(ctx: ssl.SSLContext) -> int:
+    """The SSL_CTX pointer of `ctx`: the first field after the object header of CPython's
+    PySSLContext struct."""
     ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     if not ssl_ctx:
         raise RuntimeError("SSLContext has no SSL_CTX")
-    if ctrl(ssl_ctx, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode("ascii"))) != 1:
-        raise ssl.SSLError(f"OpenSSL refused the group list {groups!r}")
+    return ssl_ctx
 
 
 @cache
@@ -97,3 +110,105 @@ def _ssl_ctx_ctrl() -> Callable[..., int]:
     ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     ctrl.restype = ctypes.c_long
     return ctrl
+
+
+# -- session tickets shared by worker processes -------------------------------------------
+
+TICKET_KEY_BYTES = 80  # OpenSSL's layout: key name 16, HMAC-SHA256 key 32, AES-256 key 32
+_SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB = 72
+_TICKET_NOT_FOUND, _TICKET_OK, _TICKET_OK_RENEW = 0, 1, 2
+_TicketKey = tuple[bytes, bytes, bytes]  # (name, HMAC key, AES key)
+_ticket_keys: list[_TicketKey] = []  # newest first; empty: OpenSSL's own per-context keys
+
+
+def new_ticket_key() -> bytes:
+    """Fresh random key material for `set_ticket_keys`."""
+    return secrets.token_bytes(TICKET_KEY_BYTES)
+
+
+def set_ticket_keys(keys: Sequence[bytes]) -> None:
+    """Encrypt session tickets with `keys[0]` and accept tickets under any of `keys`, in
+    every server context of this process, made before or after.
+
+    Python's `ssl` has no API for ticket keys, and by default OpenSSL draws random ones per
+    SSL_CTX: a client resuming at another worker (or after a certificate swap) would get a
+    full handshake. Worker processes get the same keys from their supervisor, which rotates
+    them and keeps the previous one, so tickets survive a rotation. Installed through
+    SSL_CTX_set_tlsext_ticket_key_cb (the SSL_CTX_callback_ctrl form, in the OpenSSL that
+    `_ssl` is linked against); the callback runs once per ticket issued or presented.
+    """
+    for key in keys:
+        if len(key) != TICKET_KEY_BYTES:
+            raise ValueError(f"a ticket key has {TICKET_KEY_BYTES} bytes, got {len(key)}")
+    _ticket_keys[:] = [(key[:16], key[16:48], key[48:]) for key in keys]
+
+
+def _share_ticket_keys(ctx: ssl.SSLContext) -> None:
+    lib = _crypto()
+    if (
+        lib.SSL_CTX_callback_ctrl(_ssl_ctx(ctx), _SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB, _ticket_cb)
+        != 1
+    ):
+        raise ssl.SSLError("OpenSSL refused the session ticket key callback")
+
+
+def _ticket_callback(
+    _ssl: int | None, name: int, iv: int, cipher_ctx: int, hmac_ctx: int, encrypt: int
+) -> int:
+    """OpenSSL's ticket key callback: set up the cipher and HMAC for one ticket."""
+    lib = _crypto()
+    keys = _ticket_keys
+    if not keys:
+        return -1
+    if encrypt:
+        key_name, hmac_key, aes_key = keys[0]
+        if lib.RAND_bytes(iv, 16) != 1:
+            return -1
+        ctypes.memmove(name, key_name, 16)
+        cipher_init = lib.EVP_EncryptInit_ex
+        result = _TICKET_OK
+    else:
+        presented = ctypes.string_at(name, 16)
+        index = next((i for i, key in enumerate(keys) if key[0] == presented), None)
+        if index is None:
+            return _TICKET_NOT_FOUND  # an unknown or retired key: a full handshake
+        _, hmac_key, aes_key = keys[index]
+        cipher_init = lib.EVP_DecryptInit_ex
+        result = _TICKET_OK if index == 0 else _TICKET_OK_RENEW  # renew: under the new key
+    if lib.HMAC_Init_ex(hmac_ctx, hmac_key, 32, lib.EVP_sha256(), None) != 1:
+        return -1
+    if cipher_init(cipher_ctx, lib.EVP_aes_256_cbc(), None, aes_key, iv) != 1:
+        return -1
+    return result
+
+
+_TICKET_CB_TYPE = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_int,
+)
+_ticket_cb = _TICKET_CB_TYPE(_ticket_callback)  # one object for the process: kept alive
+
+
+@cache
+def _crypto() -> ctypes.CDLL:
+    """libssl and libcrypto functions as `_ssl` links them, with their C signatures."""
+    lib = ctypes.CDLL(_ssl.__file__)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    signatures: dict[str, tuple[list[Any], Any]] = {
+        "SSL_CTX_callback_ctrl": ([p, i, p], ctypes.c_long),
+        "RAND_bytes": ([p, i], i),
+        "HMAC_Init_ex": ([p, ctypes.c_char_p, i, p, p], i),
+        "EVP_EncryptInit_ex": ([p, p, p, ctypes.c_char_p, p], i),
+        "EVP_DecryptInit_ex": ([p, p, p, ctypes.c_char_p, p], i),
+        "EVP_sha256": ([], p),
+        "EVP_aes_256_cbc": ([], p),
+    }
+    for function, (argtypes, restype) in signatures.items():
+        getattr(lib, function).argtypes = argtypes
+        getattr(lib, function).restype = restype
+    return lib
