@@ -23,7 +23,7 @@ from proxy.certs.status import load_status
 from proxy.certs.store import CertStore, StoredCert
 from proxy.config import CertsConfig, Config, SiteConfig, TLSConfig
 from proxy.config import Issuer as IssuerName
-from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, parse_client_hello
+from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
 
 ALPN = ("http/1.1",)
 
@@ -54,7 +54,7 @@ async def serve_handshakes(manager: CertManager, stream: trio.SocketStream) -> N
     its alert on the wire the way the server's own TLS stream does.
     """
     data = await stream.socket.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
-    while (hello := parse_client_hello(data)) is None:
+    while not isinstance(hello := parse_client_hello(data), ClientHello):
         await trio.sleep(0.01)
         data = await stream.socket.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
     context = manager.context_for(hello.server_name)
