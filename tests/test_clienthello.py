@@ -13,9 +13,10 @@ from proxy.tls.clienthello import (
     ClientHello,
     ClientHelloError,
     Incomplete,
+    PlainHTTPRequest,
     parse_client_hello,
 )
-from tests.tls_hello import big_hello, python_hello, split_records
+from tests.tls_hello import big_hello, python_hello, split_records, with_short_extensions
 
 
 def openssl_hello(*args: str) -> bytes:
@@ -114,6 +115,26 @@ def test_openssl_tls12_hello_without_sni() -> None:
 def test_not_a_client_hello_is_an_error(data: bytes) -> None:
     with pytest.raises(ClientHelloError):
         parse_client_hello(data)
+
+
+@pytest.mark.parametrize(
+    "data", [b"GET / HTTP/1.1\r\n", b"OPTIONS * HTTP/1.1\r\n", b"PRI * HTTP/2.0\r\n"]
+)
+def test_http_request_line_is_told_apart(data: bytes) -> None:
+    with pytest.raises(PlainHTTPRequest):
+        parse_client_hello(data)
+
+
+@pytest.mark.parametrize("data", [b"G", b"\x80\x2e\x01\x03\x01", b"\x00\x01 x", b"\x16\x02 x"])
+def test_other_bytes_are_not_taken_for_http(data: bytes) -> None:
+    with pytest.raises(ClientHelloError) as raised:
+        parse_client_hello(data)
+    assert not isinstance(raised.value, PlainHTTPRequest)
+
+
+def test_extensions_length_short_is_an_error() -> None:
+    with pytest.raises(ClientHelloError, match="trailing bytes"):
+        parse_client_hello(with_short_extensions(python_hello("a.test", ["h2"]), 4))
 
 
 def test_inconsistent_inner_lengths_are_an_error() -> None:

@@ -1,5 +1,6 @@
 """The TLS front door under hostile and unusual ClientHellos, against the running proxy:
-stalled partial hellos cost no CPU, a hello spanning records still works."""
+stalled partial hellos cost no CPU, a hello spanning records still works, a malformed
+hello gets a TLS alert and only an HTTP request line gets an HTTP answer."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import pytest
 import trio
 
 from tests.proxyproc import ProxyProcess, curl_args, run
-from tests.tls_hello import long_alpn, python_hello
+from tests.tls_hello import long_alpn, python_hello, with_short_extensions
 
+ALERT = 0x15
+FATAL = 2
+DECODE_ERROR = 50
 STALLED = 300
 STALL_SECONDS = 3.0
 CPU_BOUND = 0.5  # seconds of proxy CPU over the stall: polling 300 sockets costs several
@@ -168,3 +172,32 @@ async def test_hello_over_16k_in_pieces_across_two_records(proxy: ProxyProcess) 
     finally:
         client.close()
     assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+
+
+async def exchange_raw(proxy: ProxyProcess, data: bytes) -> bytes:
+    """Send `data` to the TLS port and read the answer until the proxy closes."""
+    with socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10) as sock:
+        sock.sendall(data)
+        return await trio.to_thread.run_sync(read_until_closed, sock)
+
+
+@pytest.mark.parametrize("missing", [4, 1, -4])
+async def test_malformed_hello_gets_decode_error_alert(proxy: ProxyProcess, missing: int) -> None:
+    """A hello whose extensions length is off: OpenSSL's decode_error, as nginx sends."""
+    hello = with_short_extensions(python_hello("localhost", ["h2", "http/1.1"]), missing)
+    reply = await exchange_raw(proxy, hello)
+    assert len(reply) == 7, reply  # one alert record, nothing else
+    assert (reply[0], reply[1], reply[5], reply[6]) == (ALERT, 3, FATAL, DECODE_ERROR), reply
+    assert b"HTTP" not in reply
+    assert "malformed ClientHello" in proxy.log()
+
+
+async def test_http_request_line_gets_http_400(proxy: ProxyProcess) -> None:
+    reply = await exchange_raw(proxy, b"POST /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.0 400 Bad Request\r\n"), reply
+
+
+async def test_other_bytes_get_no_http_answer(proxy: ProxyProcess) -> None:
+    reply = await exchange_raw(proxy, b"\x00\x01 neither TLS nor HTTP\r\n\r\n")
+    assert b"HTTP" not in reply
+    assert (await run(*curl_args(proxy, "/echo"), check=True)).returncode == 0

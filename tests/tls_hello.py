@@ -44,3 +44,15 @@ def long_alpn(count: int) -> list[str]:
 def big_hello(alpn_count: int) -> bytes:
     """A real hello made large by offering many long ALPN protocol names."""
     return python_hello("big.test", long_alpn(alpn_count))
+
+
+def with_short_extensions(hello: bytes, missing: int) -> bytes:
+    """`hello` (one record) with its extensions length `missing` bytes short: the shape of
+    a malformed hello that OpenSSL answers with a decode_error alert."""
+    pos = 5 + 4 + 2 + 32  # record and handshake headers, legacy_version, random
+    pos += 1 + hello[pos]  # legacy_session_id
+    pos += 2 + int.from_bytes(hello[pos : pos + 2], "big")  # cipher_suites
+    pos += 1 + hello[pos]  # legacy_compression_methods
+    length = int.from_bytes(hello[pos : pos + 2], "big")
+    assert pos + 2 + length == len(hello), "expected one record ending with the extensions"
+    return hello[:pos] + (length - missing).to_bytes(2, "big") + hello[pos + 2 :]

@@ -30,6 +30,7 @@ from proxy.certs.status import RenewalStatus, load_status, save_status
 from proxy.certs.store import CertStore, InvalidCertificate, StoredCert, read_pair
 from proxy.config import Config, SiteConfig
 from proxy.config import Issuer as IssuerName
+from proxy.tls.clienthello import ClientHello
 from proxy.tls.policy import reject_context, server_context
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,14 @@ class CertManager:
         self._certs: dict[str, StoredCert] = {}  # site name -> certificate in service
         self._file_stamps: dict[str, FileStamp] = {}  # "files" site name -> last validated
         self.renewal_failures: dict[str, int] = {}  # site name -> failed orders (metrics)
+
+    def context_for_hello(self, hello: ClientHello | None) -> ssl.SSLContext:
+        """The context for a ClientHello; None, one our parser refused, gets the refusing
+        context, so that OpenSSL reads the hello itself and answers with its alert
+        (decode_error for a bad length) as nginx does."""
+        if hello is None:
+            return self._reject
+        return self.context_for(hello.server_name)
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a handshake's SNI: exact host, else the default site, else refuse."""

@@ -8,6 +8,7 @@ many bytes to wait for, so that the server sleeps until they are there instead o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MAX_RECORD_LENGTH = 2**14  # RFC 8446 5.1: a plaintext record fragment is at most 2^14 bytes
@@ -26,6 +27,7 @@ _HANDSHAKE_CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _NAME_TYPE_HOST_NAME = 0
+_HTTP_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32} ")  # RFC 9110 token, space
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,14 @@ class ClientHelloError(ValueError):
     """The bytes are not the start of a TLS connection, or the hello is malformed."""
 
 
+class PlainHTTPRequest(ClientHelloError):
+    """The bytes start like an HTTP request line: a client speaking HTTP to the TLS port."""
+
+
 def parse_client_hello(data: bytes) -> ClientHello | Incomplete:
     """Parse the ClientHello at the start of `data`, or say how much more to wait for."""
+    if data[:1] != bytes([_CONTENT_HANDSHAKE]) and _HTTP_METHOD.match(data):
+        raise PlainHTTPRequest("an HTTP request, not TLS")
     message = bytearray()
     pos = 0
     while True:
