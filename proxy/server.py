@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from proxy.accesslog import AccessLog
-from proxy.certs.acme_challenges import ACME_TLS_ALPN, tls_alpn01_context
+from proxy.certs.acme_challenges import ACME_TLS_ALPN
 from proxy.certs.manager import CertManager
 from proxy.config import Config
 from proxy.generation import Generation, describe_changes
@@ -272,7 +272,7 @@ class Server:
             log.debug("client %s: no ClientHello: %r", client_ip, exc)
             close_socket(sock)
             return
-        stream = TLSStream(sock, self._context_for(hello))
+        stream = TLSStream(sock, self.certs.context_for_hello(hello))
         try:
             await stream.do_handshake(deadline)
         except (ssl.SSLError, StreamTimeout, OSError) as exc:
@@ -295,15 +295,6 @@ class Server:
             await H1Connection(
                 stream, stream.socket, info, self._forward, self.config.limits, self.lifecycle
             ).serve()
-
-    def _context_for(self, hello: ClientHello | None) -> ssl.SSLContext:
-        """The certificate for this ClientHello. A pending TLS-ALPN-01 challenge (RFC 8737)
-        wins when the client offers acme-tls/1: only an ACME validator does that."""
-        if hello and ACME_TLS_ALPN in hello.alpn and hello.server_name:
-            challenge = tls_alpn01_context(self.config.certs.dir, hello.server_name)
-            if challenge is not None:
-                return challenge
-        return self.certs.context_for_hello(hello)
 
     async def _refuse_non_tls(self, sock: socket.socket, client_ip: str) -> None:
         """Plain HTTP sent to the TLS port gets a readable answer, as Go, Caddy and nginx give."""
