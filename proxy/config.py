@@ -75,7 +75,7 @@ class HSTSConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_header_bytes: int = 64 * 1024  # request head larger than this -> 431
+    max_header_bytes: int = 64 * 1024  # request head larger -> 431; upstream response head -> 502
     header_timeout: float = 10.0  # a client must send a whole request head within this
     keepalive_timeout: float = 75.0  # idle client connection between requests
     client_timeout: float = 60.0  # mid-request, the client must send or read within this

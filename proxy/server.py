@@ -124,7 +124,7 @@ async def serve_plain_http(
     client_ip: str,
 ) -> None:
     """HTTP/1.1 without TLS: the redirector's port and the admin listener."""
-    info = ConnectionInfo(client_ip, None, None)
+    info = ConnectionInfo(client_ip=client_ip, tls_version=None, alpn=None)
     await H1Connection(SocketStream(sock), sock, info, handler, limits, lifecycle).serve()
 
 
@@ -336,7 +336,9 @@ class Server:
         if stream.alpn_protocol == ACME_TLS_ALPN:
             await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
             return
-        info = ConnectionInfo(client_ip, stream.version, stream.alpn_protocol)
+        info = ConnectionInfo(
+            client_ip=client_ip, tls_version=stream.version, alpn=stream.alpn_protocol
+        )
         self.metrics.tls_handshake_completed(info)
         if stream.alpn_protocol == "h2":
             config = self.config

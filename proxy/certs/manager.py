@@ -216,7 +216,12 @@ class CertManager:
     ) -> tuple[StoredCert | None, RenewalStatus]:
         """Order one certificate; on failure keep `cert` and schedule the retry."""
         previous = cert if cert is not None and issuer.issued(cert) else None
-        request = IssueRequest(site, previous, status.other_challenge, status.fallback_ca)
+        request = IssueRequest(
+            site=site,
+            previous=previous,
+            other_challenge=status.other_challenge,
+            fallback_ca=status.fallback_ca,
+        )
         attempt = status.failures + 1
         log.info("site %s: requesting a certificate (attempt %d)", site.name, attempt)
         try:
