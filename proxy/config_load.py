@@ -379,6 +379,8 @@ class _Reader:
             group = None
             if "upstreams" in table or not routes:
                 group = self._group(table, site_key, "upstreams", groups, table)
+            if group is not None and not isinstance(table.get("upstreams"), str):
+                group = dataclasses.replace(group, name=next(iter(hosts.values()), ""))
             site_issuer = self._value(table, site_key, "issuer", None, _choice(get_args(Issuer)))
             cert, private_key = (
                 self._site_file(table, site_key, name, site_issuer or issuer)
