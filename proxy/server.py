@@ -192,7 +192,7 @@ class Server:
         # Handlers delegate to the generation current when each request starts.
         self._https_handler = Observed(self._forward, "https", observers)
         self._http_handler = Observed(self._redirect, "http", observers)
-        self._current = Generation(config, ALPN)
+        self._current = Generation(config, ALPN, self.metrics.backend_health)
         self._shutdown = trio.Event()
 
     @property
@@ -226,7 +226,7 @@ class Server:
         for section in ("server", "listen", "admin", "access_log"):
             if getattr(config, section) != getattr(old.config, section):
                 log.warning("reload: [%s] changes take effect only after a restart", section)
-        new = Generation(config, ALPN)
+        new = Generation(config, ALPN, self.metrics.backend_health)
         await self._services.start(new.run)
         self._current = new
         old.retire()
