@@ -147,3 +147,6 @@ async def test_forwarded_headers_from_trusted_and_untrusted_peers(
                     await trio.sleep(0.05)
     finally:
         await proxy.terminate()
+    # The access log names the client: the peer, then (trusted) the first untrusted hop.
+    logged = [json.loads(line)["client_ip"] for line in proxy.log().splitlines() if line[:1] == "{"]
+    assert logged == ["127.0.0.1", "203.0.113.9"]
