@@ -9,7 +9,9 @@ makes a malformed request a stream error, not a connection error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -29,9 +31,10 @@ from proxy.http.model import (
     Headers,
     Request,
     ResponseHead,
+    Upgradable,
 )
 from proxy.lifecycle import Lifecycle
-from proxy.netio import ByteStream
+from proxy.netio import NO_DEADLINE, ByteStream
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,17 @@ Handler = Callable[["H2ServerStream"], Awaitable[None]]
 STATUS = {code: str(code).encode("ascii") for code in range(100, 1000)}
 
 
-class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
+class H2ServerStream(SessionStream["H2ServerSession"], Exchange, Upgradable):
     """One request stream: the `Exchange` the forwarding core drives."""
 
-    __slots__ = ("_continue", "_inbox", "head_sent", "info", "request", "scope")
+    __slots__ = ("_continue", "_inbox", "_tunnel", "head_sent", "info", "request", "scope")
 
     def __init__(self, session: H2ServerSession, stream_id: int, request: Request) -> None:
-        super().__init__(session, stream_id, received_end=not request.has_body)
+        # An extended CONNECT (request.upgrade) keeps its input open for the tunnel.
+        received_end = not request.has_body and request.upgrade is None
+        super().__init__(session, stream_id, received_end=received_end)
         self.request = request
+        self._tunnel = False  # carrying an upgraded protocol's bytes (RFC 8441)
         self.info = session.info
         self.head_sent = False
         self.scope = trio.CancelScope()
@@ -82,6 +88,12 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
 
     def _error_stalled(self, timeout: float) -> Exception:
         return self._stalled("response body", timeout)
+
+    def _finishing_code(self) -> ErrorCodes | None:
+        if self._tunnel and not (self.reset or self.sent_end):
+            with contextlib.suppress(ClientGone):
+                self._send_end(None)  # the tunnel closed in order: END_STREAM, not an error
+        return super()._finishing_code()
 
     def _unfinished_code(self) -> ErrorCodes:
         # A complete response before the whole request (e.g. 413): the client may stop
@@ -138,8 +150,59 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
     async def abort(self) -> None:
         self._reset(ErrorCodes.INTERNAL_ERROR)
 
+    # -- Upgradable: extended CONNECT (RFC 8441) ----------------------------------------------
+
+    async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
+        """The upstream accepted the upgrade (its 101): the client gets 200, without the
+        HTTP/1.1 upgrade fields, and the stream's DATA carries the protocol from now on."""
+        assert head is not None
+        fields = [field for field in head.headers if field[0] not in _NOT_FOR_CONNECT]
+        self.head_sent = self._tunnel = True
+        self._send_headers([(b":status", STATUS[200]), *fields], False)
+        self.session.wake_writer()
+        return b"", _StreamTunnel(self)
+
+    async def tunnel_receive(self) -> bytes:
+        """The next tunnel bytes; b"" once the client ended or reset the stream. No idle
+        timeout: tunnelled applications (WebSocket) keep their own pings, as over HTTP/1.1."""
+        while not self._inbox:
+            if self.received_end or self.reset:
+                return b""
+            await self._wait_for_input(math.inf)
+        data = self._inbox.popleft()
+        self._consumed(len(data))
+        return data
+
     def _stalled(self, what: str, timeout: float) -> ClientGone:
         return ClientGone(f"stream {self.stream_id}: client stalled the {what} for {timeout:g}s")
+
+
+# What an HTTP/1.1 101 carries that a 200 to extended CONNECT must not (RFC 8441 §5).
+_NOT_FOR_CONNECT = frozenset({b"connection", b"upgrade", b"sec-websocket-accept"})
+
+
+class _StreamTunnel(ByteStream):
+    """An upgraded stream as the byte stream the forwarder's tunnel carries."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: H2ServerStream) -> None:
+        self._stream = stream
+
+    async def receive_some(self, deadline: float = NO_DEADLINE) -> bytes:
+        return await self._stream.tunnel_receive()
+
+    async def wait_readable(self, deadline: float = NO_DEADLINE) -> None:
+        """Nothing to wait for ahead of `receive_some`, which waits itself."""
+
+    async def send_all(self, data: bytes | memoryview, deadline: float = NO_DEADLINE) -> None:
+        try:
+            await self._stream.send_data(bytes(data))
+        except ClientGone as exc:  # the carrying loop ends on OSError
+            raise ConnectionResetError(f"client stream closed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        """The stream ends when its exchange does (END_STREAM, see `_finishing_code`)."""
 
 
 class H2ServerSession(Session[H2ServerStream]):
@@ -167,6 +230,7 @@ class H2ServerSession(Session[H2ServerStream]):
                 Setting.MAX_FRAME_SIZE: http2.max_frame_size,
                 Setting.MAX_HEADER_LIST_SIZE: http2.max_header_list_size,
                 Setting.ENABLE_PUSH: 0,
+                Setting.ENABLE_CONNECT_PROTOCOL: 1,  # WebSocket over HTTP/2 (RFC 8441)
             },
             connection_window=http2.connection_window_size,
             write_timeout=limits.client_timeout,

@@ -35,7 +35,7 @@ def request_from_headers(
     :authority becomes the host (else Host); cookie crumbs are joined with "; " (RFC 9113
     §8.2.3); connection-specific fields are refused (§8.2.2), TE allowed only as "trailers".
     """
-    method = path = authority = host = scheme = None
+    method = path = authority = host = scheme = protocol = None
     fields: Headers = []
     cookies: list[bytes] = []
     regular = False
@@ -52,6 +52,8 @@ def request_from_headers(
                 authority = value
             elif name == b":scheme" and scheme is None:
                 scheme = value
+            elif name == b":protocol" and protocol is None:
+                protocol = value
             else:
                 raise Malformed(f"unexpected or repeated pseudo-header {name!r}")
             continue
@@ -76,6 +78,12 @@ def request_from_headers(
         raise Malformed("content-length promises a body the stream does not have")
     if method is None or not _TOKEN.fullmatch(method):
         raise Malformed("missing or invalid :method")
+    if protocol is not None:
+        # Extended CONNECT (RFC 8441): a WebSocket (or other protocol) over this stream,
+        # forwarded as an HTTP/1.1 Upgrade of a GET for :path.
+        if method != b"CONNECT" or not _TOKEN.fullmatch(protocol) or authority is None:
+            raise Malformed(":protocol without CONNECT, or without :authority")
+        method = b"GET"
     if method == b"CONNECT":
         target = authority  # authority-form, as HTTP/1.1 spells a CONNECT target
     elif scheme is None or path is None or not (path.startswith(b"/") or path == b"*"):
@@ -97,8 +105,9 @@ def request_from_headers(
         host=host or b"",
         headers=fields,
         http_version=b"2",
-        has_body=not end_stream,
+        has_body=not end_stream and protocol is None,  # a tunnel's bytes are no body
         client_ip=client_ip,
+        upgrade=None if protocol is None else protocol.lower(),
     )
 
 
