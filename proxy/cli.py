@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(certificates_table(config))
         return 0
     if args.command == "check":
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.config}: OK ({len(config.sites)} sites)")
         return 0
     if args.command == "reload":

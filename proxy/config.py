@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,8 @@ UpstreamScheme = Literal["http", "h2c", "https"]
 AccessLogFormat = Literal["json", "common", "combined"]
 ChallengeType = Literal["http-01", "tls-alpn-01"]
 KeyType = Literal["ecdsa-p256", "rsa-2048"]
+
+IPNetwork = IPv4Network | IPv6Network
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -75,7 +78,7 @@ class HSTSConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_header_bytes: int = 64 * 1024  # request head larger than this -> 431
+    max_header_bytes: int = 64 * 1024  # request head larger -> 431; upstream response head -> 502
     header_timeout: float = 10.0  # a client must send a whole request head within this
     keepalive_timeout: float = 75.0  # idle client connection between requests
     client_timeout: float = 60.0  # mid-request, the client must send or read within this
@@ -97,13 +100,118 @@ class Upstream:
     server_name: str | None = None  # https: SNI and the name verified; None = `host`
 
 
+Policy = Literal["round_robin", "least_conn", "random_two", "consistent_hash"]
+RedirectStatus = Literal[301, 302, 307, 308]
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """When a group's backend is down. Passive: `max_fails` failures (refused, timed out, 5xx)
+    within `fail_window` seconds take it out for `cooldown`. Active (only with `path`): a
+    `GET path` every `interval`; `fall` failures in a row take it out, `rise` passes bring
+    it back."""
+
+    max_fails: int = 3
+    fail_window: float = 10.0
+    cooldown: float = 10.0
+    path: str | None = None
+    status: int = 200
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    host: str | None = None  # the checks' Host header; None = the backend's own authority
+
+
+@dataclass(frozen=True)
+class GroupTimeouts:
+    """Per-group upstream timeouts; None = the [limits] value (total: no limit)."""
+
+    connect: float | None = None
+    first_byte: float | None = None
+    idle: float | None = None
+    total: float | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamGroup:
+    """Backends that serve the same content, how one is chosen and when one is skipped.
+
+    `weights` line up with `upstreams`. `hash_key` (consistent_hash): "client_ip",
+    "header:<name>" or "cookie:<name>"."""
+
+    name: str
+    upstreams: tuple[Upstream, ...]
+    weights: tuple[int, ...] = ()  # empty: all 1
+    policy: Policy = "round_robin"
+    hash_key: str = "client_ip"
+    health: HealthConfig = field(default_factory=HealthConfig)
+    timeouts: GroupTimeouts = field(default_factory=GroupTimeouts)
+    retries: int = 2  # further attempts on other backends when that is safe
+    retry_deadline: float = 10.0  # no new attempt after this many seconds
+
+
+@dataclass(frozen=True)
+class HeaderOps:
+    """Edits of a header block, applied in this order: remove, set (replace), add."""
+
+    remove: tuple[bytes, ...] = ()
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.set or self.add)
+
+
+@dataclass(frozen=True)
+class Redirect:
+    target: str  # with {path} and {query} placeholders
+    status: RedirectStatus = 302
+
+
+@dataclass(frozen=True)
+class Respond:
+    status: int = 200
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One `[[sites.routes]]` entry: conditions (all must hold) and one action."""
+
+    action: UpstreamGroup | Redirect | Respond
+    path_prefix: str | None = None  # matched at a segment boundary: "/api" is not "/apix"
+    path: str | None = None  # exact path, query ignored
+    methods: frozenset[bytes] | None = None
+    header: tuple[bytes, bytes | None] | None = None  # name, and the value it must have
+    strip_prefix: bool = False
+    rewrite: str | None = None  # replaces the matched prefix or path
+    request_headers: HeaderOps = field(default_factory=HeaderOps)
+    response_headers: HeaderOps = field(default_factory=HeaderOps)
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     hosts: tuple[str, ...]
-    upstreams: tuple[Upstream, ...]
+    upstreams: tuple[Upstream, ...]  # the site's own group's backends (may be empty with routes)
     cert: Path | None = None  # issuer = "files"
     key: Path | None = None
     issuer: Issuer | None = None  # overrides certs.issuer for this site
+    group: UpstreamGroup | None = None  # `upstreams` with their policy; None: round robin
+    routes: tuple[Route, ...] = ()  # none: every request goes to the site's own group
+
+    @property
+    def own_group(self) -> UpstreamGroup:
+        """The group that serves requests no route takes (a site without routes: all)."""
+        return self.group or UpstreamGroup(name=self.name, upstreams=self.upstreams)
+
+    @property
+    def groups(self) -> tuple[UpstreamGroup, ...]:
+        """Every group the site forwards to, its own (if any) first."""
+        own = (self.own_group,) if self.upstreams else ()
+        routed = tuple(r.action for r in self.routes if isinstance(r.action, UpstreamGroup))
+        return own + tuple(g for g in dict.fromkeys(routed) if g not in own)
 
     @property
     def name(self) -> str:
@@ -161,6 +269,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     sites: tuple[SiteConfig, ...] = ()
     log_level: str = "info"
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-*/Forwarded we keep
+    warnings: tuple[str, ...] = field(default=(), compare=False)  # `check` prints them
     _sites_by_host: Mapping[str, SiteConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

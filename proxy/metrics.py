@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from proxy.certs.manager import CertManager
-from proxy.config import Config
+from proxy.config import Config, UpstreamGroup
 from proxy.http.model import ConnectionInfo, Outcome
 from proxy.lifecycle import Lifecycle
 from proxy.netio import StreamTimeout
@@ -31,7 +31,7 @@ GATEWAY_ERRORS = frozenset((502, 504))
 # Merging the workers' metrics: these are the same fact seen by each worker, not shares of
 # a total. The oldest certificate in service; an upstream is down if any worker saw it fail.
 MERGED_BY_MINIMUM = frozenset(
-    ("port443_certificate_expiry_timestamp_seconds", "port443_upstream_up")
+    ("port443_certificate_expiry_timestamp_seconds", "port443_upstream_up", "port443_backend_up")
 )
 
 
@@ -114,6 +114,13 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        self._backend_up = Gauge(
+            "port443_backend_up",
+            "Health of each backend of each upstream group: 1 up, 0 down (passive or active "
+            "health checks).",
+            ["group", "backend"],
+            registry=registry,
+        )
         self._handshake_failures = Counter(
             "port443_tls_handshake_failures",
             "TLS handshakes that failed, by reason.",
@@ -139,6 +146,10 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+    def backend_health(self, group: UpstreamGroup, backend: str, up: bool) -> None:
+        """A backend's health changed (or a configuration brought it in, up)."""
+        self._backend_up.labels(group.name, backend).set(1 if up else 0)
 
     def tls_handshake_completed(self, info: ConnectionInfo) -> None:
         self._handshakes.labels(info.tls_version or "", info.alpn or "").inc()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from proxy.accesslog import AccessLog
-from proxy.certs.acme_challenges import ACME_TLS_ALPN, tls_alpn01_context
+from proxy.certs.acme_challenges import ACME_TLS_ALPN
 from proxy.certs.manager import CertManager
 from proxy.config import AdminConfig, Config, LimitsConfig, ListenConfig
 from proxy.generation import Generation, describe_changes
@@ -29,7 +29,7 @@ from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome
 from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics
 from proxy.netio import SocketStream, StreamTimeout, close_socket
-from proxy.tls.clienthello import ClientHello, ClientHelloError
+from proxy.tls.clienthello import ClientHello, ClientHelloError, PlainHTTPRequest
 from proxy.tls.stream import TLSStream, peek_client_hello
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ async def serve_plain_http(
     client_ip: str,
 ) -> None:
     """HTTP/1.1 without TLS: the redirector's port and the admin listener."""
-    info = ConnectionInfo(client_ip, None, None)
+    info = ConnectionInfo(client_ip=client_ip, tls_version=None, alpn=None)
     await H1Connection(SocketStream(sock), sock, info, handler, limits, lifecycle).serve()
 
 
@@ -192,7 +192,7 @@ class Server:
         # Handlers delegate to the generation current when each request starts.
         self._https_handler = Observed(self._forward, "https", observers)
         self._http_handler = Observed(self._redirect, "http", observers)
-        self._current = Generation(config, ALPN)
+        self._current = Generation(config, ALPN, self.metrics.backend_health)
         self._shutdown = trio.Event()
 
     @property
@@ -226,7 +226,7 @@ class Server:
         for section in ("server", "listen", "admin", "access_log"):
             if getattr(config, section) != getattr(old.config, section):
                 log.warning("reload: [%s] changes take effect only after a restart", section)
-        new = Generation(config, ALPN)
+        new = Generation(config, ALPN, self.metrics.backend_health)
         await self._services.start(new.run)
         self._current = new
         old.retire()
@@ -311,29 +311,34 @@ class Server:
 
     async def _serve_tls(self, sock: socket.socket, client_ip: str) -> None:
         deadline = trio.current_time() + self.config.limits.header_timeout
+        hello: ClientHello | None
         try:
             hello = await peek_client_hello(sock, deadline)
-        except ClientHelloError:
+        except PlainHTTPRequest:
             await self._refuse_non_tls(sock, client_ip)
             return
+        except ClientHelloError as exc:  # OpenSSL reads it too, and sends the right alert
+            log.debug("client %s: malformed ClientHello: %s", client_ip, exc)
+            hello = None
         except (EOFError, StreamTimeout, OSError) as exc:
             log.debug("client %s: no ClientHello: %r", client_ip, exc)
             close_socket(sock)
             return
-        stream = TLSStream(sock, self._context_for(hello))
+        stream = TLSStream(sock, self.certs.context_for_hello(hello))
         try:
             await stream.do_handshake(deadline)
         except (ssl.SSLError, StreamTimeout, OSError) as exc:
-            log.info(
-                "client %s: TLS handshake failed (SNI %s): %s", client_ip, hello.server_name, exc
-            )
+            name = hello.server_name if hello else None
+            log.info("client %s: TLS handshake failed (SNI %s): %s", client_ip, name, exc)
             self.metrics.tls_handshake_failed(exc)
             await stream.aclose()
             return
         if stream.alpn_protocol == ACME_TLS_ALPN:
             await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
             return
-        info = ConnectionInfo(client_ip, stream.version, stream.alpn_protocol)
+        info = ConnectionInfo(
+            client_ip=client_ip, tls_version=stream.version, alpn=stream.alpn_protocol
+        )
         self.metrics.tls_handshake_completed(info)
         if stream.alpn_protocol == "h2":
             config = self.config
@@ -345,17 +350,8 @@ class Server:
                 stream, stream.socket, info, self._https_handler, self.config.limits, self.lifecycle
             ).serve()
 
-    def _context_for(self, hello: ClientHello) -> ssl.SSLContext:
-        """The certificate for this ClientHello. A pending TLS-ALPN-01 challenge (RFC 8737)
-        wins when the client offers acme-tls/1: only an ACME validator does that."""
-        if ACME_TLS_ALPN in hello.alpn and hello.server_name:
-            challenge = tls_alpn01_context(self.config.certs.dir, hello.server_name)
-            if challenge is not None:
-                return challenge
-        return self.certs.context_for(hello.server_name)
-
     async def _refuse_non_tls(self, sock: socket.socket, client_ip: str) -> None:
-        """Plain HTTP sent to the TLS port gets a readable answer, as Go and Caddy give."""
+        """Plain HTTP sent to the TLS port gets a readable answer, as Go, Caddy and nginx give."""
         log.info("client %s: non-TLS bytes on the HTTPS port", client_ip)
         with contextlib.suppress(OSError, StreamTimeout):
             await SocketStream(sock).send_all(HTTP_ON_TLS_PORT, trio.current_time() + 1)

@@ -1,7 +1,7 @@
 """The ACME client alone against a real Pebble that validates through real listeners.
 
 A minimal pair of listeners lives here: HTTP answering from `http01_key_authorization`
-and TLS answering from `tls_alpn01_context`, both reading what the client published under
+and TLS answering from `TlsAlpn01Contexts`, both reading what the client published under
 `certs/`. tests/test_acme_proxy.py does the same through the proxy's own listeners.
 """
 
@@ -28,8 +28,8 @@ from proxy.certs.acme import AcmeClient, AcmeError, ExternalAccountBinding, Issu
 from proxy.certs.acme_challenges import (
     ACME_TLS_ALPN,
     HTTP01_PATH_PREFIX,
+    TlsAlpn01Contexts,
     http01_key_authorization,
-    tls_alpn01_context,
     write_http01,
     write_tls_alpn01,
 )
@@ -84,7 +84,7 @@ class Responder:
             await stream.aclose()
 
     def _pick_context(self, sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> int | None:
-        context = tls_alpn01_context(self.certs_dir, name or "")
+        context = TlsAlpn01Contexts(self.certs_dir).context_for(name or "")
         if context is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sock.context = context
@@ -254,15 +254,16 @@ def test_tls_alpn01_certificate_carries_the_key_authorization(tmp_path: Path) ->
 
 
 def test_tls_alpn01_context_follows_the_file(tmp_path: Path) -> None:
+    contexts = TlsAlpn01Contexts(tmp_path)
     path = write_tls_alpn01(tmp_path, "a.example.com", "t.k")
-    first = tls_alpn01_context(tmp_path, "A.example.com")
-    assert first is not None and tls_alpn01_context(tmp_path, "a.example.com") is first
+    first = contexts.context_for("A.example.com")
+    assert first is not None and contexts.context_for("a.example.com") is first
     write_tls_alpn01(tmp_path, "a.example.com", "t2.k")
-    assert tls_alpn01_context(tmp_path, "a.example.com") not in (None, first)
+    assert contexts.context_for("a.example.com") not in (None, first)
     path.unlink()
-    assert tls_alpn01_context(tmp_path, "a.example.com") is None
+    assert contexts.context_for("a.example.com") is None
     for hostile in ("../a.example.com", "a.example.com/x", "", "a..example.com"):
-        assert tls_alpn01_context(tmp_path, hostile) is None
+        assert contexts.context_for(hostile) is None
 
 
 def test_http01_lookup_rejects_foreign_tokens(tmp_path: Path) -> None:

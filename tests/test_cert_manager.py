@@ -16,6 +16,7 @@ import trio
 from cryptography import x509
 
 from proxy.certs.acme import AcmeError, RenewalInfo
+from proxy.certs.acme_challenges import ACME_TLS_ALPN, write_tls_alpn01
 from proxy.certs.issuers import Issued, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
 from proxy.certs.manager import CertManager
@@ -23,7 +24,7 @@ from proxy.certs.status import load_status
 from proxy.certs.store import CertStore, StoredCert
 from proxy.config import CertsConfig, Config, SiteConfig, TLSConfig
 from proxy.config import Issuer as IssuerName
-from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, parse_client_hello
+from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
 
 ALPN = ("http/1.1",)
 
@@ -54,10 +55,10 @@ async def serve_handshakes(manager: CertManager, stream: trio.SocketStream) -> N
     its alert on the wire the way the server's own TLS stream does.
     """
     data = await stream.socket.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
-    while (hello := parse_client_hello(data)) is None:
+    while not isinstance(hello := parse_client_hello(data), ClientHello):
         await trio.sleep(0.01)
         data = await stream.socket.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
-    context = manager.context_for(hello.server_name)
+    context = manager.context_for_hello(hello)
     sock = socket.socket(fileno=stream.socket.detach())
 
     def handshake() -> None:
@@ -120,6 +121,22 @@ async def test_each_name_gets_its_site_certificate(tmp_path: Path) -> None:
     assert a.serial_number == www.serial_number != b.serial_number
     served = {cert.name: cert.serial for cert in manager.certificates()}
     assert served == {"a.test": a.serial_number, "b.test": b.serial_number}
+
+
+async def test_context_for_hello_prefers_a_pending_tls_alpn01_challenge(tmp_path: Path) -> None:
+    config = make_config(tmp_path, site("a.test"), default_site="a.test")
+    manager = CertManager(config, ALPN)
+    async with running(manager):
+        served = manager.context_for("a.test")
+        acme = ClientHello("a.test", (ACME_TLS_ALPN,))
+        assert manager.context_for_hello(acme) is served  # no challenge pending
+        write_tls_alpn01(config.certs.dir, "a.test", "token.thumbprint")
+        challenge = manager.context_for_hello(acme)
+        assert challenge is not served and manager.context_for_hello(acme) is challenge
+        assert manager.context_for_hello(ClientHello("a.test", ("h2",))) is served
+        assert manager.context_for_hello(ClientHello("other.test", ())) is served  # default
+        # a hello the parser refused never gets a certificate, not even the default site's
+        assert manager.context_for_hello(None) not in (served, challenge)
 
 
 async def test_default_site_answers_unknown_and_missing_sni(tmp_path: Path) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from proxy.http.headers import client_response_headers, requested_upgrade, upstream_request
-from proxy.http.model import Request
+from proxy.http.model import Request, UpstreamRequest
 from proxy.upstream.h1 import h1_fields
 from proxy.upstream.h2 import request_fields
+
+
+def forwarded(request: Request) -> UpstreamRequest:
+    """The upstream request for a peer that is no trusted proxy."""
+    return upstream_request(request, keep_forwarded=False)
 
 
 def request(*headers: tuple[bytes, bytes], has_body: bool = False) -> Request:
@@ -34,27 +39,33 @@ def test_hop_by_hop_dropped_forwarding_fields_added() -> None:
             (b"x-forwarded-for", b"198.51.100.1"),
             (b"x-forwarded-proto", b"http"),
             (b"via", b"1.0 other"),
-        )
+        ),
+        keep_forwarded=False,
     )
     assert outgoing.authority == b"example.test"
     assert outgoing.fields == [
         (b"accept", b"*/*"),
-        (b"x-forwarded-for", b"198.51.100.1, 192.0.2.7"),
+        (b"x-forwarded-for", b"192.0.2.7"),  # the peer is no trusted proxy: replaced
         (b"x-forwarded-proto", b"https"),
         (b"x-forwarded-host", b"example.test"),
+        (b"forwarded", b"for=192.0.2.7;proto=https;host=example.test"),
         (b"via", b"1.0 other, 1.1 port443"),
     ]
 
 
 def test_te_is_reduced_to_trailers() -> None:
-    with_trailers = upstream_request(request((b"te", b"gzip, trailers;q=1")))
+    with_trailers = forwarded(request((b"te", b"gzip, trailers;q=1")))
     assert (b"te", b"trailers") in with_trailers.fields
-    assert not any(name == b"te" for name, _ in upstream_request(request((b"te", b"gzip"))).fields)
+    assert not any(name == b"te" for name, _ in forwarded(request((b"te", b"gzip"))).fields)
 
 
 def test_each_upstream_protocol_frames_the_body_its_own_way() -> None:
-    known = upstream_request(request((b"content-length", b"12"), has_body=True))
-    unknown = upstream_request(request((b"transfer-encoding", b"chunked"), has_body=True))
+    known = upstream_request(
+        request((b"content-length", b"12"), has_body=True), keep_forwarded=False
+    )
+    unknown = upstream_request(
+        request((b"transfer-encoding", b"chunked"), has_body=True), keep_forwarded=False
+    )
     assert (known.body_length, unknown.body_length) == (12, None)
     assert not any(name in (b"content-length", b"transfer-encoding") for name, _ in known.fields)
     h1_known, h1_unknown = h1_fields(known), h1_fields(unknown)
@@ -77,7 +88,7 @@ def test_an_upgrade_is_asked_over_http1_only() -> None:
     headers = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
     asked = request(*headers)
     asked.upgrade = requested_upgrade(asked.headers)
-    outgoing = upstream_request(asked)
+    outgoing = upstream_request(asked, keep_forwarded=False)
     assert outgoing.upgrade == b"websocket" and outgoing.fields[0][0] == b"x-forwarded-for"
     assert h1_fields(outgoing)[-2:] == [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
     assert not any(

@@ -36,9 +36,6 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
 _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 
-# TLS-ALPN-01 contexts by file, reused while the file's (mtime, inode) stays the same.
-_alpn_contexts: dict[Path, tuple[tuple[int, int], ssl.SSLContext]] = {}
-
 
 def http01_path(certs_dir: Path, token: str) -> Path:
     """Where the key authorization for `token` lives; ValueError for a malformed token."""
@@ -74,31 +71,39 @@ def http01_key_authorization(certs_dir: Path, token: str) -> bytes | None:
         return None
 
 
-def tls_alpn01_context(certs_dir: Path, server_name: str) -> ssl.SSLContext | None:
-    """A server context answering an `acme-tls/1` handshake for `server_name`, or None.
+class TlsAlpn01Contexts:
+    """Server contexts answering `acme-tls/1` handshakes from the challenge files under
+    `certs_dir`, each reused while its file's (mtime, inode) stays the same."""
 
-    The peer's SNI picks the file, so it is validated before it touches the file system.
-    """
-    try:
-        path = tls_alpn01_path(certs_dir, server_name)
-    except ValueError:
-        return None
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        _alpn_contexts.pop(path, None)
-        return None
-    version = (st.st_mtime_ns, st.st_ino)
-    cached = _alpn_contexts.get(path)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    try:
-        ctx = server_context(path, path, [ACME_TLS_ALPN])
-    except (OSError, ssl.SSLError):  # replaced or removed between stat() and load
-        _alpn_contexts.pop(path, None)
-        return None
-    _alpn_contexts[path] = (version, ctx)
-    return ctx
+    def __init__(self, certs_dir: Path) -> None:
+        self._certs_dir = certs_dir
+        self._cached: dict[Path, tuple[tuple[int, int], ssl.SSLContext]] = {}
+
+    def context_for(self, server_name: str) -> ssl.SSLContext | None:
+        """The context for a pending challenge for `server_name`, or None.
+
+        The peer's SNI picks the file, so it is validated before it touches the file system.
+        """
+        try:
+            path = tls_alpn01_path(self._certs_dir, server_name)
+        except ValueError:
+            return None
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._cached.pop(path, None)
+            return None
+        version = (st.st_mtime_ns, st.st_ino)
+        cached = self._cached.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            ctx = server_context(path, path, [ACME_TLS_ALPN])
+        except (OSError, ssl.SSLError):  # replaced or removed between stat() and load
+            self._cached.pop(path, None)
+            return None
+        self._cached[path] = (version, ctx)
+        return ctx
 
 
 def tls_alpn01_certificate(name: str, key_authorization: str) -> bytes:

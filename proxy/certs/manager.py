@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 import trio
 
 from proxy.certs.acme import ARI_RECHECK, AcmeError
+from proxy.certs.acme_challenges import ACME_TLS_ALPN, TlsAlpn01Contexts
 from proxy.certs.issuers import AcmeIssuer, Issuer, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
 from proxy.certs.renewal import next_retry, renewal_due
@@ -30,6 +31,7 @@ from proxy.certs.status import RenewalStatus, load_status, save_status
 from proxy.certs.store import CertStore, InvalidCertificate, StoredCert, read_pair
 from proxy.config import Config, SiteConfig
 from proxy.config import Issuer as IssuerName
+from proxy.tls.clienthello import ClientHello
 from proxy.tls.policy import reject_context, server_context
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ FileStamp = tuple[tuple[int, int, int], ...] | None  # (mtime_ns, size, inode) p
 
 
 class CertManager:
-    """Loads, issues and renews every site's certificate; picks contexts per handshake.
+    """Loads, issues and renews every site's certificate; picks the context per handshake.
 
     The issuers follow each site's issuer (`SiteConfig.issuer`, else `certs.issuer`);
     `issuer`, when given, replaces them all (tests inject one this way).
@@ -57,10 +59,27 @@ class CertManager:
         default = config.tls.default_site
         self._default = default.lower() if default else None
         self._reject = reject_context()
+        self._challenges = TlsAlpn01Contexts(config.certs.dir)
         self._contexts: dict[str, ssl.SSLContext] = {}  # lower-case host -> context
         self._certs: dict[str, StoredCert] = {}  # site name -> certificate in service
         self._file_stamps: dict[str, FileStamp] = {}  # "files" site name -> last validated
         self.renewal_failures: dict[str, int] = {}  # site name -> failed orders (metrics)
+
+    def context_for_hello(self, hello: ClientHello | None) -> ssl.SSLContext:
+        """The one answer to "which context for this ClientHello".
+
+        A pending TLS-ALPN-01 challenge (RFC 8737) wins when the client offers acme-tls/1:
+        only an ACME validator does that. None, a hello our parser refused, gets the
+        refusing context, so that OpenSSL reads the hello itself and answers with its
+        alert (decode_error for a bad length) as nginx does.
+        """
+        if hello is None:
+            return self._reject
+        if ACME_TLS_ALPN in hello.alpn and hello.server_name:
+            challenge = self._challenges.context_for(hello.server_name)
+            if challenge is not None:
+                return challenge
+        return self.context_for(hello.server_name)
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a handshake's SNI: exact host, else the default site, else refuse."""
@@ -197,7 +216,12 @@ class CertManager:
     ) -> tuple[StoredCert | None, RenewalStatus]:
         """Order one certificate; on failure keep `cert` and schedule the retry."""
         previous = cert if cert is not None and issuer.issued(cert) else None
-        request = IssueRequest(site, previous, status.other_challenge, status.fallback_ca)
+        request = IssueRequest(
+            site=site,
+            previous=previous,
+            other_challenge=status.other_challenge,
+            fallback_ca=status.fallback_ca,
+        )
         attempt = status.failures + 1
         log.info("site %s: requesting a certificate (attempt %d)", site.name, attempt)
         try:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from proxy.certs.manager import CertManager
-from proxy.config import Config
 from proxy.handlers.observed import RequestHandler, respond
 from proxy.http.model import Exchange, Outcome, ResponseHead, plain_response
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +20,8 @@ log = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-class ServerStatus(Protocol):
-    @property
-    def config(self) -> Config: ...
-
-    @property
-    def certs(self) -> CertManager: ...
+class ServerStatus(ServerState, Protocol):
+    """What readiness reads beyond the metrics' view of the server."""
 
     @property
     def listening(self) -> bool: ...

@@ -69,7 +69,15 @@ class H1Connection(Exchange, Upgradable):
         self.info = info
         self.client_ip = client_ip = info.client_ip
         # The exchange in progress:
-        self.request: Request = Request(b"", b"", b"", [], b"1.1", False, client_ip)
+        self.request = Request(
+            method=b"",
+            target=b"",
+            host=b"",
+            headers=[],
+            http_version=b"1.1",
+            has_body=False,
+            client_ip=client_ip,
+        )
         self.head_sent = False
         self._trailers: Headers | None = None
 
@@ -182,14 +190,14 @@ class H1Connection(Exchange, Upgradable):
             conn.next_event()  # the EndOfMessage of an empty body is already decodable
         upgrade = requested_upgrade(headers) if upgrade_asked else None
         return Request(
-            event.method,
-            event.target,
-            host,
-            headers,
-            event.http_version,
-            has_body,
-            self.client_ip,
-            upgrade,
+            method=event.method,
+            target=event.target,
+            host=host,
+            headers=headers,
+            http_version=event.http_version,
+            has_body=has_body,
+            client_ip=self.client_ip,
+            upgrade=upgrade,
         )
 
     async def _reject(self, exc: h11.RemoteProtocolError) -> None:

@@ -91,7 +91,15 @@ def request_from_headers(
         raise Malformed("invalid :authority")
     if cookies:
         fields.append((b"cookie", b"; ".join(cookies)))
-    return Request(method, target, host or b"", fields, b"2", not end_stream, client_ip)
+    return Request(
+        method=method,
+        target=target,
+        host=host or b"",
+        headers=fields,
+        http_version=b"2",
+        has_body=not end_stream,
+        client_ip=client_ip,
+    )
 
 
 def trailers_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
