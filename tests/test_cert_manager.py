@@ -124,7 +124,7 @@ async def test_each_name_gets_its_site_certificate(tmp_path: Path) -> None:
 
 
 async def test_context_for_hello_prefers_a_pending_tls_alpn01_challenge(tmp_path: Path) -> None:
-    config = make_config(tmp_path, site("a.test"), default_site="a.test")
+    config = make_config(tmp_path, site_config("a.test"), default_site="a.test")
     manager = CertManager(config, ALPN)
     async with running(manager):
         served = manager.context_for("a.test")

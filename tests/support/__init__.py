@@ -11,6 +11,8 @@
 - `backend.py`, `h2backend.py`, `rawbackend.py`: HTTP/1.1, HTTP/2 and scripted raw upstreams
   served in the test's event loop; `h2client.py`: an HTTP/2 client that can misbehave.
 - `openssl.py`: `openssl s_client` handshakes, parsed (`handshake`, `s_client`).
+- `tls.py`: TLS client connections to the proxy for tests that write their own bytes;
+  `tls_server.py`: TLS servers in this process; `tls_hello.py`: real ClientHellos as bytes.
 - `pebble.py`, `ari_double.py`, `certs.py`: a real Pebble ACME CA, an ARI/profiles double
   in front of it, and the proxy against them; `quick_backoff.py` runs the proxy with a
   1-second renewal backoff.
