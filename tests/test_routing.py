@@ -148,3 +148,6 @@ async def test_forwarded_headers_from_trusted_and_untrusted_peers(
             await proxy.wait_log("trusted_proxies changed", timeout=10)
     finally:
         await proxy.terminate()
+    # The access log names the client: the peer, then (trusted) the first untrusted hop.
+    logged = [json.loads(line)["client_ip"] for line in proxy.log().splitlines() if line[:1] == "{"]
+    assert logged == ["127.0.0.1", "203.0.113.9"]

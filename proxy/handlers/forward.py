@@ -171,6 +171,8 @@ class Forwarder(RequestHandler):
         request = exchange.request
         trusted = self._trusted
         keep = bool(trusted) and is_trusted(request.client_ip, trusted)
+        if keep:  # behind a trusted proxy: the client is the first untrusted hop
+            outcome.client_ip = client_address(request.client_ip, request.headers, trusted)
         outgoing = upstream_request(request, keep_forwarded=keep)
         response_ops = None
         if route is not None:
@@ -181,8 +183,7 @@ class Forwarder(RequestHandler):
         settings = group.group
         key = None
         if settings.policy == "consistent_hash":
-            client = client_address(request.client_ip, request.headers, trusted) if keep else None
-            key = request_key(settings.hash_key, request, client or request.client_ip)
+            key = request_key(settings.hash_key, request, outcome.client_ip)
         tried: set[int] = set()  # backends that failed this request
         refusals = retries = 0
         attempt = 0
