@@ -33,8 +33,8 @@ from proxy.certs.acme_challenges import (
     write_http01,
     write_tls_alpn01,
 )
-from tests.pebble import Pebble
-from tests.proxyproc import free_port
+from tests.support.net import free_port
+from tests.support.pebble import Pebble
 
 EAB_KID, EAB_HMAC = "kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
 
@@ -153,6 +153,7 @@ def _published(responder: Responder) -> list[Path]:
     return [p for p in (responder.certs_dir / ".challenges").rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow
 async def test_issue_via_http01(responder: Responder, pebble: Pebble, tmp_path: Path) -> None:
     names = ["http.example.com", "www.http.example.com"]
     client = _client(responder, pebble, challenges=("http-01",))
@@ -164,6 +165,7 @@ async def test_issue_via_http01(responder: Responder, pebble: Pebble, tmp_path: 
     assert _published(responder) == []
 
 
+@pytest.mark.slow
 async def test_issue_via_tls_alpn01(responder: Responder, pebble: Pebble, tmp_path: Path) -> None:
     names = ["alpn.example.com", "www.alpn.example.com"]
     client = _client(responder, pebble, challenges=("tls-alpn-01",))
@@ -175,6 +177,7 @@ async def test_issue_via_tls_alpn01(responder: Responder, pebble: Pebble, tmp_pa
     assert _published(responder) == []
 
 
+@pytest.mark.slow
 async def test_account_is_created_once_and_reused(responder: Responder, pebble: Pebble) -> None:
     first = _client(responder, pebble)
     await first.issue(["one.example.com"])
@@ -187,6 +190,7 @@ async def test_account_is_created_once_and_reused(responder: Responder, pebble: 
     assert second.account_path.read_bytes() == account
 
 
+@pytest.mark.slow
 async def test_invalid_authorization_is_reported(responder: Responder, pebble: Pebble) -> None:
     responder.wrong_key_authorization = True
     client = _client(responder, pebble, challenges=("http-01",))
@@ -199,6 +203,7 @@ async def test_invalid_authorization_is_reported(responder: Responder, pebble: P
     assert _published(responder) == []
 
 
+@pytest.mark.slow
 async def test_nonce_rejections_are_survived(
     start_pebble: Callable[..., Pebble], responder: Responder, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -215,6 +220,7 @@ async def test_nonce_rejections_are_survived(
     assert any("badNonce" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 async def test_external_account_binding(
     start_pebble: Callable[..., Pebble], responder: Responder
 ) -> None:

@@ -16,7 +16,7 @@ from proxy.tls.clienthello import (
     PlainHTTPRequest,
     parse_client_hello,
 )
-from tests.tls_hello import big_hello, python_hello, split_records, with_short_extensions
+from tests.support.tls_hello import big_hello, python_hello, split_records, with_short_extensions
 
 
 def openssl_hello(*args: str) -> bytes:

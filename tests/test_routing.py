@@ -8,22 +8,18 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import trio
 
-from tests.backend import Backend, serve_backend
-from tests.proxyproc import ProxyProcess, curl_args, run, start_proxy
+from tests.support.backend import Backend, serve_backend
+from tests.support.curl import Reply, curl
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+
+pytestmark = pytest.mark.slow
 
 
-async def get(
-    proxy: ProxyProcess, path: str, host: str = "localhost", *extra: str
-) -> tuple[int, dict[str, str], bytes]:
-    """Status, response headers (lower-case names) and body of one curl request."""
-    args = curl_args(proxy, path, host, "-D", "-", *extra)
-    out = (await run(*args, check=True)).stdout
-    head, _, body = out.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
+async def get(proxy: ProxyProcess, path: str, host: str = "localhost", *extra: str) -> Reply:
+    return await curl(*extra, *proxy.curl_args(path, host))
 
 
 async def test_two_sites_and_their_routes(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -57,19 +53,26 @@ upstreams = ["{other.url}"]
 """
     proxy = await start_proxy(tmp_path, body, http=False)
     try:
-        status, headers, raw = await get(proxy, "/api/users?id=1", "localhost", "-H", "X-Drop: 1")
-        echo = json.loads(raw)
-        assert (status, echo["target"]) == (200, "/users?id=1")
+        reply = await get(proxy, "/api/users?id=1", "localhost", "-H", "X-Drop: 1")
+        echo = json.loads(reply.body)
+        assert (reply.status, echo["target"]) == (200, "/users?id=1")
         assert echo["headers"]["x-env"] == "test" and echo["headers"]["x-added"] == "1"
-        assert "x-drop" not in echo["headers"] and headers["cache-control"] == "no-store"
-        status, headers, _ = await get(proxy, "/old/page?x=1")
-        assert (status, headers["location"]) == (308, "https://localhost/new/old/page?x=1")
-        status, headers, raw = await get(proxy, "/health")
-        assert (status, raw, headers["content-type"]) == (200, b"ok", "text/plain; charset=utf-8")
-        status, _, raw = await get(proxy, "/apix")
-        assert status == 200 and json.loads(raw)["target"] == "/apix"
-        status, _, raw = await get(proxy, "/anything", "other.localhost")
-        assert status == 200 and json.loads(raw)["target"] == "/anything"
+        assert "x-drop" not in echo["headers"] and reply.header("cache-control") == "no-store"
+        reply = await get(proxy, "/old/page?x=1")
+        assert (reply.status, reply.header("location")) == (
+            308,
+            "https://localhost/new/old/page?x=1",
+        )
+        reply = await get(proxy, "/health")
+        assert (reply.status, reply.body, reply.header("content-type")) == (
+            200,
+            b"ok",
+            "text/plain; charset=utf-8",
+        )
+        reply = await get(proxy, "/apix")
+        assert reply.status == 200 and json.loads(reply.body)["target"] == "/apix"
+        reply = await get(proxy, "/anything", "other.localhost")
+        assert reply.status == 200 and json.loads(reply.body)["target"] == "/anything"
         assert [len(b.requests) for b in (api, front, other)] == [1, 1, 1]
     finally:
         await proxy.terminate()
@@ -100,19 +103,19 @@ async def test_round_robin_failover_and_all_down(tmp_path: Path, nursery: trio.N
     proxy = await start_proxy(tmp_path, body, http=False)
     try:
         for _ in range(30):
-            assert (await get(proxy, "/echo"))[0] == 200
+            assert (await get(proxy, "/echo")).status == 200
         assert Counter(len(b.requests) for b in backends) == {10: 1 * 3}
         scopes[0].cancel()  # closes its listener and every connection it had
         await trio.sleep(0.1)
-        statuses = Counter([(await get(proxy, "/echo"))[0] for _ in range(30)])
+        statuses = Counter([(await get(proxy, "/echo")).status for _ in range(30)])
         assert statuses == {200: 30}
         scopes[1].cancel()
         scopes[2].cancel()
         await trio.sleep(0.1)
-        statuses = Counter([(await get(proxy, "/echo"))[0] for _ in range(6)])
+        statuses = Counter([(await get(proxy, "/echo")).status for _ in range(6)])
         assert statuses[502] >= 1 and statuses[503] >= 1, statuses
-        status, headers, _ = await get(proxy, "/echo")
-        assert status == 503 and int(headers["retry-after"]) >= 1
+        reply = await get(proxy, "/echo")
+        assert reply.status == 503 and int(reply.header("retry-after") or 0) >= 1
         assert "is down (3 failures within 10s)" in proxy.log()
     finally:
         await proxy.terminate()
@@ -126,15 +129,15 @@ async def test_forwarded_headers_from_trusted_and_untrusted_peers(
     backend = Backend()
     await nursery.start(serve_backend, backend)
     sent = ("-H", "X-Forwarded-For: 203.0.113.9", "-H", "Forwarded: for=203.0.113.9")
-    body = f'[[sites]]\nhosts = ["localhost"]\nupstreams = ["{backend.url}"]\n'
+    body = sites_toml((["localhost"], [backend.url]))
     proxy = await start_proxy(tmp_path, body, http=False)
     try:
         for xff, forwarded in (
             ("127.0.0.1", "for=127.0.0.1"),
             ("203.0.113.9, 127.0.0.1", "for=203.0.113.9, for=127.0.0.1"),
         ):
-            _, _, raw = await get(proxy, "/echo", "localhost", *sent)
-            headers = json.loads(raw)["headers"]
+            reply = await get(proxy, "/echo", "localhost", *sent)
+            headers = json.loads(reply.body)["headers"]
             assert headers["x-forwarded-for"] == xff
             assert headers["forwarded"].startswith(forwarded + ";proto=https")
             if "203.0.113.9" in xff:
@@ -142,9 +145,7 @@ async def test_forwarded_headers_from_trusted_and_untrusted_peers(
             config = tmp_path / "port443.toml"
             config.write_text('trusted_proxies = ["127.0.0.0/8"]\n' + config.read_text())
             proxy.process.send_signal(signal.SIGHUP)
-            with trio.fail_after(10):
-                while "trusted_proxies changed" not in proxy.log():
-                    await trio.sleep(0.05)
+            await proxy.wait_log("trusted_proxies changed", timeout=10)
     finally:
         await proxy.terminate()
     # The access log names the client: the peer, then (trusted) the first untrusted hop.

@@ -4,20 +4,24 @@ and an active health check brings a backend back once it answers again."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import trio
 
-from tests.backend import Backend, serve_backend
-from tests.proxyproc import ProxyProcess, curl_args, run, start_proxy
+from tests.support.backend import Backend, serve_backend
+from tests.support.curl import curl
+from tests.support.proxy import ProxyProcess, start_proxy
+
+pytestmark = pytest.mark.slow
 
 
 async def status_of(proxy: ProxyProcess, path: str, *extra: str) -> int:
-    args = curl_args(proxy, path, "localhost", "-o", "/dev/null", "-w", "%{http_code}", *extra)
-    return int((await run(*args, check=True)).stdout)
+    return (await curl("-o", "/dev/null", *extra, *proxy.curl_args(path))).status
 
 
-def site(backends: list[Backend], options: str) -> str:
+def group_site(backends: list[Backend], options: str) -> str:
     urls = ", ".join(f'"{b.url}"' for b in backends)
     return f'[[sites]]\nhosts = ["localhost"]\nupstreams = {{ backends = [{urls}], {options} }}\n'
 
@@ -28,7 +32,7 @@ def served(backends: list[Backend], target: str) -> list[int]:
 
 async def test_least_conn_prefers_the_idle_backend(tmp_path: Path, nursery: trio.Nursery) -> None:
     backends = [await nursery.start(serve_backend, Backend()) for _ in range(2)]
-    proxy = await start_proxy(tmp_path, site(backends, 'policy = "least_conn"'), http=False)
+    proxy = await start_proxy(tmp_path, group_site(backends, 'policy = "least_conn"'), http=False)
     try:
         async with trio.open_nursery() as slow:
             slow.start_soon(status_of, proxy, "/sleep/3")
@@ -50,7 +54,7 @@ async def test_consistent_hashing_keeps_a_client_on_one_backend(
 ) -> None:
     backends = [await nursery.start(serve_backend, Backend()) for _ in range(3)]
     options = 'policy = "consistent_hash", hash_key = "header:x-user"'
-    proxy = await start_proxy(tmp_path, site(backends, options), http=False)
+    proxy = await start_proxy(tmp_path, group_site(backends, options), http=False)
     try:
         homes: dict[str, set[int]] = {}
         for user in [f"user-{n}" for n in range(12)] * 3:
@@ -77,21 +81,17 @@ async def test_active_health_check_brings_a_backend_back(
 
     await nursery.start(serve_flaky)
     health = 'health = { path = "/status/200", interval = 0.3, timeout = 1, rise = 1, fall = 1 }'
-    proxy = await start_proxy(tmp_path, site([steady, flaky], health), http=False)
+    proxy = await start_proxy(tmp_path, group_site([steady, flaky], health), http=False)
     try:
         scope.cancel()  # the flaky backend goes away; its port stays reserved in `flaky.port`
-        with trio.fail_after(10):
-            while "is down" not in proxy.log():
-                await trio.sleep(0.05)
+        await proxy.wait_log("is down", timeout=10)
         flaky.requests.clear()
         for _ in range(4):
             assert await status_of(proxy, "/echo") == 200
         assert served([steady, flaky], "/echo") == [4, 0]
         scope = trio.CancelScope()
         await nursery.start(serve_flaky)  # back on the same port
-        with trio.fail_after(10):
-            while "is up" not in proxy.log().rpartition("is down")[2]:
-                await trio.sleep(0.05)
+        await proxy.wait_log(re.compile(r"is up(?![\s\S]*is down)"), timeout=10)  # after the last
         for _ in range(6):
             assert await status_of(proxy, "/echo") == 200
         assert served([steady, flaky], "/echo")[1] > 0

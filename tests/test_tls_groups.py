@@ -18,7 +18,7 @@ from proxy.tls.policy import (
     set_groups,
     ssl_ctx_address,
 )
-from tests.test_tls_policy import self_signed, tls_server
+from tests.support.tls_server import self_signed, tls_server
 
 
 @pytest.mark.parametrize(
