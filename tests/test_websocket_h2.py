@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import h2.settings
+import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
@@ -18,8 +19,10 @@ from wsproto.events import (
     TextMessage,
 )
 
-from tests.h2client import h2_client
-from tests.proxyproc import sites_toml, start_proxy
+from tests.support.h2client import h2_client
+from tests.support.proxy import sites_toml, start_proxy
+
+pytestmark = pytest.mark.slow
 
 
 async def websocket_echo(stream: trio.SocketStream) -> None:
