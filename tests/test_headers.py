@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 from proxy.http.headers import client_response_headers, requested_upgrade, upstream_request
 from proxy.http.model import Request, UpstreamRequest
 from proxy.upstream.h1 import h1_fields
@@ -90,7 +92,17 @@ def test_an_upgrade_is_asked_over_http1_only() -> None:
     asked.upgrade = requested_upgrade(asked.headers)
     outgoing = upstream_request(asked, keep_forwarded=False)
     assert outgoing.upgrade == b"websocket" and outgoing.fields[0][0] == b"x-forwarded-for"
-    assert h1_fields(outgoing)[-2:] == [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    h1 = h1_fields(outgoing)
+    assert h1[-3:-1] == [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    # The client sent no Sec-WebSocket-Key (as over HTTP/2's extended CONNECT): one is made.
+    assert h1[-1][0] == b"sec-websocket-key" and len(base64.b64decode(h1[-1][1])) == 16
+    keyed = upstream_request(
+        request(*headers, (b"sec-websocket-key", b"a2V5a2V5a2V5a2V5a2V5aw==")), keep_forwarded=False
+    )
+    keyed.upgrade = b"websocket"
+    assert [v for n, v in h1_fields(keyed) if n == b"sec-websocket-key"] == [
+        b"a2V5a2V5a2V5a2V5a2V5aw=="
+    ]
     assert not any(
         name in (b"connection", b"upgrade") for name, _ in request_fields(outgoing, b"http")
     )
