@@ -80,7 +80,9 @@ _HTTP2_RANGES: dict[str, tuple[int, int]] = {
 _ACCESS_LOG_KEYS = tuple(f.name for f in dataclasses.fields(AccessLogConfig))
 _ADMIN_KEYS = tuple(f.name for f in dataclasses.fields(AdminConfig))
 _SITE_KEYS = ("hosts", "upstreams", "cert", "key", "issuer", "upstream_ca", "upstream_server_name")
-_LIMITS_ZERO_ALLOWED = frozenset({"shutdown_delay"})
+_LIMITS_ZERO_ALLOWED = frozenset(
+    {"shutdown_delay", "fd_reserve", "max_connections_per_ip", "requests_per_second_per_ip"}
+)
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEFAULT_PORTS: dict[UpstreamScheme, int] = {"http": 80, "h2c": 80, "https": 443}
@@ -256,11 +258,7 @@ class _Reader:
                 key,
                 name,
                 getattr(default, name),
-                _integer(1)
-                if kind is int
-                else _number_at_least_zero
-                if name in _LIMITS_ZERO_ALLOWED
-                else _positive_number,
+                _limit_converter(kind, zero_allowed=name in _LIMITS_ZERO_ALLOWED),
             )
             for name, kind in _LIMITS_TYPES.items()
         }
@@ -505,6 +503,14 @@ def _integer(minimum: int) -> Callable[[object], int]:
         raise _Invalid(f"must be an integer >= {minimum}, got {_show(value)}")
 
     return convert
+
+
+def _limit_converter(kind: object, *, zero_allowed: bool) -> Callable[[object], Any]:
+    """[limits] values are counts (integers) or seconds and rates (numbers); 0 means "off"
+    or "none" only where the key allows it."""
+    if kind is int:
+        return _integer(0 if zero_allowed else 1)
+    return _number_at_least_zero if zero_allowed else _positive_number
 
 
 def _workers(value: object) -> int:

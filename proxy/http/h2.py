@@ -19,6 +19,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from proxy.config import Http2Config, LimitsConfig
+from proxy.connections import Slot
 from proxy.h2session import Session, SessionStream, Setting
 from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_headers
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard
@@ -30,7 +31,6 @@ from proxy.http.model import (
     Request,
     ResponseHead,
 )
-from proxy.lifecycle import Lifecycle
 from proxy.netio import ByteStream
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class H2ServerSession(Session[H2ServerStream]):
         handler: Handler,
         limits: LimitsConfig,
         http2: Http2Config,
-        lifecycle: Lifecycle,
+        slot: Slot,
     ) -> None:
         super().__init__(
             stream,
@@ -177,7 +177,7 @@ class H2ServerSession(Session[H2ServerStream]):
             peer_goaway_keeps_streams=False,  # the client's GOAWAY ends the connection
         )
         self._handler = handler
-        self._lifecycle = lifecycle
+        self._slot = slot
         self._guard = FloodGuard(http2)
         self.info = info
         self.limits = limits
@@ -189,18 +189,20 @@ class H2ServerSession(Session[H2ServerStream]):
         handlers[h2.events.UnknownFrameReceived] = self._on_control_frame
 
     async def serve(self) -> None:
-        self._lifecycle.register(self)
+        self._slot.register(self)
+        self._slot.idle()  # no stream open: may be closed to make room
         try:
-            if self._lifecycle.draining:
+            if self._slot.draining:
                 self.go_away()
             await self._run()
         except Exception:  # a bug must cost this connection, not the process
             log.exception("client %s: HTTP/2 connection failed", self.info.client_ip)
         finally:
-            self._lifecycle.unregister(self)
+            self._slot.unregister(self)
 
     def close_if_idle(self) -> None:
-        """Drain (`Lifecycle`): GOAWAY with the last stream id; in-flight streams finish."""
+        """Drain, or room for new clients (`Slot`): GOAWAY with the last stream id;
+        in-flight streams finish."""
         self.go_away()
 
     # -- engine hooks ----------------------------------------------------------------------
@@ -271,6 +273,7 @@ class H2ServerSession(Session[H2ServerStream]):
             return
         stream = self._streams[sid] = H2ServerStream(self, sid, request)
         self._active += 1
+        self._slot.busy()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_stream, stream)
 
@@ -300,3 +303,5 @@ class H2ServerSession(Session[H2ServerStream]):
             log.exception("client %s: stream %d failed", self.info.client_ip, stream.stream_id)
         finally:
             self.finish(stream)
+            if not self._active:
+                self._slot.idle()
