@@ -132,6 +132,7 @@ class Http2Config:
     max_header_list_size: int = 65536
     max_resets_per_second: int = 200  # RST_STREAM received or provoked (rapid reset)
     max_control_frames_per_second: int = 100  # SETTINGS, PING, PRIORITY, empty DATA
+    stall_timeout: int = 10  # seconds a response may wait for the client's window to open
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ _HTTP2_RANGES: dict[str, tuple[int, int]] = {
     "max_header_list_size": (1, _MAX_WINDOW),
     "max_resets_per_second": (1, _MAX_WINDOW),
     "max_control_frames_per_second": (1, _MAX_WINDOW),
+    "stall_timeout": (1, 3600),
 }
 _ACCESS_LOG_KEYS = tuple(f.name for f in dataclasses.fields(AccessLogConfig))
 _ADMIN_KEYS = tuple(f.name for f in dataclasses.fields(AdminConfig))

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from h2.settings import SettingCodes
 
 from tests.backend import Backend
+from tests.h2client import h2_client
 from tests.proxyproc import ProxyProcess, curl_args, run, sites_toml, start_proxy
 from tests.test_observability import admin_get, parse_metrics, sample
 
@@ -183,5 +185,35 @@ async def test_file_descriptor_reserve_keeps_requests_and_admin_working(
         assert sample(samples, "port443_accept_pauses_total") >= 1
         assert "fewer than 64 file descriptors left" in proxy.log()
         assert "accept failed" not in proxy.log()
+    finally:
+        await proxy.terminate()
+
+
+async def test_http2_client_that_never_opens_its_window(tmp_path: Path, backend: Backend) -> None:
+    """A stalled response is reset after [http2] stall_timeout, not client_timeout; once every
+    stream of the connection is stalled, the connection is closed with all their upstreams."""
+    proxy = await start_proxy(
+        tmp_path,
+        "[http2]\nstall_timeout = 1\n[limits]\nclient_timeout = 60\n"
+        + sites_toml((["localhost"], [backend.url])),
+    )
+    try:
+        async with h2_client(proxy, {SettingCodes.INITIAL_WINDOW_SIZE: 0}) as client:
+            waiting = client.request("/stall")  # no response yet: not stalled by the client
+            stalled = client.request("/bytes/1000000")
+            await client.flush()
+            await client.until(lambda: client.responses[stalled].done, timeout=10)
+            assert client.responses[stalled].reset is not None
+            assert not client.responses[waiting].done and not client.eof
+        async with h2_client(proxy, {SettingCodes.INITIAL_WINDOW_SIZE: 0}) as client:
+            many = [client.request("/bytes/1000000") for _ in range(20)]
+            await client.flush()
+            await client.until_closed(timeout=10)
+            assert {client.responses[i].status for i in many} == {200}  # heads, no bodies
+        assert "HTTP/2 client read nothing for 1s (20 streams stalled): closing" in proxy.log()
+        with trio.fail_after(10):  # every exchange ended (access log), its upstream with it
+            while proxy.log().count('"path":"/bytes/1000000"') < 21:
+                await trio.sleep(0.05)
+        assert await status_of(proxy, "--http2") == ["200"]
     finally:
         await proxy.terminate()

@@ -81,6 +81,7 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
         return ClientGone(f"stream {self.stream_id}: {exc}")
 
     def _error_stalled(self, timeout: float) -> Exception:
+        self.session.stream_stalled()
         return self._stalled("response body", timeout)
 
     def _unfinished_code(self) -> ErrorCodes:
@@ -125,12 +126,12 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
         self._continue = False
         self._send_headers([(b":status", STATUS[head.status]), *head.headers], end and not body)
         if body:
-            await self._send_data(body, end, self.session.limits.client_timeout)
+            await self._send_data(body, end, self.session.stall_timeout)
         else:
             self.session.wake_writer()
 
     async def send_data(self, data: bytes) -> None:
-        await self._send_data(data, False, self.session.limits.client_timeout)
+        await self._send_data(data, False, self.session.stall_timeout)
 
     async def send_end(self, trailers: Headers | None = None) -> None:
         self._send_end(trailers)
@@ -181,6 +182,8 @@ class H2ServerSession(Session[H2ServerStream]):
         self._guard = FloodGuard(http2)
         self.info = info
         self.limits = limits
+        # A response waiting this long for the client's window (or the writer) is reset.
+        self.stall_timeout = min(float(http2.stall_timeout), limits.client_timeout)
         self._priority_of_request: h2.events.PriorityUpdated | None = None
         handlers = self._handlers
         handlers[h2.events.RequestReceived] = self._open_stream
@@ -228,6 +231,20 @@ class H2ServerSession(Session[H2ServerStream]):
             log.warning("client %s: HTTP/2 flood: %s", self.info.client_ip, exc)
             self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, str(exc).encode())
             self.flush()
+
+    def stream_stalled(self) -> None:
+        """A stream's response got no room to send for `stall_timeout` (it is reset). If every
+        other stream waits for room too, the client reads nothing: close the connection now,
+        which ends all their upstream requests, rather than one stream at a time."""
+        if len(self._blocked) + 1 >= self._active:
+            log.info(
+                "client %s: HTTP/2 client read nothing for %gs (%d streams stalled): closing",
+                self.info.client_ip,
+                self.stall_timeout,
+                self._active,
+            )
+            self._peer_gone = True  # no linger: it does not read
+            self._abort()
 
     # -- the flood guard ---------------------------------------------------------------------
 
