@@ -22,6 +22,7 @@ import trio
 
 from proxy.client_limits import ClientLimits
 from proxy.lograte import RateLimitedLog
+from proxy.memtrim import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ EVICT_BATCH = 32  # idle connections closed at once at the descriptor reserve (n
 RECOUNT_INTERVAL = 1.0  # seconds a count of open file descriptors is trusted
 MIN_RECOUNT_INTERVAL = 0.1  # near the limit: recount no more often than this
 RESERVE_RETRY = 0.1  # seconds between looks while the descriptor reserve is reached
+TRIM_AFTER_CLOSED = 500  # connections fewer than the peak before freed memory goes back
 
 
 class Drainable(Protocol):
@@ -115,6 +117,7 @@ class ConnectionRegistry:
         self.evicted = 0  # idle connections closed to admit new ones, for the metrics
         self._slots: set[Slot] = set()
         self._idle: OrderedDict[Slot, None] = OrderedDict()  # oldest first
+        self._peak = 0  # most connections open at once since memory was last given back
         self._changed = trio.lowlevel.ParkingLot()  # a connection closed or went idle
         self._log_eviction = RateLimitedLog(log, logging.WARNING)
 
@@ -128,12 +131,19 @@ class ConnectionRegistry:
 
     def admit(self) -> Slot:
         slot = Slot(self)
-        self._slots.add(slot)
+        slots = self._slots
+        slots.add(slot)
+        self._peak = max(self._peak, len(slots))
         slot.idle()
         return slot
 
     def _released(self, slot: Slot) -> None:
-        self._slots.discard(slot)
+        slots = self._slots
+        slots.discard(slot)
+        if self._peak - len(slots) >= TRIM_AFTER_CLOSED and len(slots) <= self._peak // 2:
+            # Most of a wave of connections has gone: give their memory back (memtrim.py).
+            self._peak = len(slots)
+            release_free_memory()
         if self._changed:
             self._changed.unpark_all()
 

@@ -8,7 +8,7 @@ import resource
 import pytest
 import trio
 
-from proxy import client_limits, connections, lograte
+from proxy import client_limits, connections, lograte, memtrim
 from proxy.client_limits import ClientLimits, client_key
 from proxy.config import LimitsConfig
 from proxy.connections import ConnectionRegistry, DescriptorReserve, Slot
@@ -161,3 +161,21 @@ def test_rate_limited_log_folds_repeats(
         "flood from x",
         "flood from y (and 4 more since the last such line)",
     ]
+
+
+def test_freed_memory_goes_back_once_a_wave_of_connections_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trims: list[bool] = []
+    monkeypatch.setattr(connections, "release_free_memory", lambda: trims.append(True) or True)
+    registry = ConnectionRegistry(10000)
+    slots = [registry.admit() for _ in range(1000)]
+    for slot in slots[:499]:
+        slot.release()
+    assert trims == []  # a few hundred fewer: ordinary churn
+    slots[499].release()
+    assert trims == [True]  # half of the peak gone
+    for slot in slots[500:]:
+        slot.release()
+    assert trims == [True, True]  # the other half: per wave, not per connection
+    assert memtrim.release_free_memory() in (True, False)  # callable on any C library
