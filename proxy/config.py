@@ -88,6 +88,10 @@ class LimitsConfig:
     upstream_keepalive: int = 128  # idle pooled connections kept per upstream
     grace_period: float = 30.0  # shutdown: how long in-flight requests may still run
     shutdown_delay: float = 0.0  # after SIGTERM, keep serving (readiness 503) this long first
+    fd_reserve: int = 64  # file descriptors kept free: accepting pauses before they run out
+    max_connections_per_ip: int = 0  # per client address (IPv6: per /64); 0 = no limit
+    requests_per_second_per_ip: float = 0.0  # token bucket per client address; 0 = no limit
+    request_burst_per_ip: int = 20  # the bucket's size: requests a client may send at once
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,7 @@ class Http2Config:
     max_header_list_size: int = 65536
     max_resets_per_second: int = 200  # RST_STREAM received or provoked (rapid reset)
     max_control_frames_per_second: int = 100  # SETTINGS, PING, PRIORITY, empty DATA
+    stall_timeout: int = 10  # seconds a response may wait for the client's window to open
 
 
 @dataclass(frozen=True)

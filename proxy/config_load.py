@@ -89,6 +89,7 @@ _HTTP2_RANGES: dict[str, tuple[int, int]] = {
     "max_header_list_size": (1, _MAX_WINDOW),
     "max_resets_per_second": (1, _MAX_WINDOW),
     "max_control_frames_per_second": (1, _MAX_WINDOW),
+    "stall_timeout": (1, 3600),
 }
 _ACCESS_LOG_KEYS = tuple(f.name for f in dataclasses.fields(AccessLogConfig))
 _ADMIN_KEYS = tuple(f.name for f in dataclasses.fields(AdminConfig))
@@ -114,7 +115,9 @@ _HASH_KEY = re.compile(r"client_ip|(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _REQUEST_PATH = re.compile(r"/[\x21\x22\x24-\x3e\x40-\x7e]*")  # visible ASCII, no ? or #
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
-_LIMITS_ZERO_ALLOWED = frozenset({"shutdown_delay"})
+_LIMITS_ZERO_ALLOWED = frozenset(
+    {"shutdown_delay", "fd_reserve", "max_connections_per_ip", "requests_per_second_per_ip"}
+)
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEFAULT_PORTS: dict[UpstreamScheme, int] = {"http": 80, "h2c": 80, "https": 443}
@@ -294,11 +297,7 @@ class _Reader:
                 key,
                 name,
                 getattr(default, name),
-                _integer(1)
-                if kind is int
-                else _number_at_least_zero
-                if name in _LIMITS_ZERO_ALLOWED
-                else _positive_number,
+                _limit_converter(kind, zero_allowed=name in _LIMITS_ZERO_ALLOWED),
             )
             for name, kind in _LIMITS_TYPES.items()
         }
@@ -849,6 +848,14 @@ def _fields(value: object) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(
         (_field_name(name), _field_value(text).encode("latin-1")) for name, text in value.items()
     )
+
+
+def _limit_converter(kind: object, *, zero_allowed: bool) -> Callable[[object], Any]:
+    """[limits] values are counts (integers) or seconds and rates (numbers); 0 means "off"
+    or "none" only where the key allows it."""
+    if kind is int:
+        return _integer(0 if zero_allowed else 1)
+    return _number_at_least_zero if zero_allowed else _positive_number
 
 
 def _workers(value: object) -> int:

@@ -19,14 +19,16 @@ import trio
 from proxy.accesslog import AccessLog
 from proxy.certs.acme_challenges import ACME_TLS_ALPN
 from proxy.certs.manager import CertManager
+from proxy.client_limits import ClientLimits, client_key
 from proxy.config import AdminConfig, Config, LimitsConfig, ListenConfig
+from proxy.connections import Admission, ConnectionRegistry, DescriptorReserve, Drainable, Slot
 from proxy.generation import Generation, describe_changes
 from proxy.handlers.admin import AdminHandler, ProcessView
-from proxy.handlers.observed import Observed
+from proxy.handlers.observed import Observed, respond
 from proxy.http.h1 import H1Connection, Handler
 from proxy.http.h2 import H2ServerSession
-from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome
-from proxy.lifecycle import Lifecycle
+from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome, plain_response
+from proxy.lograte import RateLimitedLog
 from proxy.metrics import Metrics
 from proxy.netio import SocketStream, StreamTimeout, close_socket
 from proxy.tls.clienthello import ClientHello, ClientHelloError, PlainHTTPRequest
@@ -34,7 +36,7 @@ from proxy.tls.stream import TLSStream, peek_client_hello
 
 log = logging.getLogger(__name__)
 
-ConnectionHandler = Callable[[socket.socket, str], Awaitable[None]]
+ConnectionHandler = Callable[[socket.socket, str, Slot], Awaitable[None]]
 
 ALPN = ("h2", "http/1.1")
 LISTEN_BACKLOG = 1024
@@ -104,14 +106,14 @@ async def serve_admin(
     try:
         host, port = sock.getsockname()[:2]
         log.info("listening for admin on %s port %d", host, port)
-        lifecycle = Lifecycle(ADMIN_MAX_CONNECTIONS)
+        admission = Admission(registry=ConnectionRegistry(ADMIN_MAX_CONNECTIONS))
 
-        async def serve(sock: socket.socket, client_ip: str) -> None:
-            await serve_plain_http(handler, limits(), lifecycle, sock, client_ip)
+        async def serve(sock: socket.socket, client_ip: str, slot: Slot) -> None:
+            await serve_plain_http(handler, limits(), slot, sock, client_ip)
 
         async with trio.open_nursery() as connections:
             task_status.started()
-            await accept_loop(sock, serve, connections, lifecycle)
+            await accept_loop(sock, serve, connections, admission)
     finally:
         close_socket(sock)
 
@@ -119,51 +121,86 @@ async def serve_admin(
 async def serve_plain_http(
     handler: Handler,
     limits: LimitsConfig,
-    lifecycle: Lifecycle,
+    slot: Slot,
     sock: socket.socket,
     client_ip: str,
 ) -> None:
     """HTTP/1.1 without TLS: the redirector's port and the admin listener."""
     info = ConnectionInfo(client_ip=client_ip, tls_version=None, alpn=None)
-    await H1Connection(SocketStream(sock), sock, info, handler, limits, lifecycle).serve()
+    await H1Connection(SocketStream(sock), sock, info, handler, limits, slot).serve()
+
+
+_log_accept_failure = RateLimitedLog(log, logging.ERROR)
 
 
 async def accept_loop(
     listener: socket.socket,
     serve: ConnectionHandler,
     connections: trio.Nursery,
-    lifecycle: Lifecycle,
+    admission: Admission,
 ) -> None:
+    """Accept while there is room: when a client waits at the limit or the descriptor
+    reserve, idle connections make room first; a client over its own connection limit is
+    closed at once."""
+    registry, reserve, clients = admission.registry, admission.reserve, admission.clients
     while True:
-        await lifecycle.wait_for_capacity()
         await trio.lowlevel.wait_readable(listener)
-        while lifecycle.open_connections < lifecycle.max_connections:
+        if reserve is not None:
+            await reserve.wait(registry)
+        await registry.wait_for_room()
+        while not registry.full and (reserve is None or reserve.admits()):
             try:
                 sock, address = listener.accept()
             except BlockingIOError:
                 break
             except OSError as exc:  # EMFILE and friends: back off, keep serving
-                log.error("accept failed: %s", exc)
+                _log_accept_failure("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 break
+            client_ip = address[0]
+            if clients is not None and not clients.connection_opened(client_key(client_ip)):
+                sock.close()
+                continue
+            if reserve is not None:
+                reserve.accepted()
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            lifecycle.opened()
-            connections.start_soon(_run_connection, lifecycle, serve, sock, address[0])
+            slot = registry.admit()
+            connections.start_soon(_run_connection, admission, slot, serve, sock, client_ip)
 
 
 async def _run_connection(
-    lifecycle: Lifecycle, serve: ConnectionHandler, sock: socket.socket, client_ip: str
+    admission: Admission, slot: Slot, serve: ConnectionHandler, sock: socket.socket, client_ip: str
 ) -> None:
     try:
-        await serve(sock, client_ip)
+        await serve(sock, client_ip, slot)
     except Exception:
         # A bug in one connection's handling must not take the listener and every other
         # connection down with it: log it loudly and keep serving.
         log.exception("client %s: connection handler failed", client_ip)
         close_socket(sock)
     finally:
-        lifecycle.closed()
+        slot.release()
+        if admission.clients is not None:
+            admission.clients.connection_closed(client_key(client_ip))
+
+
+class _Handshaking(Drainable):
+    """A client connection until its TLS handshake is done: idle, so it may be closed to
+    make room (or on drain). Shutting the socket wakes the peek or handshake waiting on it
+    with an end of file; `sock` follows the connection from the raw socket to the TLS one."""
+
+    __slots__ = ("closed", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.closed = False
+
+    def close_if_idle(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            # socket.socket's own shutdown: ssl.SSLSocket's would drop its TLS state.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
 
 class Server:
@@ -178,7 +215,14 @@ class Server:
     ) -> None:
         self._inherited = listeners
         self._serve_admin_port = serve_admin and config.admin.enabled
-        self.lifecycle = Lifecycle(config.limits.max_connections)
+        limits = config.limits
+        self.registry = ConnectionRegistry(limits.max_connections)
+        self.client_limits = ClientLimits(limits)
+        self.admission = Admission(
+            registry=self.registry,
+            reserve=DescriptorReserve(limits.fd_reserve) if limits.fd_reserve else None,
+            clients=self.client_limits,
+        )
         self.listening = False  # the public listeners are bound (readiness)
         self.metrics = Metrics(self)
         self._access_log = (
@@ -207,6 +251,13 @@ class Server:
         return self.config.limits
 
     async def _forward(self, exchange: Exchange, outcome: Outcome) -> None:
+        retry_after = self.client_limits.retry_after(exchange.request)
+        if retry_after is not None:
+            head, body = plain_response(
+                429, "Too Many Requests", (b"retry-after", str(retry_after).encode("ascii"))
+            )
+            await respond(exchange, outcome, head, body)
+            return
         await self._current.forwarder(exchange, outcome)
 
     async def _redirect(self, exchange: Exchange, outcome: Outcome) -> None:
@@ -228,6 +279,7 @@ class Server:
                 log.warning("reload: [%s] changes take effect only after a restart", section)
         new = Generation(config, ALPN, self.metrics.backend_health)
         await self._services.start(new.run)
+        self.client_limits.configure(config.limits)
         self._current = new
         old.retire()
         changes = describe_changes(old.config, config)
@@ -262,7 +314,7 @@ class Server:
                         for sock, kind in listeners:
                             serve = self._serve_tls if kind == "https" else self._serve_redirect
                             acceptors.start_soon(
-                                accept_loop, sock, serve, connections, self.lifecycle
+                                accept_loop, sock, serve, connections, self.admission
                             )
                         self.listening = True
                         task_status.started(bound)
@@ -291,47 +343,28 @@ class Server:
         grace = self.config.limits.grace_period
         log.info(
             "shutting down: %d connections open, grace period %gs",
-            self.lifecycle.open_connections,
+            self.registry.open_connections,
             grace,
         )
-        self.lifecycle.drain()
+        self.registry.drain()
         with trio.move_on_after(grace):
-            await self.lifecycle.wait_all_closed()
-        if self.lifecycle.open_connections:
-            log.warning(
-                "grace period over: closing %d connections", self.lifecycle.open_connections
-            )
+            await self.registry.wait_all_closed()
+        if self.registry.open_connections:
+            log.warning("grace period over: closing %d connections", self.registry.open_connections)
         connections.cancel_scope.cancel()
 
-    async def _serve_redirect(self, sock: socket.socket, client_ip: str) -> None:
+    async def _serve_redirect(self, sock: socket.socket, client_ip: str, slot: Slot) -> None:
         """The plain-HTTP port, with the current generation's limits."""
-        await serve_plain_http(
-            self._http_handler, self.config.limits, self.lifecycle, sock, client_ip
-        )
+        await serve_plain_http(self._http_handler, self.config.limits, slot, sock, client_ip)
 
-    async def _serve_tls(self, sock: socket.socket, client_ip: str) -> None:
-        deadline = trio.current_time() + self.config.limits.header_timeout
-        hello: ClientHello | None
+    async def _serve_tls(self, sock: socket.socket, client_ip: str, slot: Slot) -> None:
+        handshaking = _Handshaking(sock)
+        slot.register(handshaking)
         try:
-            hello = await peek_client_hello(sock, deadline)
-        except PlainHTTPRequest:
-            await self._refuse_non_tls(sock, client_ip)
-            return
-        except ClientHelloError as exc:  # OpenSSL reads it too, and sends the right alert
-            log.debug("client %s: malformed ClientHello: %s", client_ip, exc)
-            hello = None
-        except (EOFError, StreamTimeout, OSError) as exc:
-            log.debug("client %s: no ClientHello: %r", client_ip, exc)
-            close_socket(sock)
-            return
-        stream = TLSStream(sock, self.certs.context_for_hello(hello))
-        try:
-            await stream.do_handshake(deadline)
-        except (ssl.SSLError, StreamTimeout, OSError) as exc:
-            name = hello.server_name if hello else None
-            log.info("client %s: TLS handshake failed (SNI %s): %s", client_ip, name, exc)
-            self.metrics.tls_handshake_failed(exc)
-            await stream.aclose()
+            stream = await self._handshake(sock, client_ip, handshaking)
+        finally:
+            slot.unregister(handshaking)
+        if stream is None:
             return
         if stream.alpn_protocol == ACME_TLS_ALPN:
             await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
@@ -343,12 +376,46 @@ class Server:
         if stream.alpn_protocol == "h2":
             config = self.config
             await H2ServerSession(
-                stream, info, self._https_handler, config.limits, config.http2, self.lifecycle
+                stream, info, self._https_handler, config.limits, config.http2, slot
             ).serve()
         else:
             await H1Connection(
-                stream, stream.socket, info, self._https_handler, self.config.limits, self.lifecycle
+                stream, stream.socket, info, self._https_handler, self.config.limits, slot
             ).serve()
+
+    async def _handshake(
+        self, sock: socket.socket, client_ip: str, handshaking: _Handshaking
+    ) -> TLSStream | None:
+        """The TLS stream once the handshake is done; None (the socket closed) if it fails,
+        or if the connection was closed to make room."""
+        deadline = trio.current_time() + self.config.limits.header_timeout
+        hello: ClientHello | None
+        try:
+            hello = await peek_client_hello(sock, deadline)
+        except PlainHTTPRequest:
+            await self._refuse_non_tls(sock, client_ip)
+            return None
+        except ClientHelloError as exc:  # OpenSSL reads it too, and sends the right alert
+            log.debug("client %s: malformed ClientHello: %s", client_ip, exc)
+            hello = None
+        except (EOFError, StreamTimeout, OSError) as exc:
+            log.debug("client %s: no ClientHello: %r", client_ip, exc)
+            close_socket(sock)
+            return None
+        stream = TLSStream(sock, self.certs.context_for_hello(hello))
+        handshaking.sock = stream.socket
+        try:
+            await stream.do_handshake(deadline)
+        except (ssl.SSLError, StreamTimeout, OSError) as exc:
+            if handshaking.closed:
+                log.debug("client %s: closed during its TLS handshake", client_ip)
+            else:
+                name = hello.server_name if hello else None
+                log.info("client %s: TLS handshake failed (SNI %s): %s", client_ip, name, exc)
+                self.metrics.tls_handshake_failed(exc)
+            await stream.aclose()
+            return None
+        return stream
 
     async def _refuse_non_tls(self, sock: socket.socket, client_ip: str) -> None:
         """Plain HTTP sent to the TLS port gets a readable answer, as Go, Caddy and nginx give."""

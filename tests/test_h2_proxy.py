@@ -19,9 +19,9 @@ from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from proxy.config import Http2Config, LimitsConfig
+from proxy.connections import ConnectionRegistry
 from proxy.http.h2 import H2ServerSession, H2ServerStream
 from proxy.http.model import ConnectionInfo, ResponseHead
-from proxy.lifecycle import Lifecycle
 from proxy.netio import SocketStream
 from tests.support.backend import Backend
 from tests.support.curl import curl
@@ -198,7 +198,12 @@ async def test_unread_request_data_is_acknowledged_when_a_stream_ends() -> None:
     ours, theirs = socket.socketpair()
     info = ConnectionInfo("127.0.0.1", None, "h2")
     connection = H2ServerSession(
-        SocketStream(ours), info, handler, LimitsConfig(), Http2Config(), Lifecycle(1)
+        SocketStream(ours),
+        info,
+        handler,
+        LimitsConfig(),
+        Http2Config(),
+        ConnectionRegistry(1).admit(),
     )
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

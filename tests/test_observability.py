@@ -22,8 +22,8 @@ from proxy.certs.manager import CertManager
 from proxy.certs.store import CertStore
 from proxy.config import CertsConfig, Config, SiteConfig
 from proxy.config_load import ConfigError, load_config
+from proxy.connections import Admission, ConnectionRegistry
 from proxy.handlers.admin import unready_reason
-from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics, handshake_failure_reason
 from proxy.netio import StreamTimeout
 from tests.support.backend import Backend
@@ -283,7 +283,7 @@ class State:
 
     config: Config
     certs: CertManager
-    lifecycle: Lifecycle
+    admission: Admission
     listening: bool = False
     shutting_down: bool = False
 
@@ -295,7 +295,7 @@ async def test_renewal_failures_are_counted_per_certificate(tmp_path: Path) -> N
         sites=(SiteConfig(hosts=("a.test",), upstreams=()),),
     )
     certs = CertManager(config, ("http/1.1",), issuer=UnreachableCA(LocalCA(config.certs.dir)))
-    metrics = Metrics(State(config, certs, Lifecycle(1)))
+    metrics = Metrics(State(config, certs, Admission(registry=ConnectionRegistry(1))))
     failures = ("port443_certificate_renewal_failures_total", frozenset({("cert", "a.test")}))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(certs.run)
@@ -351,7 +351,7 @@ async def test_readiness_needs_listeners_and_every_certificate(tmp_path: Path) -
     ca = LocalCA(broken.certs.dir)
     CertStore(broken.certs.dir).write("a.test", *ca.issue(["a.test"]), {})
     certs = CertManager(broken, ("http/1.1",), issuer=UnreachableCA(ca))
-    state = State(broken, certs, Lifecycle(1))
+    state = State(broken, certs, Admission(registry=ConnectionRegistry(1)))
     assert unready_reason(state) == "listeners not up"
     state.listening = True
     async with trio.open_nursery() as nursery:

@@ -21,6 +21,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from proxy.config import Http2Config, LimitsConfig
+from proxy.connections import Slot
 from proxy.h2session import Session, SessionStream, Setting
 from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_headers
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard
@@ -33,7 +34,6 @@ from proxy.http.model import (
     ResponseHead,
     Upgradable,
 )
-from proxy.lifecycle import Lifecycle
 from proxy.netio import NO_DEADLINE, ByteStream
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange, Upgradable):
         return ClientGone(f"stream {self.stream_id}: {exc}")
 
     def _error_stalled(self, timeout: float) -> Exception:
+        self.session.stream_stalled()
         return self._stalled("response body", timeout)
 
     def _finishing_code(self) -> ErrorCodes | None:
@@ -137,12 +138,12 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange, Upgradable):
         self._continue = False
         self._send_headers([(b":status", STATUS[head.status]), *head.headers], end and not body)
         if body:
-            await self._send_data(body, end, self.session.limits.client_timeout)
+            await self._send_data(body, end, self.session.stall_timeout)
         else:
             self.session.wake_writer()
 
     async def send_data(self, data: bytes) -> None:
-        await self._send_data(data, False, self.session.limits.client_timeout)
+        await self._send_data(data, False, self.session.stall_timeout)
 
     async def send_end(self, trailers: Headers | None = None) -> None:
         self._send_end(trailers)
@@ -218,7 +219,7 @@ class H2ServerSession(Session[H2ServerStream]):
         handler: Handler,
         limits: LimitsConfig,
         http2: Http2Config,
-        lifecycle: Lifecycle,
+        slot: Slot,
     ) -> None:
         super().__init__(
             stream,
@@ -241,10 +242,12 @@ class H2ServerSession(Session[H2ServerStream]):
             peer_goaway_keeps_streams=False,  # the client's GOAWAY ends the connection
         )
         self._handler = handler
-        self._lifecycle = lifecycle
+        self._slot = slot
         self._guard = FloodGuard(http2)
         self.info = info
         self.limits = limits
+        # A response waiting this long for the client's window (or the writer) is reset.
+        self.stall_timeout = min(float(http2.stall_timeout), limits.client_timeout)
         self._priority_of_request: h2.events.PriorityUpdated | None = None
         handlers = self._handlers
         handlers[h2.events.RequestReceived] = self._open_stream
@@ -253,18 +256,20 @@ class H2ServerSession(Session[H2ServerStream]):
         handlers[h2.events.UnknownFrameReceived] = self._on_control_frame
 
     async def serve(self) -> None:
-        self._lifecycle.register(self)
+        self._slot.register(self)
+        self._slot.idle()  # no stream open: may be closed to make room
         try:
-            if self._lifecycle.draining:
+            if self._slot.draining:
                 self.go_away()
             await self._run()
         except Exception:  # a bug must cost this connection, not the process
             log.exception("client %s: HTTP/2 connection failed", self.info.client_ip)
         finally:
-            self._lifecycle.unregister(self)
+            self._slot.unregister(self)
 
     def close_if_idle(self) -> None:
-        """Drain (`Lifecycle`): GOAWAY with the last stream id; in-flight streams finish."""
+        """Drain, or room for new clients (`Slot`): GOAWAY with the last stream id;
+        in-flight streams finish."""
         self.go_away()
 
     # -- engine hooks ----------------------------------------------------------------------
@@ -290,6 +295,20 @@ class H2ServerSession(Session[H2ServerStream]):
             log.warning("client %s: HTTP/2 flood: %s", self.info.client_ip, exc)
             self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, str(exc).encode())
             self.flush()
+
+    def stream_stalled(self) -> None:
+        """A stream's response got no room to send for `stall_timeout` (it is reset). If every
+        other stream waits for room too, the client reads nothing: close the connection now,
+        which ends all their upstream requests, rather than one stream at a time."""
+        if len(self._blocked) + 1 >= self._active:
+            log.info(
+                "client %s: HTTP/2 client read nothing for %gs (%d streams stalled): closing",
+                self.info.client_ip,
+                self.stall_timeout,
+                self._active,
+            )
+            self._peer_gone = True  # no linger: it does not read
+            self._abort()
 
     # -- the flood guard ---------------------------------------------------------------------
 
@@ -335,6 +354,7 @@ class H2ServerSession(Session[H2ServerStream]):
             return
         stream = self._streams[sid] = H2ServerStream(self, sid, request)
         self._active += 1
+        self._slot.busy()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_stream, stream)
 
@@ -364,3 +384,5 @@ class H2ServerSession(Session[H2ServerStream]):
             log.exception("client %s: stream %d failed", self.info.client_ip, stream.stream_id)
         finally:
             self.finish(stream)
+            if not self._active:
+                self._slot.idle()
