@@ -40,22 +40,31 @@ def accepted_keys(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
     monkeypatch.setattr(config_load._Reader, "_table", recording)
     config_load.parse_config(MINIMAL, Path("minimal.toml"))
     # Tables themselves are keys of their parent, not settings: keep only leaf keys.
-    accepted[""] -= {name.removesuffix("[]") for name in accepted if name}
+    for name in [name for name in accepted if name]:
+        parent, _, table = name.rpartition(".")
+        accepted[parent] -= {table.removesuffix("[]")}
     return accepted
 
 
 def documented_keys() -> dict[str, set[str]]:
     documented: dict[str, set[str]] = {"": set()}
     for block in re.findall(r"```toml\n(.*?)```", REFERENCE.read_text(), re.DOTALL):
-        for name, value in tomllib.loads(block).items():
-            if isinstance(value, dict):
-                documented.setdefault(name, set()).update(value)
-            elif isinstance(value, list) and value and isinstance(value[0], dict):
-                for table in value:
-                    documented.setdefault(f"{name}[]", set()).update(table)
-            else:
-                documented[""].add(name)
+        _document(documented, "", tomllib.loads(block))
     return documented
+
+
+def _document(documented: dict[str, set[str]], name: str, table: dict[str, object]) -> None:
+    """Record `table`'s leaf keys under `name` ("acme.dns", "sites[]"), its tables under theirs."""
+    keys = documented.setdefault(name, set())
+    for key, value in table.items():
+        path = f"{name}.{key}" if name else key
+        if isinstance(value, dict):
+            _document(documented, path, value)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                _document(documented, f"{path}[]", item)
+        else:
+            keys.add(key)
 
 
 def test_every_accepted_key_is_documented_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:

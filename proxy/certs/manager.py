@@ -29,7 +29,7 @@ from proxy.certs.local_ca import LocalCA
 from proxy.certs.renewal import next_retry, renewal_due
 from proxy.certs.status import RenewalStatus, load_status, save_status
 from proxy.certs.store import CertStore, InvalidCertificate, StoredCert, read_pair
-from proxy.config import Config, SiteConfig
+from proxy.config import Config, SiteConfig, wildcard_of
 from proxy.config import Issuer as IssuerName
 from proxy.tls.clienthello import ClientHello
 from proxy.tls.policy import reject_context, server_context
@@ -82,9 +82,13 @@ class CertManager:
         return self.context_for(hello.server_name)
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
-        """The context for a handshake's SNI: exact host, else the default site, else refuse."""
+        """The context for a handshake's SNI: exact host, else a wildcard host covering it
+        (`*.example.com` for `a.example.com`), else the default site, else refuse."""
         if server_name is not None:
-            context = self._contexts.get(server_name.lower())
+            name = server_name.lower()
+            context = self._contexts.get(name)
+            if context is None and (wildcard := wildcard_of(name)) is not None:
+                context = self._contexts.get(wildcard)
             if context is not None:
                 return context
         if self._default is not None:
