@@ -266,7 +266,7 @@ class _Reader:
                 self._problem((*key, name), "is required")
         secret = self._value(table, key, "tsig_secret", None, _base64)
         secret_file = self._value(table, key, "tsig_secret_file", None, _path)
-        if (secret is None) == (secret_file is None):
+        if ("tsig_secret" in table) == ("tsig_secret_file" in table):
             self._problem((*key, "tsig_secret"), "give either tsig_secret or tsig_secret_file")
         elif secret_file is not None:
             secret = self._secret_file((*key, "tsig_secret_file"), secret_file)
