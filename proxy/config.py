@@ -6,6 +6,7 @@ text, so a reload is a matter of building a new `Config` and swapping one refere
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,15 @@ class Config:
         if site is None and (wildcard := wildcard_of(host)) is not None:
             site = self._sites_by_host.get(wildcard)
         return site
+
+
+def is_ip_address(host: str) -> bool:
+    """Whether a site host is an IP literal (an RFC 8738 identifier) rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def wildcard_of(host: str) -> str | None:

@@ -43,6 +43,7 @@ from proxy.config import (
     TsigAlgorithm,
     Upstream,
     UpstreamScheme,
+    is_ip_address,
 )
 from proxy.toml_lines import KeyLocator, KeyPath
 
@@ -718,18 +719,10 @@ def _site_host(value: object) -> str:
             parent = _host(value[2:])
         except _Invalid:
             raise _Invalid(f"host {_show(value)} is not a valid DNS name or IP address") from None
-        if "." not in parent or _is_ip(parent):
+        if "." not in parent or is_ip_address(parent):
             raise _Invalid(f"wildcard {_show(value)} must stand for a label under a DNS domain")
         return f"*.{parent}"
     return _host(value)
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _base64(value: object) -> str:
@@ -753,7 +746,7 @@ def _dns_server(value: object) -> tuple[str, int]:
     elif text.count(":") == 1:
         address, _, port_text = text.partition(":")
         port = int(port_text) if port_text.isdigit() else 0
-    if not _is_ip(address) or not 1 <= port <= 65535:
+    if not is_ip_address(address) or not 1 <= port <= 65535:
         raise _Invalid(
             f'must be an IP address with an optional port, "127.0.0.1:53", got {_show(value)}'
         )

@@ -324,7 +324,8 @@ class Server:
             log.debug("client %s: no ClientHello: %r", client_ip, exc)
             close_socket(sock)
             return
-        stream = TLSStream(sock, self.certs.context_for_hello(hello))
+        local = sock.getsockname()[0] if hello is not None and not hello.server_name else None
+        stream = TLSStream(sock, self.certs.context_for_hello(hello, local))
         try:
             await stream.do_handshake(deadline)
         except (ssl.SSLError, StreamTimeout, OSError) as exc:

@@ -16,6 +16,7 @@ renewalInfo for a certificate is fetched when the directory offers it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -45,7 +46,7 @@ from proxy.certs.acme_challenges import write_http01, write_tls_alpn01
 from proxy.certs.dns01 import DnsError, Rfc2136, TxtRecord, challenge_record
 from proxy.certs.renewal import AriWindow, ari_cert_id
 from proxy.certs.store import atomic_write
-from proxy.config import LETS_ENCRYPT, ChallengeType, DnsConfig, KeyType
+from proxy.config import LETS_ENCRYPT, ChallengeType, DnsConfig, KeyType, is_ip_address
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class _Client(acme_client.ClientV2):
     def new_order_replacing(
         self, csr_pem: bytes, names: Sequence[str], profile: str | None, replaces: str | None
     ) -> messages.OrderResource:
-        """`ClientV2.new_order` for DNS `names`, with `replaces` in the request body."""
-        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names]
+        """`ClientV2.new_order` for `names`, with `replaces` in the request body."""
+        identifiers = [_identifier(name) for name in names]
         body = _NewOrder(identifiers=identifiers, profile=profile, replaces=replaces)
         response = self._post(self.directory["newOrder"], body)
         order = messages.Order.from_json(response.json())
@@ -208,7 +209,9 @@ class AcmeClient:
         names = list(dict.fromkeys(n.lower().rstrip(".") for n in names))
         preference = tuple(challenges) if challenges is not None else self._challenges
         key_pem = _new_key_pem(key_type)
-        csr_pem = crypto_util.make_csr(key_pem, names)
+        addresses = [ipaddress.ip_address(name) for name in names if is_ip_address(name)]
+        domains = [name for name in names if not is_ip_address(name)]
+        csr_pem = crypto_util.make_csr(key_pem, domains, ipaddrs=addresses)
         what = ", ".join(names)
         log.info(
             "ACME: ordering a certificate for %s from %s, %s",
@@ -450,6 +453,12 @@ def _key_authorization(client: acme_client.ClientV2, challb: messages.ChallengeB
     assert client.net.key is not None
     thumbprint = client.net.key.public_key().thumbprint(hash_function=hashes.SHA256)
     return f"{token}.{b64encode(thumbprint).decode('ascii')}"
+
+
+def _identifier(name: str) -> messages.Identifier:
+    """An order's identifier: "ip" for an address (RFC 8738), else "dns"."""
+    kind = messages.IDENTIFIER_IP if is_ip_address(name) else messages.IDENTIFIER_FQDN
+    return messages.Identifier(typ=kind, value=name)
 
 
 def _renewal_info_url(client: acme_client.ClientV2) -> str | None:

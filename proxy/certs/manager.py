@@ -14,6 +14,7 @@ ACME orders run in the background: the CA validates through our own listeners.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import ssl
@@ -65,8 +66,13 @@ class CertManager:
         self._file_stamps: dict[str, FileStamp] = {}  # "files" site name -> last validated
         self.renewal_failures: dict[str, int] = {}  # site name -> failed orders (metrics)
 
-    def context_for_hello(self, hello: ClientHello | None) -> ssl.SSLContext:
+    def context_for_hello(
+        self, hello: ClientHello | None, local_address: str | None = None
+    ) -> ssl.SSLContext:
         """The one answer to "which context for this ClientHello".
+
+        Without SNI, the address the client connected to (`local_address`) stands for the
+        name: a site listing that IP address answers with its IP-address certificate.
 
         A pending TLS-ALPN-01 challenge (RFC 8737) wins when the client offers acme-tls/1:
         only an ACME validator does that. None, a hello our parser refused, gets the
@@ -79,7 +85,11 @@ class CertManager:
             challenge = self._challenges.context_for(hello.server_name)
             if challenge is not None:
                 return challenge
-        return self.context_for(hello.server_name)
+        name = hello.server_name
+        if name is None and local_address is not None:
+            address = ipaddress.ip_address(local_address)
+            name = str(getattr(address, "ipv4_mapped", None) or address)
+        return self.context_for(name)
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a handshake's SNI: exact host, else a wildcard host covering it
