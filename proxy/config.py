@@ -6,6 +6,7 @@ text, so a reload is a matter of building a new `Config` and swapping one refere
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -15,7 +16,9 @@ from typing import Literal
 Issuer = Literal["local", "files", "acme"]
 UpstreamScheme = Literal["http", "h2c", "https"]
 AccessLogFormat = Literal["json", "common", "combined"]
-ChallengeType = Literal["http-01", "tls-alpn-01"]
+ChallengeType = Literal["http-01", "tls-alpn-01", "dns-01"]
+DnsProvider = Literal["rfc2136"]
+TsigAlgorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1"]
 KeyType = Literal["ecdsa-p256", "rsa-2048"]
 
 IPNetwork = IPv4Network | IPv6Network
@@ -44,6 +47,20 @@ class CertsConfig:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    """How DNS-01 records are published: RFC 2136 updates signed with a TSIG key."""
+
+    server: tuple[str, int]  # the primary authoritative server that takes the updates
+    tsig_key_name: str
+    tsig_secret: str = field(repr=False)  # base64, as tsig-keygen / keymgr print it
+    tsig_algorithm: TsigAlgorithm = "hmac-sha256"
+    provider: DnsProvider = "rfc2136"
+    propagation_timeout: float = 120.0  # seconds until every server must show the record
+    # (host, port) to check instead of the zone's NS hosts on port 53 (split horizon, tests)
+    propagation_servers: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class AcmeConfig:
     """How `issuer = "acme"` certificates are ordered; `challenges` in order of preference."""
 
@@ -56,6 +73,11 @@ class AcmeConfig:
     fallback_directory: str | None = None  # a second CA, tried when the first one fails
     key_type: KeyType = "ecdsa-p256"
     profile: str | None = None  # ACME profile requested for every order, renewals included
+    dns: DnsConfig | None = None  # [acme.dns]: needed by sites validated with dns-01
+
+    def challenges_for(self, site: SiteConfig) -> tuple[ChallengeType, ...]:
+        """The challenge types tried for `site`, in order: its own `challenge`, else ours."""
+        return (site.challenge,) if site.challenge is not None else self.challenges
 
 
 @dataclass(frozen=True)
@@ -202,6 +224,7 @@ class SiteConfig:
     cert: Path | None = None  # issuer = "files"
     key: Path | None = None
     issuer: Issuer | None = None  # overrides certs.issuer for this site
+    challenge: ChallengeType | None = None  # overrides acme.challenges for this site
     group: UpstreamGroup | None = None  # `upstreams` with their policy; None: round robin
     routes: tuple[Route, ...] = ()  # none: every request goes to the site's own group
 
@@ -288,5 +311,28 @@ class Config:
         return site.issuer or self.certs.issuer
 
     def site_for_host(self, host: str) -> SiteConfig | None:
-        """The site serving `host` (already lower-cased, without port; IPv6 without brackets)."""
-        return self._sites_by_host.get(host)
+        """The site serving `host` (already lower-cased, without port; IPv6 without brackets):
+        the one listing it, else the one listing its wildcard."""
+        site = self._sites_by_host.get(host)
+        if site is None and (wildcard := wildcard_of(host)) is not None:
+            site = self._sites_by_host.get(wildcard)
+        return site
+
+
+def is_ip_address(host: str) -> bool:
+    """Whether a site host is an IP literal (an RFC 8738 identifier) rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def wildcard_of(host: str) -> str | None:
+    """The wildcard name covering `host` ("a.example.com" -> "*.example.com"), if any.
+
+    A wildcard stands for exactly one left-most label (RFC 6125 6.4.3), so only the
+    first label is replaced; a name with a single label has no wildcard.
+    """
+    _, dot, parent = host.partition(".")
+    return f"*.{parent}" if dot and parent else None

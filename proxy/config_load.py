@@ -6,6 +6,7 @@ one error per attempt; each names the file, line and key (`config/x.toml:3: list
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
 import difflib
 import ipaddress
@@ -28,6 +29,8 @@ from proxy.config import (
     CertsConfig,
     ChallengeType,
     Config,
+    DnsConfig,
+    DnsProvider,
     GroupTimeouts,
     HeaderOps,
     HealthConfig,
@@ -46,9 +49,11 @@ from proxy.config import (
     ServerConfig,
     SiteConfig,
     TLSConfig,
+    TsigAlgorithm,
     Upstream,
     UpstreamGroup,
     UpstreamScheme,
+    is_ip_address,
 )
 from proxy.routing.routes import shadowing
 from proxy.toml_lines import KeyLocator, KeyPath
@@ -77,6 +82,16 @@ _MAX_WORKERS = 1024
 _LISTEN_KEYS = ("address", "http", "https")
 _CERTS_KEYS = ("dir", "issuer")
 _ACME_KEYS = tuple(f.name for f in dataclasses.fields(AcmeConfig))
+_DNS_KEYS = (
+    "provider",
+    "server",
+    "tsig_key_name",
+    "tsig_secret",
+    "tsig_secret_file",
+    "tsig_algorithm",
+    "propagation_timeout",
+    "propagation_servers",
+)
 _HSTS_KEYS = tuple(f.name for f in dataclasses.fields(HSTSConfig))
 _LIMITS_TYPES = get_type_hints(LimitsConfig)
 _TLS_KEYS = ("default_site",)
@@ -94,7 +109,9 @@ _HTTP2_RANGES: dict[str, tuple[int, int]] = {
 _ACCESS_LOG_KEYS = tuple(f.name for f in dataclasses.fields(AccessLogConfig))
 _ADMIN_KEYS = tuple(f.name for f in dataclasses.fields(AdminConfig))
 _UPSTREAM_TLS_KEYS = ("upstream_ca", "upstream_server_name")
-_SITE_KEYS = ("hosts", "upstreams", "cert", "key", "issuer", *_UPSTREAM_TLS_KEYS, "routes")
+_SITE_KEYS = (
+    "hosts", "upstreams", "cert", "key", "issuer", "challenge", *_UPSTREAM_TLS_KEYS, "routes",
+)  # fmt: skip
 _GROUP_KEYS = (
     "backends", "policy", "hash_key", "health", "timeouts", "retries", "retry_deadline",
     *_UPSTREAM_TLS_KEYS,
@@ -190,13 +207,13 @@ class _Reader:
         groups = self._named_groups(root)
         sites = self._sites(root, certs.issuer, groups)
         listen = self._listen(root)
-        uses_acme = any((site.issuer or certs.issuer) == "acme" for site in sites)
+        acme_sites = [site for site in sites if (site.issuer or certs.issuer) == "acme"]
         return Config(
             path=self._path,
             server=self._server(root),
             listen=listen,
             certs=certs,
-            acme=self._acme(root, listen, uses_acme),
+            acme=self._acme(root, listen, acme_sites),
             hsts=self._hsts(root),
             limits=self._limits(root),
             tls=self._tls(root, sites),
@@ -234,7 +251,7 @@ class _Reader:
         issuer = self._value(table, key, "issuer", default.issuer, _choice(issuers))
         return CertsConfig(directory, issuer)
 
-    def _acme(self, root: Table, listen: ListenConfig, used: bool) -> AcmeConfig:
+    def _acme(self, root: Table, listen: ListenConfig, sites: list[SiteConfig]) -> AcmeConfig:
         key: KeyPath = ("acme",)
         table = self._section(root, "acme", _ACME_KEYS)
         default = AcmeConfig()
@@ -252,7 +269,11 @@ class _Reader:
             fallback_directory=self._value(table, key, "fallback_directory", None, _https_url),
             key_type=self._value(table, key, "key_type", default.key_type, _choice(key_types)),
             profile=self._value(table, key, "profile", None, _text),
+            dns=self._dns(table),
         )
+        needs_dns = any("dns-01" in acme.challenges_for(site) for site in sites)
+        if needs_dns and "dns" not in table:
+            self._problem(key, "dns-01 needs an [acme.dns] table: how to publish the records")
         if acme.ca_bundle is not None:
             self._check_ca_bundle((*key, "ca_bundle"), acme.ca_bundle)
         for name, other in (("eab_kid", "eab_hmac_key"), ("eab_hmac_key", "eab_kid")):
@@ -260,12 +281,54 @@ class _Reader:
                 self._problem((*key, name), f"needs acme.{other} as well")
         if acme.fallback_directory == acme.directory:
             self._problem((*key, "fallback_directory"), "must differ from acme.directory")
-        if used and not listen.http and "tls-alpn-01" not in acme.challenges:
+        if sites and not listen.http and acme.challenges == ("http-01",):
             self._problem(
                 (*key, "challenges"),
                 'http-01 needs the HTTP listener, but listen.http = 0: add "tls-alpn-01"',
             )
         return acme
+
+    def _dns(self, acme: Table) -> DnsConfig | None:
+        """[acme.dns]: where DNS-01 records are published; None when absent."""
+        key: KeyPath = ("acme", "dns")
+        table = self._table(acme.get("dns", {}), key, _DNS_KEYS)
+        if table is None or "dns" not in acme:
+            return None
+        providers: tuple[DnsProvider, ...] = get_args(DnsProvider)
+        algorithms: tuple[TsigAlgorithm, ...] = get_args(TsigAlgorithm)
+        for name in ("server", "tsig_key_name"):
+            if name not in table:
+                self._problem((*key, name), "is required")
+        secret = self._value(table, key, "tsig_secret", None, _base64)
+        secret_file = self._value(table, key, "tsig_secret_file", None, _path)
+        if ("tsig_secret" in table) == ("tsig_secret_file" in table):
+            self._problem((*key, "tsig_secret"), "give either tsig_secret or tsig_secret_file")
+        elif secret_file is not None:
+            secret = self._secret_file((*key, "tsig_secret_file"), secret_file)
+        default = DnsConfig(server=("127.0.0.1", 53), tsig_key_name=".", tsig_secret="")
+        return DnsConfig(
+            provider=self._value(table, key, "provider", default.provider, _choice(providers)),
+            server=self._value(table, key, "server", default.server, _dns_server),
+            tsig_key_name=self._value(table, key, "tsig_key_name", ".", _text),
+            tsig_secret=secret or "",
+            tsig_algorithm=self._value(
+                table, key, "tsig_algorithm", default.tsig_algorithm, _choice(algorithms)
+            ),
+            propagation_timeout=self._value(
+                table, key, "propagation_timeout", default.propagation_timeout, _positive_number
+            ),
+            propagation_servers=self._value(table, key, "propagation_servers", (), _dns_servers),
+        )
+
+    def _secret_file(self, key: KeyPath, path: Path) -> str | None:
+        """The base64 TSIG secret kept alone in `path` (surrounding whitespace ignored)."""
+        try:
+            return _base64(path.read_text(encoding="ascii").strip())
+        except OSError as exc:
+            self._problem(key, f"cannot read {path}: {exc.strerror or exc}")
+        except (UnicodeDecodeError, _Invalid):
+            self._problem(key, f"{path} must hold only the base64 secret")
+        return None
 
     def _hsts(self, root: Table) -> HSTSConfig:
         key: KeyPath = ("hsts",)
@@ -368,7 +431,7 @@ class _Reader:
             table = self._table(item, site_key, _SITE_KEYS)
             if table is None:
                 continue
-            hosts = self._each(table, site_key, "hosts", _host)
+            hosts = self._each(table, site_key, "hosts", _site_host)
             for host_key, host in hosts.items():
                 if host in served_by:
                     owner = _dotted(served_by[host])
@@ -381,6 +444,7 @@ class _Reader:
             if group is not None and not isinstance(table.get("upstreams"), str):
                 group = dataclasses.replace(group, name=next(iter(hosts.values()), ""))
             site_issuer = self._value(table, site_key, "issuer", None, _choice(get_args(Issuer)))
+            challenge = self._challenge(table, site_key, site_issuer or issuer, hosts)
             cert, private_key = (
                 self._site_file(table, site_key, name, site_issuer or issuer)
                 for name in ("cert", "key")
@@ -394,6 +458,7 @@ class _Reader:
                     issuer=site_issuer,
                     group=group,
                     routes=routes,
+                    challenge=challenge,
                 )
             )
         return tuple(sites)
@@ -607,6 +672,22 @@ class _Reader:
         remove = self._value(inner, ops_key, "remove", default.remove, _field_names)
         edits = {op: self._value(inner, ops_key, op, default.add, _fields) for op in ("set", "add")}
         return HeaderOps(remove=remove, set=edits["set"], add=edits["add"])
+
+    def _challenge(
+        self, table: Table, site_key: KeyPath, issuer: Issuer, hosts: dict[KeyPath, str]
+    ) -> ChallengeType | None:
+        """The site's own challenge type; a wildcard host can only be validated by dns-01."""
+        types: tuple[ChallengeType, ...] = get_args(ChallengeType)
+        challenge = self._value(table, site_key, "challenge", None, _choice(types))
+        if challenge is not None and issuer != "acme":
+            self._problem(
+                (*site_key, "challenge"), f'is only used with issuer "acme", not "{issuer}"'
+            )
+        if issuer == "acme" and challenge != "dns-01":
+            for host_key, host in hosts.items():
+                if host.startswith("*."):
+                    self._problem(host_key, f'wildcard {_show(host)} needs challenge = "dns-01"')
+        return challenge
 
     def _upstream_tls(
         self, table: Table, site_key: KeyPath, upstreams: Collection[Upstream]
@@ -967,6 +1048,53 @@ def _host(value: object) -> str:
     ):
         raise _Invalid(f"host {_show(value)} is not a valid DNS name or IP address")
     return name
+
+
+def _site_host(value: object) -> str:
+    """A site host: as `_host`, or a wildcard DNS name `*.example.com` (one label)."""
+    if isinstance(value, str) and value.startswith("*."):
+        try:
+            parent = _host(value[2:])
+        except _Invalid:
+            raise _Invalid(f"host {_show(value)} is not a valid DNS name or IP address") from None
+        if "." not in parent or is_ip_address(parent):
+            raise _Invalid(f"wildcard {_show(value)} must stand for a label under a DNS domain")
+        return f"*.{parent}"
+    return _host(value)
+
+
+def _base64(value: object) -> str:
+    """A base64 secret, as TSIG key generators print it."""
+    if isinstance(value, str) and value:
+        try:
+            binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+            return value
+        except (binascii.Error, UnicodeEncodeError):
+            pass
+    raise _Invalid("must be base64 text, as tsig-keygen or keymgr print it")
+
+
+def _dns_server(value: object) -> tuple[str, int]:
+    """ "IP" or "IP:port" ("[IPv6]:port"); port 53 when none is given."""
+    text = value if isinstance(value, str) else ""
+    address, port = text, 53
+    if text.startswith("[") and "]:" in text:
+        address, _, port_text = text[1:].partition("]:")
+        port = int(port_text) if port_text.isdigit() else 0
+    elif text.count(":") == 1:
+        address, _, port_text = text.partition(":")
+        port = int(port_text) if port_text.isdigit() else 0
+    if not is_ip_address(address) or not 1 <= port <= 65535:
+        raise _Invalid(
+            f'must be an IP address with an optional port, "127.0.0.1:53", got {_show(value)}'
+        )
+    return str(ipaddress.ip_address(address)), port
+
+
+def _dns_servers(value: object) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"must be an array of servers, got {_show(value)}")
+    return tuple(_dns_server(element) for element in value)
 
 
 def _upstream(value: object) -> Upstream:

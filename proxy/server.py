@@ -402,7 +402,9 @@ class Server:
             log.debug("client %s: no ClientHello: %r", client_ip, exc)
             close_socket(sock)
             return None
-        stream = TLSStream(sock, self.certs.context_for_hello(hello))
+        # Without SNI, the address the client connected to picks an IP-address certificate.
+        local = sock.getsockname()[0] if hello is not None and not hello.server_name else None
+        stream = TLSStream(sock, self.certs.context_for_hello(hello, local))
         handshaking.sock = stream.socket
         try:
             await stream.do_handshake(deadline)

@@ -14,6 +14,7 @@ ACME orders run in the background: the CA validates through our own listeners.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import ssl
@@ -29,7 +30,7 @@ from proxy.certs.local_ca import LocalCA
 from proxy.certs.renewal import next_retry, renewal_due
 from proxy.certs.status import RenewalStatus, load_status, save_status
 from proxy.certs.store import CertStore, InvalidCertificate, StoredCert, read_pair
-from proxy.config import Config, SiteConfig
+from proxy.config import Config, SiteConfig, wildcard_of
 from proxy.config import Issuer as IssuerName
 from proxy.tls.clienthello import ClientHello
 from proxy.tls.policy import reject_context, server_context
@@ -65,8 +66,13 @@ class CertManager:
         self._file_stamps: dict[str, FileStamp] = {}  # "files" site name -> last validated
         self.renewal_failures: dict[str, int] = {}  # site name -> failed orders (metrics)
 
-    def context_for_hello(self, hello: ClientHello | None) -> ssl.SSLContext:
+    def context_for_hello(
+        self, hello: ClientHello | None, local_address: str | None = None
+    ) -> ssl.SSLContext:
         """The one answer to "which context for this ClientHello".
+
+        Without SNI, the address the client connected to (`local_address`) stands for the
+        name: a site listing that IP address answers with its IP-address certificate.
 
         A pending TLS-ALPN-01 challenge (RFC 8737) wins when the client offers acme-tls/1:
         only an ACME validator does that. None, a hello our parser refused, gets the
@@ -79,12 +85,20 @@ class CertManager:
             challenge = self._challenges.context_for(hello.server_name)
             if challenge is not None:
                 return challenge
-        return self.context_for(hello.server_name)
+        name = hello.server_name
+        if name is None and local_address is not None:
+            address = ipaddress.ip_address(local_address)
+            name = str(getattr(address, "ipv4_mapped", None) or address)
+        return self.context_for(name)
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
-        """The context for a handshake's SNI: exact host, else the default site, else refuse."""
+        """The context for a handshake's SNI: exact host, else a wildcard host covering it
+        (`*.example.com` for `a.example.com`), else the default site, else refuse."""
         if server_name is not None:
-            context = self._contexts.get(server_name.lower())
+            name = server_name.lower()
+            context = self._contexts.get(name)
+            if context is None and (wildcard := wildcard_of(name)) is not None:
+                context = self._contexts.get(wildcard)
             if context is not None:
                 return context
         if self._default is not None:
