@@ -149,7 +149,7 @@ class TlsAlpn01Contexts:
         answer = _published(self._certs_dir, "tls-alpn-01", path.stem)
         if answer is None:
             return None
-        fd, tmp = tempfile.mkstemp(dir=self._certs_dir, prefix=".tls-alpn-01.", suffix=".pem")
+        fd, tmp = tempfile.mkstemp(prefix="port443-tls-alpn-01.", suffix=".pem")  # 0600
         try:
             os.write(fd, answer)
             os.close(fd)
