@@ -46,6 +46,26 @@ class CertsConfig:
     issuer: Issuer = "local"
 
 
+StorageBackend = Literal["directory", "redis"]
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where certificates, ACME state and challenge answers are shared (docs/CLUSTER.md).
+
+    "directory" is `certs.dir` alone; "redis" shares them between instances, keeping a
+    local copy under `certs.dir` to serve from while Redis is unreachable.
+    """
+
+    backend: StorageBackend = "directory"
+    url: str | None = None  # redis:// or rediss://; required for "redis"
+    prefix: str = "port443:"  # every key starts with it: several clusters in one Redis
+    password: str | None = None  # else the one in the URL, if any
+    encryption_key: str | None = None  # base64url of 32 bytes: private keys at rest in Redis
+    encryption_key_file: Path | None = None  # the same, read from a file (one or the other)
+    lock_ttl: float = 60.0  # seconds a renewal lock outlives its holder's last heartbeat
+
+
 @dataclass(frozen=True)
 class DnsConfig:
     """How DNS-01 records are published: RFC 2136 updates signed with a TSIG key."""
@@ -289,6 +309,7 @@ class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     certs: CertsConfig = field(default_factory=CertsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     hsts: HSTSConfig = field(default_factory=HSTSConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)

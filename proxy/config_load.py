@@ -6,6 +6,7 @@ one error per attempt; each names the file, line and key (`config/x.toml:3: list
 
 from __future__ import annotations
 
+import base64
 import binascii
 import dataclasses
 import difflib
@@ -48,6 +49,8 @@ from proxy.config import (
     Route,
     ServerConfig,
     SiteConfig,
+    StorageBackend,
+    StorageConfig,
     TLSConfig,
     TsigAlgorithm,
     Upstream,
@@ -67,6 +70,7 @@ _TOP_KEYS = (
     "listen",
     "certs",
     "acme",
+    "storage",
     "hsts",
     "limits",
     "tls",
@@ -92,6 +96,7 @@ _DNS_KEYS = (
     "propagation_timeout",
     "propagation_servers",
 )
+_STORAGE_KEYS = tuple(f.name for f in dataclasses.fields(StorageConfig))
 _HSTS_KEYS = tuple(f.name for f in dataclasses.fields(HSTSConfig))
 _LIMITS_TYPES = get_type_hints(LimitsConfig)
 _TLS_KEYS = ("default_site",)
@@ -214,6 +219,7 @@ class _Reader:
             listen=listen,
             certs=certs,
             acme=self._acme(root, listen, acme_sites),
+            storage=self._storage(root),
             hsts=self._hsts(root),
             limits=self._limits(root),
             tls=self._tls(root, sites),
@@ -329,6 +335,32 @@ class _Reader:
         except (UnicodeDecodeError, _Invalid):
             self._problem(key, f"{path} must hold only the base64 secret")
         return None
+
+    def _storage(self, root: Table) -> StorageConfig:
+        key: KeyPath = ("storage",)
+        table = self._section(root, "storage", _STORAGE_KEYS)
+        default = StorageConfig()
+        backends: tuple[StorageBackend, ...] = get_args(StorageBackend)
+        storage = StorageConfig(
+            backend=self._value(table, key, "backend", default.backend, _choice(backends)),
+            url=self._value(table, key, "url", None, _redis_url),
+            prefix=self._value(table, key, "prefix", default.prefix, _text),
+            password=self._value(table, key, "password", None, _text),
+            encryption_key=self._value(table, key, "encryption_key", None, _encryption_key),
+            encryption_key_file=self._value(table, key, "encryption_key_file", None, _path),
+            lock_ttl=self._value(table, key, "lock_ttl", default.lock_ttl, _lock_ttl),
+        )
+        if storage.backend != "redis":
+            return storage
+        if storage.url is None:
+            self._problem((*key, "url"), 'is required with backend = "redis"')
+        keys = [k for k in ("encryption_key", "encryption_key_file") if k in table]
+        if len(keys) != 1:
+            self._problem(
+                (*key, "encryption_key"),
+                'backend = "redis" needs exactly one of encryption_key, encryption_key_file',
+            )
+        return storage
 
     def _hsts(self, root: Table) -> HSTSConfig:
         key: KeyPath = ("hsts",)
@@ -995,6 +1027,29 @@ def _base64url(value: object) -> str:
     if isinstance(value, str) and _BASE64URL.fullmatch(value):
         return value
     raise _Invalid(f"must be base64url text, as the CA hands it out, got {_show(value)}")
+
+
+def _redis_url(value: object) -> str:
+    if isinstance(value, str) and value.startswith(("redis://", "rediss://")):
+        return value
+    raise _Invalid(f'must be a "redis://" or "rediss://" URL, got {_show(value)}')
+
+
+def _encryption_key(value: object) -> str:
+    """base64url of 32 bytes, e.g. from `openssl rand -base64 32 | tr +/ -_`."""
+    try:
+        if isinstance(value, str) and len(base64.urlsafe_b64decode(value)) == 32:
+            return value
+    except ValueError:
+        pass
+    raise _Invalid("must be the base64url text of 32 random bytes")
+
+
+def _lock_ttl(value: object) -> float:
+    number = _positive_number(value)
+    if number < 1:
+        raise _Invalid(f"must be at least 1 (seconds), got {_show(value)}")
+    return number
 
 
 def _https_url(value: object) -> str:

@@ -228,6 +228,11 @@ class _CertificateCollector(Collector):
         for name, count in certs.renewal_failures.items():
             failures.add_metric([name], count)
         yield failures
+        yield GaugeMetricFamily(
+            "port443_storage_unreachable",
+            "Processes whose shared certificate store (Redis) does not answer; serving goes on.",
+            value=int(certs.storage_unreachable),
+        )
 
 
 class _AdmissionCollector(Collector):

@@ -16,9 +16,9 @@ import pytest
 
 from proxy.certs.acme import AcmeClient, AcmeError
 from proxy.config import DnsConfig
-from tests.knot import KEY_NAME, Knot, run_knot
 from tests.support.backend import Backend
 from tests.support.certs import pebble_root, port443_certs, served, start_acme_proxy, wait_served
+from tests.support.knot import KEY_NAME, Knot, run_knot
 from tests.support.pebble import Pebble
 from tests.support.proxy import sites_toml
 from tests.support.run import run

@@ -16,7 +16,7 @@ from proxy.certs.dns01 import DnsError, Rfc2136, challenge_record
 from proxy.certs.manager import CertManager
 from proxy.config import Config, DnsConfig, SiteConfig, wildcard_of
 from proxy.config_load import load_config
-from tests.knot import KEY_NAME, Knot, run_knot
+from tests.support.knot import KEY_NAME, Knot, run_knot
 from tests.support.net import free_dns_port
 from tests.test_cert_manager import (
     ALPN,

@@ -24,12 +24,17 @@ from datetime import UTC, datetime
 import trio
 
 from proxy.certs.acme import ARI_RECHECK, AcmeError
-from proxy.certs.acme_challenges import ACME_TLS_ALPN, TlsAlpn01Contexts
+from proxy.certs.acme_challenges import (
+    ACME_TLS_ALPN,
+    SharedChallenges,
+    TlsAlpn01Contexts,
+    share_challenges,
+)
 from proxy.certs.issuers import AcmeIssuer, Issuer, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
 from proxy.certs.renewal import next_retry, renewal_due
 from proxy.certs.status import RenewalStatus, load_status, save_status
-from proxy.certs.store import CertStore, InvalidCertificate, StoredCert, read_pair
+from proxy.certs.store import InvalidCertificate, StoredCert, open_storage, read_pair
 from proxy.config import Config, SiteConfig, wildcard_of
 from proxy.config import Issuer as IssuerName
 from proxy.tls.clienthello import ClientHello
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_SLEEP = 3600.0  # re-read the wall clock at least hourly (suspend, clock steps)
 FILES_POLL = 2.0  # seconds between looks at changed files: a "files" site's, or the store's
 
+_UNSEEN = object()
 FileStamp = tuple[tuple[int, int, int], ...] | None  # (mtime_ns, size, inode) per file
 
 
@@ -55,7 +61,9 @@ class CertManager:
     ) -> None:
         self._config = config
         self._alpn = tuple(alpn)
-        self._store = CertStore(config.certs.dir)
+        self._store = open_storage(config)
+        shared = self._store if isinstance(self._store, SharedChallenges) else None
+        share_challenges(config.certs.dir, shared)
         self._issuers = _issuers(config, issuer)
         default = config.tls.default_site
         self._default = default.lower() if default else None
@@ -107,6 +115,11 @@ class CertManager:
                 return context
         return self._reject
 
+    @property
+    def storage_unreachable(self) -> bool:
+        """The shared store did not answer its last call (metrics); serving goes on."""
+        return self._store.unreachable_since is not None
+
     def certificates(self) -> list[StoredCert]:
         """The certificates currently served, one per site that has one."""
         return list(self._certs.values())
@@ -118,6 +131,7 @@ class CertManager:
         ACME orders are not waited for.
         """
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat)
             for site in self._config.sites:
                 issuer = self._issuers.get(self._config.issuer_of(site))
                 if issuer is None:
@@ -142,10 +156,20 @@ class CertManager:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve the site's stored certificate, then order a new one whenever it is due;
-        while another process holds the site's renewal claim, follow what it stores."""
-        if not await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
-            await self._follow(site, task_status=task_status)
+        while another process holds the site's renewal claim, follow what it stores. The
+        claim is asked for again before each order: a lease may have been lost meanwhile."""
+        while True:
+            if not await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
+                await self._follow(site, task_status=task_status)
+                task_status = trio.TASK_STATUS_IGNORED
+            await self._renew_while_claimed(site, issuer, task_status=task_status)
             task_status = trio.TASK_STATUS_IGNORED
+
+    async def _renew_while_claimed(
+        self, site: SiteConfig, issuer: Issuer, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Order and renew the site's certificate until the claim is lost. It starts from
+        the store, not from memory: another instance may have done the work already."""
         status = await trio.to_thread.run_sync(load_status, self._store, site.name)
         if status.hosts != site.hosts:  # failures for other names do not hold this set back
             status = RenewalStatus(hosts=site.hosts)
@@ -163,13 +187,15 @@ class CertManager:
             wake = min(filter(None, (attempt_at, status.ari_recheck)), default=None)
             await _sleep_until(wake)
             if attempt_at is not None and attempt_at <= _now():
+                if not await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
+                    return
                 cert, status = await self._attempt(site, issuer, cert, status)
 
     async def _follow(self, site: SiteConfig, *, task_status: trio.TaskStatus[None]) -> None:
         """Serve what the claim holder stores, picking up each new certificate within
         FILES_POLL; return once this process wins the claim (the holder died)."""
         log.info("site %s: another process orders and renews this certificate", site.name)
-        seen: object = None
+        seen: object = _UNSEEN  # the first look always loads: the store may be unreachable
         started = False
         while True:
             version = await trio.to_thread.run_sync(self._store.version, site.name)
@@ -183,6 +209,11 @@ class CertManager:
             if await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
                 log.info("site %s: taking over its orders and renewals", site.name)
                 return
+
+    async def _heartbeat(self) -> None:
+        """Keep this process's renewal claims alive, as often as the store asks."""
+        while (interval := await trio.to_thread.run_sync(self._store.heartbeat)) is not None:
+            await trio.sleep(interval)
 
     async def _plan(
         self, site: SiteConfig, issuer: Issuer, cert: StoredCert | None, status: RenewalStatus
