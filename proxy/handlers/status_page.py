@@ -16,6 +16,9 @@ from typing import Any
 
 REFRESH_SECONDS = 10
 CHART_WIDTH, CHART_HEIGHT = 360, 110
+# Red below this: 90-day certificates renew 30 days ahead and the local CA's 7-day ones
+# 2.3 days ahead, so by then a renewal has failed for a while.
+WARN_DAYS = 2
 TEMPLATE = Template(
     files("proxy.handlers").joinpath("templates/status.html").read_text(encoding="utf-8")
 )
@@ -86,7 +89,7 @@ def _certificates(reports: list[dict[str, Any]]) -> str:
             validity = f'<span class="bad">{escape(cert["missing"] or "-")}</span>'
         else:
             label = f"{days:.1f} days left" if days > 0 else "expired"
-            validity = _state(days > 7, label, label) + f"<br>{_when(cert['not_after'])}"
+            validity = _state(days > WARN_DAYS, label, label) + f"<br>{_when(cert['not_after'])}"
         plan = cert["renewal_plan"]
         renewal = escape(plan) if plan else _when(cert["next_renewal"])
         window = cert["ari_window"]
@@ -159,10 +162,15 @@ def _chart(caption: str, lines: list[tuple[str, list[float | None]]], unit: str)
                 pen_down = False
                 continue
             y = CHART_HEIGHT - value / top * (CHART_HEIGHT - 4) - 2
-            commands.append(f"{'L' if pen_down else 'M'}{i * step:.1f},{y:.1f}")
+            # a lone point is a zero-length segment, which a round cap draws as a dot
+            move = "L" if pen_down else "M"
+            commands.append(f"{move}{i * step:.1f},{y:.1f}{'' if pen_down else ' h0'}")
             pen_down = True
         if commands:
-            paths.append(f'<path d="{" ".join(commands)}" fill="none" stroke="{color}"/>')
+            paths.append(
+                f'<path d="{" ".join(commands)}" fill="none" stroke="{color}" '
+                'stroke-width="2" stroke-linecap="round" stroke-linejoin="round"/>'
+            )
     return (
         f'<figure><svg width="{CHART_WIDTH}" height="{CHART_HEIGHT}" '
         f'viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" role="img" aria-label="{caption}">'
