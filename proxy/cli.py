@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+import proxy
 from proxy.certs.report import certificates_table
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
@@ -27,6 +28,7 @@ log = logging.getLogger("proxy")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="port443", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"port443 {proxy.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "run the proxy"),
