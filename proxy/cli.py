@@ -1,4 +1,5 @@
-"""Command line: `port443 run` serves, `check` validates a configuration, `reload` applies it."""
+"""Command line: `port443 run` serves, `check` validates a configuration, `reload` applies it,
+`certs` lists certificates, `doctor` checks what going live needs."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import proxy
 from proxy.certs.report import certificates_table
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
+from proxy.doctor import run_doctor
 from proxy.handlers.admin import ProcessView
 from proxy.pidfile import read_pid, remove_pid, write_pid
 from proxy.server import Server
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         ("check", "validate a configuration file and exit 0 (valid) or 1"),
         ("reload", "validate a configuration, then make the running proxy apply it (SIGHUP)"),
         ("certs", "list each site's certificate: expiry, next renewal, last error"),
+        ("doctor", "check ports, store, clock, DNS, ACME and certificates before going live"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument(
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "certs":
         print(certificates_table(config))
         return 0
+    if args.command == "doctor":
+        return run_doctor(config)
     if args.command == "check":
         print(f"{args.config}: OK ({len(config.sites)} sites)")
         return 0
