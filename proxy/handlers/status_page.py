@@ -152,7 +152,8 @@ def _charts(series: list[dict[str, Any]]) -> str:
 def _chart(caption: str, lines: list[tuple[str, list[float | None]]], unit: str) -> str:
     """An inline SVG line chart; a point without data (None) breaks its line."""
     top = max([v for _, values in lines for v in values if v is not None] + [0.0]) or 1.0
-    step = CHART_WIDTH / max(len(lines[0][1]) - 1, 1)
+    pad = 3  # room for the round caps at the edges
+    step = (CHART_WIDTH - 2 * pad) / max(len(lines[0][1]) - 1, 1)
     paths = []
     for color, values in lines:
         commands = []
@@ -164,7 +165,7 @@ def _chart(caption: str, lines: list[tuple[str, list[float | None]]], unit: str)
             y = CHART_HEIGHT - value / top * (CHART_HEIGHT - 4) - 2
             # a lone point is a zero-length segment, which a round cap draws as a dot
             move = "L" if pen_down else "M"
-            commands.append(f"{move}{i * step:.1f},{y:.1f}{'' if pen_down else ' h0'}")
+            commands.append(f"{move}{pad + i * step:.1f},{y:.1f}{'' if pen_down else ' h0'}")
             pen_down = True
         if commands:
             paths.append(
