@@ -300,6 +300,9 @@ class AdminConfig:
     enabled: bool = True
     address: str = "127.0.0.1"
     port: int = 2019
+    # Asked for by all but /healthz and /readyz; `token_file` is read into `token` on load.
+    token: str | None = field(default=None, repr=False)
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -416,11 +416,22 @@ class _Reader:
         key: KeyPath = ("admin",)
         table = self._section(root, "admin", _ADMIN_KEYS)
         default = AdminConfig()
+        token_file = self._value(table, key, "token_file", None, _path)
         admin = AdminConfig(
             enabled=self._value(table, key, "enabled", default.enabled, _boolean),
             address=self._value(table, key, "address", default.address, _ip_address),
             port=self._value(table, key, "port", default.port, _port(1)),
+            token=self._value(table, key, "token", None, _text),
+            token_file=token_file,
         )
+        if token_file is not None:
+            if admin.token is not None:
+                self._problem((*key, "token_file"), "set admin.token or admin.token_file, not both")
+            try:  # surrounding whitespace (a trailing newline) is no part of it
+                token = _text(token_file.read_text(encoding="utf-8").strip())
+                admin = dataclasses.replace(admin, token=token)
+            except (OSError, UnicodeDecodeError, _Invalid) as exc:
+                self._problem((*key, "token_file"), f"cannot read a token from it: {exc}")
         if admin.enabled and admin.port in (listen.http, listen.https):
             self._problem((*key, "port"), "must differ from listen.http and listen.https")
         return admin

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from proxy.metrics import Metrics
 from proxy.netio import SocketStream, StreamTimeout, close_socket
 from proxy.tls.clienthello import ClientHello, ClientHelloError, PlainHTTPRequest
 from proxy.tls.stream import TLSStream, peek_client_hello
+from proxy.traffic import TrafficHistory
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +227,14 @@ class Server:
         )
         self.listening = False  # the public listeners are bound (readiness)
         self.metrics = Metrics(self)
+        self.started = time.time()
+        self.traffic = TrafficHistory()  # the status page's last minutes
         self._access_log = (
             AccessLog(config.access_log, shared=config.server.workers > 1)
             if config.access_log.enabled
             else None
         )
-        observers: list[Observer] = [self.metrics]
+        observers: list[Observer] = [self.metrics, self.traffic]
         if self._access_log is not None:
             observers.append(self._access_log)
         # Handlers delegate to the generation current when each request starts.
@@ -300,7 +304,9 @@ class Server:
             if self._serve_admin_port:  # first: /healthz answers while certificates load
                 # Scrapes and health checks are counted, but kept out of the access log.
                 view = ProcessView(self.metrics, self)
-                handler = Observed(AdminHandler(view), "admin", [self.metrics])
+                handler = Observed(
+                    AdminHandler(view, self.config.admin.token), "admin", [self.metrics]
+                )
                 await services.start(serve_admin, self.config.admin, handler, self._limits)
             await services.start(self._current.run)
             listeners: Listeners = []
