@@ -84,6 +84,7 @@ def write_config(
     https_port: int,
     admin_port: int | None = None,
     issuer: str = "local",
+    http3: bool = False,
 ) -> Path:
     """The admin listener is off unless asked for: its default port is a fixed one."""
     certs = directory / "certs"
@@ -91,7 +92,7 @@ def write_config(
     admin = f"port = {admin_port}" if admin_port else "enabled = false"
     config.write_text(
         f'log_level = "debug"\n[listen]\naddress = "127.0.0.1"\n'
-        f"http = {http_port}\nhttps = {https_port}\n"
+        f"http = {http_port}\nhttps = {https_port}\nhttp3 = {str(http3).lower()}\n"
         f'[certs]\ndir = "{certs}"\nissuer = "{issuer}"\n[admin]\n{admin}\n' + body
     )
     return config
@@ -106,6 +107,7 @@ async def start_proxy(
     issuer: str = "local",
     ports: tuple[int, int] | None = None,
     module: str = "proxy",
+    http3: bool = False,
 ) -> ProxyProcess:
     """Start the proxy with `body` appended to a base config; wait until HTTPS accepts.
 
@@ -121,6 +123,7 @@ async def start_proxy(
         https_port=https_port,
         admin_port=admin_port,
         issuer=issuer,
+        http3=http3,
     )
     log_path = directory / "proxy.log"
     with log_path.open("wb") as log_file:
