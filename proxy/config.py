@@ -38,6 +38,7 @@ class ListenConfig:
     addresses: tuple[str, ...] = ("0.0.0.0",)
     http: int = 80  # 0 disables the redirector
     https: int = 443
+    http3: bool = False  # also serve HTTP/3 (QUIC) on UDP at the https port
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ _TOP_KEYS = (
 )
 _SERVER_KEYS = ("workers",)
 _MAX_WORKERS = 1024
-_LISTEN_KEYS = ("address", "http", "https")
+_LISTEN_KEYS = ("address", "http", "https", "http3")
 _CERTS_KEYS = ("dir", "issuer")
 _ACME_KEYS = tuple(f.name for f in dataclasses.fields(AcmeConfig))
 _DNS_KEYS = (
@@ -246,7 +246,8 @@ class _Reader:
         https = self._value(table, key, "https", default.https, _port(1))
         if http == https:
             self._problem((*key, "http"), f"must differ from listen.https (both are {https})")
-        return ListenConfig(addresses, http, https)
+        http3 = self._value(table, key, "http3", default.http3, _boolean)
+        return ListenConfig(addresses=addresses, http=http, https=https, http3=http3)
 
     def _certs(self, root: Table) -> CertsConfig:
         key: KeyPath = ("certs",)

@@ -32,6 +32,7 @@ from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome, plain_
 from proxy.lograte import RateLimitedLog
 from proxy.metrics import Metrics
 from proxy.netio import SocketStream, StreamTimeout, close_socket
+from proxy.quic import QuicEndpoint, bind_udp
 from proxy.tls.clienthello import ClientHello, ClientHelloError, PlainHTTPRequest
 from proxy.tls.stream import TLSStream, peek_client_hello
 from proxy.traffic import TrafficHistory
@@ -316,6 +317,7 @@ class Server:
                 for b in bound:
                     log.info("listening for %s on %s port %d", b.kind, b.host, b.port)
                 async with trio.open_nursery() as connections:
+                    self._serve_http3(connections, listeners)
                     async with trio.open_nursery() as acceptors:
                         for sock, kind in listeners:
                             serve = self._serve_tls if kind == "https" else self._serve_redirect
@@ -336,6 +338,28 @@ class Server:
                 self._current.retire()
             services.cancel_scope.cancel()
         log.info("stopped")
+
+    def _serve_http3(self, connections: trio.Nursery, listeners: Listeners) -> None:
+        """HTTP/3 on UDP beside each HTTPS listener, when on. Its endpoints live in
+        `connections`: draining connections still need their datagrams; new ones are
+        refused once the connection registry drains. Each process binds its own (SO_REUSEPORT)."""
+        if not self.config.listen.http3:
+            return
+        for sock, kind in listeners:
+            if kind != "https":
+                continue
+            host, port = sock.getsockname()[:2]
+            endpoint = QuicEndpoint(
+                bind_udp(host, port),
+                certs=lambda: self.certs,
+                limits=self._limits,
+                handler=self._https_handler,
+                registry=self.registry,
+                metrics=self.metrics,
+                connections=connections,
+            )
+            log.info("listening for http3 on %s port %d (UDP)", host, port)
+            connections.start_soon(endpoint.serve)
 
     async def _delay_shutdown(self) -> None:
         """Keep serving while readiness reports 503, so a load balancer stops sending us

@@ -110,10 +110,11 @@ def test_an_upgrade_is_asked_over_http1_only() -> None:
 
 def test_response_headers_for_the_client() -> None:
     hsts = b"max-age=63072000"
+    added = [(b"strict-transport-security", hsts)]
     headers = client_response_headers(
         [(b"connection", b"close"), (b"content-type", b"text/plain"), (b"via", b"1.1 app")],
         b"1.1",
-        hsts,
+        added,
     )
     assert headers == [
         (b"content-type", b"text/plain"),
@@ -121,4 +122,4 @@ def test_response_headers_for_the_client() -> None:
         (b"strict-transport-security", hsts),
     ]
     own = [(b"strict-transport-security", b"max-age=1")]
-    assert client_response_headers(own, b"2", hsts) == [*own, (b"via", b"2 port443")]
+    assert client_response_headers(own, b"2", added) == [*own, (b"via", b"2 port443")]

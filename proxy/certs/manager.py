@@ -20,6 +20,7 @@ import os
 import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import trio
 
@@ -46,6 +47,7 @@ MAX_SLEEP = 3600.0  # re-read the wall clock at least hourly (suspend, clock ste
 FILES_POLL = 2.0  # seconds between looks at changed files: a "files" site's, or the store's
 
 _UNSEEN = object()
+T = TypeVar("T")
 FileStamp = tuple[tuple[int, int, int], ...] | None  # (mtime_ns, size, inode) per file
 
 
@@ -71,6 +73,7 @@ class CertManager:
         self._challenges = TlsAlpn01Contexts(config.certs.dir)
         self._contexts: dict[str, ssl.SSLContext] = {}  # lower-case host -> context
         self._certs: dict[str, StoredCert] = {}  # site name -> certificate in service
+        self._served: dict[str, StoredCert] = {}  # lower-case host -> its certificate
         self._file_stamps: dict[str, FileStamp] = {}  # "files" site name -> last validated
         self.renewal_failures: dict[str, int] = {}  # site name -> failed orders (metrics)
 
@@ -102,18 +105,12 @@ class CertManager:
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a handshake's SNI: exact host, else a wildcard host covering it
         (`*.example.com` for `a.example.com`), else the default site, else refuse."""
-        if server_name is not None:
-            name = server_name.lower()
-            context = self._contexts.get(name)
-            if context is None and (wildcard := wildcard_of(name)) is not None:
-                context = self._contexts.get(wildcard)
-            if context is not None:
-                return context
-        if self._default is not None:
-            context = self._contexts.get(self._default)
-            if context is not None:
-                return context
-        return self._reject
+        return _by_name(self._contexts, server_name, self._default) or self._reject
+
+    def certificate_for(self, server_name: str | None) -> StoredCert | None:
+        """The certificate `context_for` serves for this SNI, by the same rule (QUIC's TLS
+        takes a certificate and key, not an SSLContext); None: refuse the handshake."""
+        return _by_name(self._served, server_name, self._default)
 
     @property
     def storage_unreachable(self) -> bool:
@@ -390,6 +387,7 @@ class CertManager:
         )
         for host in site.hosts:
             self._contexts[host.lower()] = context  # atomic swap per name
+            self._served[host.lower()] = cert
         self._certs[site.name] = cert
         log.info(
             "site %s: serving certificate %x, valid until %s",
@@ -397,6 +395,19 @@ class CertManager:
             cert.serial,
             cert.not_after,
         )
+
+
+def _by_name(table: dict[str, T], server_name: str | None, default: str | None) -> T | None:
+    """The entry for an SNI name: the exact host, else a wildcard host covering it, else the
+    default site's, else None."""
+    if server_name is not None:
+        name = server_name.lower()
+        entry = table.get(name)
+        if entry is None and (wildcard := wildcard_of(name)) is not None:
+            entry = table.get(wildcard)
+        if entry is not None:
+            return entry
+    return table.get(default) if default is not None else None
 
 
 def _issuers(config: Config, override: Issuer | None) -> dict[IssuerName, Issuer]:

@@ -16,6 +16,7 @@ from proxy.handlers.observed import RequestHandler, respond
 from proxy.http.headers import (
     apply_header_ops,
     client_response_headers,
+    https_response_fields,
     requested_upgrade,
     upgrade_headers,
     upstream_request,
@@ -85,7 +86,7 @@ class Forwarder(RequestHandler):
         self._config = config
         self._trusted = config.trusted_proxies
         self._upstreams = upstreams
-        self._hsts = config.hsts.header_value()
+        self._added = https_response_fields(config)  # HSTS, Alt-Svc
         default = config.tls.default_site
         self._default_site = config.site_for_host(default) if default else None
 
@@ -130,8 +131,7 @@ class Forwarder(RequestHandler):
         self, exchange: Exchange, outcome: Outcome, route: Route, head: ResponseHead, body: bytes
     ) -> None:
         """A response the route itself makes (redirect, respond), with its header edits."""
-        if self._hsts is not None:
-            head.headers.append((b"strict-transport-security", self._hsts))
+        head.headers.extend(self._added)
         if route.response_headers:
             head.headers = apply_header_ops(head.headers, route.response_headers)
         await respond(exchange, outcome, head, body)
@@ -291,7 +291,7 @@ class Forwarder(RequestHandler):
         if not isinstance(first, ResponseHead):
             raise UpstreamClosed(f"{upstream.url} sent body data before a response head")
         outcome.upstream_time = trio.current_time() - outcome.started
-        headers = client_response_headers(first.headers, first.http_version, self._hsts)
+        headers = client_response_headers(first.headers, first.http_version, self._added)
         if response_ops is not None:
             headers = apply_header_ops(headers, response_ops)
         head = ResponseHead(first.status, headers)
@@ -334,7 +334,7 @@ class Forwarder(RequestHandler):
         outcome.upstream_time = trio.current_time() - outcome.started
         outcome.status = 101
         protocol = requested_upgrade(head.headers) or protocol
-        headers = client_response_headers(head.headers, head.http_version, None)
+        headers = client_response_headers(head.headers, head.http_version, [])
         switch = ResponseHead(101, headers + upgrade_headers(protocol))
         client_rest, client = await exchange.switch_protocols(switch)
         upstream_rest, server = await upstream.switch_protocols(None)
@@ -380,6 +380,5 @@ class Forwarder(RequestHandler):
         *extra: tuple[bytes, bytes],
     ) -> None:
         head, body = plain_response(status, message, *extra)
-        if self._hsts is not None:
-            head.headers.append((b"strict-transport-security", self._hsts))
+        head.headers.extend(self._added)
         await respond(exchange, outcome, head, body)

@@ -28,9 +28,13 @@ class Malformed(Exception):
 
 
 def request_from_headers(
-    headers: Iterable[tuple[bytes, bytes]], end_stream: bool, client_ip: str
+    headers: Iterable[tuple[bytes, bytes]],
+    end_stream: bool,
+    client_ip: str,
+    http_version: bytes = b"2",
 ) -> Request:
-    """The `Request` of a HEADERS block; raises Malformed.
+    """The `Request` of a HEADERS block; raises Malformed. HTTP/3 has the same rules
+    (RFC 9114 §4.3) and passes b"3".
 
     :authority becomes the host (else Host); cookie crumbs are joined with "; " (RFC 9113
     §8.2.3); connection-specific fields are refused (§8.2.2), TE allowed only as "trailers".
@@ -104,7 +108,7 @@ def request_from_headers(
         target=target,
         host=host or b"",
         headers=fields,
-        http_version=b"2",
+        http_version=http_version,
         has_body=not end_stream and protocol is None,  # a tunnel's bytes are no body
         client_ip=client_ip,
         upgrade=None if protocol is None else protocol.lower(),

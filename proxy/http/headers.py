@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from proxy.config import HeaderOps
+from proxy.config import Config, HeaderOps
 from proxy.http.model import Headers, Request, UpstreamRequest
 
 # Fields that describe one connection, not the message: HTTP/2 forbids them (RFC 9113
@@ -129,25 +129,34 @@ def upstream_request(request: Request, *, keep_forwarded: bool) -> UpstreamReque
     )
 
 
-def client_response_headers(
-    headers: Headers, upstream_version: bytes, hsts: bytes | None
-) -> Headers:
-    """Headers sent to the client: hop-by-hop dropped, Via added, HSTS unless upstream set it."""
+def client_response_headers(headers: Headers, upstream_version: bytes, added: Headers) -> Headers:
+    """Headers sent to the client: hop-by-hop dropped, Via added, and the proxy's own
+    fields (`https_response_fields`) unless the upstream set them."""
     out = without_hop_by_hop(headers)
     via = _via(upstream_version)
-    has_hsts = False
+    present: set[bytes] = set()
     for i, (name, value) in enumerate(out):
         if name == b"via":
             via = value + b", " + via
             out[i] = (b"via", via)
             via = b""
-        elif name == b"strict-transport-security":
-            has_hsts = True
+        present.add(name)
     if via:
         out.append((b"via", via))
-    if hsts is not None and not has_hsts:
-        out.append((b"strict-transport-security", hsts))
+    out.extend(field for field in added if field[0] not in present)
     return out
+
+
+def https_response_fields(config: Config) -> Headers:
+    """Fields every HTTPS response carries: HSTS when on, and Alt-Svc advertising HTTP/3
+    on the HTTPS port when it is served (RFC 7838; a day, as Caddy and nginx say)."""
+    fields: Headers = []
+    hsts = config.hsts.header_value()
+    if hsts is not None:
+        fields.append((b"strict-transport-security", hsts))
+    if config.listen.http3:
+        fields.append((b"alt-svc", b'h3=":%d"; ma=86400' % config.listen.https))
+    return fields
 
 
 def apply_header_ops(headers: Headers, ops: HeaderOps) -> Headers:

@@ -173,6 +173,7 @@ def write_config(
     https_port: int,
     admin_port: int | None = None,
     issuer: str = "local",
+    http3: bool = False,
 ) -> Path:
     """The admin listener is off unless asked for: its default port is a fixed one."""
     certs = directory / "certs"
@@ -180,7 +181,7 @@ def write_config(
     admin = f"port = {admin_port}" if admin_port else "enabled = false"
     config.write_text(
         f'log_level = "debug"\n[listen]\naddress = "127.0.0.1"\n'
-        f"http = {http_port}\nhttps = {https_port}\n"
+        f"http = {http_port}\nhttps = {https_port}\nhttp3 = {str(http3).lower()}\n"
         f'[certs]\ndir = "{certs}"\nissuer = "{issuer}"\n[admin]\n{admin}\n' + body
     )
     return config
@@ -195,13 +196,14 @@ async def start_proxy(
     issuer: str = "local",
     ports: tuple[int, int] | None = None,
     module: str = "proxy",
+    http3: bool = False,
 ) -> ProxyProcess:
     """Start the proxy with `body` appended to a base config; return once the process itself
     listens on each of its ports (a connect could reach another process sharing a port with
     SO_REUSEPORT).
 
     `ports` = (http, https) instead of free ones (an ACME CA must know where to validate);
-    `module` is what `python -m` runs.
+    `module` is what `python -m` runs; `http3` also serves HTTP/3 on the HTTPS port's UDP.
     """
     require_slow("starts a proxy process")
     http_port, https_port = ports or (free_port() if http else 0, free_port())
@@ -213,6 +215,7 @@ async def start_proxy(
         https_port=https_port,
         admin_port=admin_port,
         issuer=issuer,
+        http3=http3,
     )
     log_path = directory / "proxy.log"
     with log_path.open("wb") as log_file:
