@@ -76,7 +76,9 @@ async def test_ari_window_decides_the_renewal_and_the_order_names_what_it_replac
     assert start <= at <= end
     assert renewed.not_valid_before_utc < first.not_valid_before_utc + timedelta(seconds=15)
     assert double.renewal_info_requests[:2] == [ari_cert_id(first), ari_cert_id(renewed)]
-    first_order, renewal_order = double.new_orders
+    # Under load the renewed certificate may itself come up for renewal before the proxy
+    # stops: the first two orders are the ones this test is about.
+    first_order, renewal_order = double.new_orders[:2]
     assert first_order["profile"] == renewal_order["profile"] == "shortlived"
     assert "replaces" not in first_order
     assert renewal_order["replaces"] == ari_cert_id(first)

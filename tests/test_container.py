@@ -29,6 +29,7 @@ import sys
 import time
 import tomllib
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from typing import Any
 
 import pytest
 import trio
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.support.backend import Backend
 from tests.support.curl import curl
@@ -119,7 +122,8 @@ def _debian_mirror(suite: str) -> str:
 @dataclass(frozen=True)
 class BaseImage:
     ref: str
-    python: str  # "3.11": the wheelhouse is downloaded for this version
+    python: str  # "3.11.2": the wheelhouse is downloaded for this version (markers such as
+    # redis's `python_full_version < "3.11.3"` need all three parts)
 
 
 @pytest.fixture(scope="session")
@@ -138,12 +142,13 @@ def base_image() -> BaseImage:
         exists = subprocess.run(
             ["buildah", *STORAGE, "inspect", "--type", "image", ref], capture_output=True
         )
+        python = json.loads(stamp.read_text())["python"] if stamp.exists() else ""
         if (
-            stamp.exists()
+            python.count(".") == 2
             and time.time() - stamp.stat().st_mtime < BASE_MAX_AGE
             and exists.returncode == 0
         ):
-            return BaseImage(ref, json.loads(stamp.read_text())["python"])
+            return BaseImage(ref, python)
         old_id = json.loads(exists.stdout)["FromImageID"] if exists.returncode == 0 else None
         rootfs = CACHE / f"rootfs-{key}"
         shutil.rmtree(rootfs, ignore_errors=True)
@@ -152,7 +157,8 @@ def base_image() -> BaseImage:
             "debootstrap", f"--variant={variant}", f"--include={include}",
             BASE_RECIPE["suite"], str(rootfs), mirror, timeout=900,
         )  # fmt: skip
-        python = os.readlink(rootfs / "usr/bin/python3").removeprefix("python")  # python3.11
+        version = "import platform; print(platform.python_version())"
+        python = _run("chroot", str(rootfs), "python3", "-c", version).stdout.strip()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         _run("podman", *STORAGE, "import", "-", ref, stdin=tar.stdout, timeout=600)
         assert tar.wait() == 0, "tar of the debootstrap rootfs failed"
@@ -174,11 +180,41 @@ def _wheelhouse(directory: Path, python: str) -> None:
     arch = platform.machine()
     platforms = [f"manylinux_2_{minor}_{arch}" for minor in range(36, 16, -1)]
     platforms.append(f"manylinux2014_{arch}")
-    _run(
-        sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(directory),
-        "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-        *(arg for name in platforms for arg in ("--platform", name)), *requirements,
-    )  # fmt: skip
+    # pip evaluates dependency markers for the Python running it, not --python-version: fetch
+    # what the image's Python needs on top (redis wants async-timeout below 3.11.3).
+    for _ in range(3):
+        _run(
+            sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(directory),
+            "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+            *(arg for name in platforms for arg in ("--platform", name)), *requirements,
+        )  # fmt: skip
+        requirements = _missing_for(directory, python)
+        if not requirements:
+            return
+    pytest.fail(f"wheelhouse for Python {python} still misses {requirements}")
+
+
+def _missing_for(directory: Path, python: str) -> list[str]:
+    """Requirements of the wheels in `directory` that apply to Python `python` and that no
+    wheel there provides."""
+    have = {canonicalize_name(wheel.name.split("-")[0]) for wheel in directory.glob("*.whl")}
+    environment = {"python_full_version": python, "python_version": python.rpartition(".")[0]}
+    missing: list[str] = []
+    for wheel in directory.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            meta = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = archive.read(meta).decode().splitlines()
+        for line in lines:
+            if not line.startswith("Requires-Dist: "):
+                continue
+            requirement = Requirement(line.removeprefix("Requires-Dist: "))
+            marker = requirement.marker
+            if marker is not None and not marker.evaluate({**environment, "extra": ""}):
+                continue
+            if canonicalize_name(requirement.name) not in have:
+                requirement.marker = None
+                missing.append(str(requirement))
+    return sorted(set(missing))
 
 
 def _context(directory: Path) -> None:
