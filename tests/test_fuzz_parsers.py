@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import sys
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import strategies as st
 
 from proxy.cli import main
@@ -113,3 +115,18 @@ def test_fuzz_config_check(tmp_path: Path) -> None:
 
     tried = run_budget(check, config_texts(seeds), seconds=5)
     assert tried >= 50
+
+
+async def test_check_names_the_key_of_an_empty_address(tmp_path: Path) -> None:
+    """A finding of the first fuzz run: an empty address was a bare ValueError."""
+    config = tmp_path / "port443.toml"
+    config.write_text('[listen]\naddress = ""\n[admin]\naddress = ""\n')
+    result = await trio.run_process(
+        [sys.executable, "-m", "proxy", "check", "-c", str(config)],
+        capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+    )  # fmt: skip
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert f'{config}:2: listen.address: must be an IP address such as "0.0.0.0"' in stderr
+    assert f"{config}:4: admin.address: must be an IP address" in stderr
+    assert "Traceback" not in stderr and "ValueError" not in stderr

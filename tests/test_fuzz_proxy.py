@@ -12,7 +12,10 @@ them from a worker thread, each example runs on the test's trio loop.
 from __future__ import annotations
 
 import itertools
+import re
+import socket
 import ssl
+import struct
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.settings
 import hpack
 import pytest
 import trio
@@ -246,6 +250,10 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
     )
 
 
+def request_fields(path: str, method: str = "GET") -> list[tuple[str, str]]:
+    return [(":method", method), (":scheme", "https"), (":authority", "localhost"), (":path", path)]
+
+
 def h2_preface() -> bytes:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
@@ -256,33 +264,30 @@ def h2_seed_flights() -> list[bytes]:
     """Frames a real client sends after its preface: requests with and without bodies,
     trailers, a header block in CONTINUATIONs, flow control, PING, PRIORITY, resets."""
     flights = []
-    authority = (":authority", "localhost")
-
-    def request(path: str, method: str = "GET") -> list[tuple[str, str]]:
-        return [(":method", method), (":scheme", "https"), authority, (":path", path)]
-
     scenarios: list[Callable[[h2.connection.H2Connection], None]] = [
-        lambda c: c.send_headers(1, request("/echo"), end_stream=True),
+        lambda c: c.send_headers(1, request_fields("/echo"), end_stream=True),
         lambda c: (
-            c.send_headers(1, [*request("/upload", "POST"), ("content-length", "5")]),
+            c.send_headers(1, [*request_fields("/upload", "POST"), ("content-length", "5")]),
             c.send_data(1, b"hello", end_stream=True),
         ),
         lambda c: (
-            c.send_headers(1, [*request("/upload", "POST"), ("te", "trailers")]),
+            c.send_headers(1, [*request_fields("/upload", "POST"), ("te", "trailers")]),
             c.send_data(1, b"abc"),
             c.send_headers(1, [("x-trailer", "1")], end_stream=True),
         ),
-        lambda c: c.send_headers(1, [*request("/echo"), ("x-big", "b" * 20000)], end_stream=True),
+        lambda c: c.send_headers(
+            1, [*request_fields("/echo"), ("x-big", "b" * 20000)], end_stream=True
+        ),
         lambda c: (
-            c.send_headers(1, request("/trailers"), end_stream=True),
-            c.send_headers(3, request("/echo", "HEAD"), end_stream=True),
+            c.send_headers(1, request_fields("/trailers"), end_stream=True),
+            c.send_headers(3, request_fields("/echo", "HEAD"), end_stream=True),
             c.increment_flow_control_window(65535),
             c.ping(b"12345678"),
             c.reset_stream(3),
         ),
         lambda c: (
             c.prioritize(1, weight=200, depends_on=0),
-            c.send_headers(1, [*request("/echo"), ("expect", "100-continue")]),
+            c.send_headers(1, [*request_fields("/echo"), ("expect", "100-continue")]),
             c.update_settings({4: 0}),
             c.end_stream(1),
         ),
@@ -300,9 +305,7 @@ SENTINEL = frame(
     HEADERS,
     0x5,  # END_STREAM | END_HEADERS
     LAST_STREAM,
-    hpack.Encoder().encode(
-        [(":method", "GET"), (":scheme", "https"), (":authority", "localhost"), (":path", "/echo")]
-    ),
+    hpack.Encoder().encode(request_fields("/echo")),
 )
 
 
@@ -439,3 +442,56 @@ async def test_fuzz_upstream_responses(tmp_path: Path, nursery: trio.Nursery) ->
         assert tried >= 50
     finally:
         await proxy.terminate()
+
+
+# -- findings of the first fuzz runs, kept as tests ---------------------------------------------
+
+
+async def vanish_mid_response(proxy: ProxyProcess, protocol: str, reset: bool) -> None:
+    """Ask for a large response, read a little of it, and go: a reset (SO_LINGER 0) or a
+    plain close with the response unread (the kernel answers the proxy's next bytes with
+    a reset)."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", proxy.https_port)
+    if reset:
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tls = trio.SSLStream(tcp, client_context(proxy, protocol), server_hostname="localhost")
+    if protocol == "h2":
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.increment_flow_control_window(2**30)
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**30})
+        conn.send_headers(1, request_fields("/bytes/50000000"), end_stream=True)
+        request = conn.data_to_send()
+    else:
+        request = b"GET /bytes/50000000 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with trio.fail_after(EXAMPLE_TIMEOUT):
+        await tls.do_handshake()
+        await tls.send_all(request)
+        received = 0
+        while received < 200_000:
+            received += len(await tls.receive_some(65536))
+    await tcp.aclose()
+
+
+# The line each departure must leave: DEBUG, the client, the reason (for h2, the stream's
+# or the connection's, whichever noticed first).
+VANISHED = {
+    "http/1.1": re.compile(r" DEBUG proxy\.http\.h1: client 127\.0\.0\.1: .*sending to client"),
+    "h2": re.compile(
+        r" DEBUG proxy\.http\.h2: client 127\.0\.0\.1: (h2 connection ended|stream 1): "
+    ),
+}
+
+
+@pytest.mark.parametrize("protocol", VANISHED)
+async def test_client_vanishing_mid_response(backend_proxy: ProxyProcess, protocol: str) -> None:
+    """SSLEOFError/BrokenPipeError tracebacks were logged when a client left mid-response."""
+    for reset in (True, False):
+        seen = len(VANISHED[protocol].findall(backend_proxy.log()))
+        await vanish_mid_response(backend_proxy, protocol, reset)
+        with trio.fail_after(EXAMPLE_TIMEOUT):
+            while len(VANISHED[protocol].findall(backend_proxy.log())) == seen:
+                await trio.sleep(0.05)
+    await echo_health(backend_proxy)
+    problems = log_problems(backend_proxy.log())
+    assert not problems, "\n\n".join(problems)
