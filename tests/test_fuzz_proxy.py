@@ -181,7 +181,7 @@ def h1_seeds() -> list[bytes]:
     return [
         *corpus,
         b"GET /echo HTTP/1.1\r\n" + host + b"\r\n",
-        b"GET /echo HTTP/1.1\r\n" + host + b"\r\nHEAD /echo HTTP/1.1\r\n" + host + b"\r\n",
+        b"GET /echo HTTP/1.1\r\n" + host + b"\r\nGET /trailers HTTP/1.1\r\n" + host + b"\r\n",
         b"POST /upload HTTP/1.1\r\n" + host + b"Transfer-Encoding: chunked\r\nTE: trailers\r\n"
         b"\r\n5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
         b"PUT /echo HTTP/1.1\r\n"
@@ -229,7 +229,8 @@ async def test_fuzz_h1_front_end(backend_proxy: ProxyProcess) -> None:
 FRAME_HEADER = 9
 LAST_STREAM = 2**31 - 1
 FRAME_TYPES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 0xFF)  # DATA .. CONTINUATION, PRIORITY_UPDATE
-HEADERS, RST_STREAM, GOAWAY = 1, 3, 7
+DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY = 0, 1, 3, 4, 7
+END_STREAM, END_HEADERS = 0x1, 0x4
 
 
 def split_frames(data: bytes) -> list[bytes]:
@@ -280,7 +281,7 @@ def h2_seed_flights() -> list[bytes]:
         ),
         lambda c: (
             c.send_headers(1, request_fields("/trailers"), end_stream=True),
-            c.send_headers(3, request_fields("/echo", "HEAD"), end_stream=True),
+            c.send_headers(3, request_fields("/hints"), end_stream=True),
             c.increment_flow_control_window(65535),
             c.ping(b"12345678"),
             c.reset_stream(3),
@@ -303,10 +304,50 @@ def h2_seed_flights() -> list[bytes]:
 
 SENTINEL = frame(
     HEADERS,
-    0x5,  # END_STREAM | END_HEADERS
+    END_STREAM | END_HEADERS,
     LAST_STREAM,
     hpack.Encoder().encode(request_fields("/echo")),
 )
+
+
+# Header fields a request may carry: the RFC 9113 section 8.2 cases (connection-specific
+# fields, te, content-length against DATA, host against :authority), bytes an HTTP/1.1
+# upstream cannot carry, and ordinary ones. No HEAD: the test backend cannot answer it.
+H2_FIELDS: tuple[tuple[bytes, bytes], ...] = (
+    (b":method", b"POST"), (b":method", b"OPTIONS"), (b":method", b"G\x00T"), (b":method", b""),
+    (b":path", b"*"), (b":path", b""), (b":path", b"/e\xffcho"), (b":path", b"/echo?a=\x80"),
+    (b":path", b"echo"), (b":path", b"/echo#f"), (b":path", b"/echo\r\nx: y"),
+    (b":authority", b""), (b":authority", b"localhost:1"), (b":authority", b"other.test"),
+    (b":scheme", b"http"), (b":protocol", b"websocket"), (b":status", b"200"), (b":x", b"1"),
+    (b"host", b"localhost"), (b"host", b"other.test"), (b"content-length", b"1"),
+    (b"content-length", b"0"), (b"content-length", b"-1"), (b"content-length", b"1,1"),
+    (b"content-length", b"99999999999999999999"), (b"te", b"trailers"), (b"te", b"gzip"),
+    (b"transfer-encoding", b"chunked"), (b"connection", b"close"), (b"keep-alive", b"1"),
+    (b"upgrade", b"echo"), (b"proxy-connection", b"x"), (b"expect", b"100-continue"),
+    (b"cookie", b"a=1"), (b"cookie", b"b=2"), (b"X-Upper", b"1"), (b"x-a", b"b\r\nc: d"),
+    (b"x-a", b" padded "), (b"x-a", b"\x00"), (b"x-a", b"\xff\xfe"), (b"x y", b"1"), (b"", b"1"),
+)  # fmt: skip
+
+
+@st.composite
+def h2_requests(draw: st.DrawFn) -> bytes:
+    """A request as HEADERS (and maybe DATA) with well-formed frames and HPACK, whose fields
+    are a valid request's with some added, replaced or left out."""
+    fields = [(name.encode(), value.encode()) for name, value in request_fields("/echo")]
+    for _ in range(draw(st.integers(0, 4))):
+        field = draw(st.sampled_from(H2_FIELDS))
+        if draw(st.booleans()):
+            fields.append(field)
+        else:
+            fields[draw(st.integers(0, len(fields) - 1))] = field
+    if draw(st.booleans()):
+        del fields[draw(st.integers(0, len(fields) - 1))]
+    body = draw(st.sampled_from((None, b"", b"x", b"hello")))
+    block = hpack.Encoder().encode(fields)
+    out = frame(HEADERS, END_HEADERS | (END_STREAM if body is None else 0), 1, block)
+    if body is not None:
+        out += frame(DATA, END_STREAM, 1, body)
+    return out
 
 
 @st.composite
@@ -349,7 +390,7 @@ async def test_fuzz_h2_front_end(backend_proxy: ProxyProcess) -> None:
     context = client_context(proxy, "h2")
     preface = h2_preface()
     flights = h2_seed_flights()
-    strategy = st.one_of(h2_frames(flights), fuzz_bytes(flights, random_size=128))
+    strategy = st.one_of(h2_frames(flights), h2_requests(), fuzz_bytes(flights, random_size=128))
 
     async def example(data: bytes) -> None:
         # A request at the end is answered only after everything before it was read; then
@@ -357,7 +398,9 @@ async def test_fuzz_h2_front_end(backend_proxy: ProxyProcess) -> None:
         response = await tls_exchange(
             proxy, context, preface + data + SENTINEL, sentinel_settled, patience=0.1
         )
-        assert response[3:4] == b"\x04", f"the server preface is not SETTINGS: {response[:50]!r}"
+        assert response[3:4] == bytes([SETTINGS]), (
+            f"the server preface is not SETTINGS: {response[:50]!r}"
+        )
 
     tried = await fuzz_proxy(proxy, example, strategy, partial(echo_health, proxy))
     assert tried >= 50
@@ -495,3 +538,16 @@ async def test_client_vanishing_mid_response(backend_proxy: ProxyProcess, protoc
     await echo_health(backend_proxy)
     problems = log_problems(backend_proxy.log())
     assert not problems, "\n\n".join(problems)
+
+
+async def test_h2_server_preface_comes_first_even_after_a_goaway(
+    backend_proxy: ProxyProcess,
+) -> None:
+    """A fuzz finding: a client GOAWAY in the first read made h2 drop our queued SETTINGS,
+    and the connection began with a GOAWAY (RFC 9113 section 3.4: SETTINGS comes first)."""
+    goaway = frame(GOAWAY, 0, 0, bytes(8))
+    context = client_context(backend_proxy, "h2")
+    for _ in range(5):
+        received = await tls_exchange(backend_proxy, context, h2_preface() + goaway + SENTINEL)
+        kinds = [f[3] for f in split_frames(received)]
+        assert kinds[:1] == [SETTINGS] and GOAWAY in kinds, kinds

@@ -213,7 +213,7 @@ class H2UpstreamSession(Session[H2UpstreamStream]):
         streams it takes. Raises OSError (closed, or not HTTP/2) or StreamTimeout."""
         conn = self.h2
         stream = self._transport.stream
-        await stream.send_all(conn.data_to_send(), deadline)
+        await stream.send_all(self._take_output(), deadline)
         settled = False
         while not settled:
             data = await stream.receive_some(deadline)
