@@ -87,6 +87,13 @@ def _goaway_keeps_streams() -> type[h2.connection.H2ConnectionStateMachine]:
     return GoawayKeepsStreams
 
 
+def describe(exc: h2.exceptions.ProtocolError) -> str:
+    """An h2 error for a log line: the stream errors carry only the stream id as message."""
+    if isinstance(exc, h2.exceptions.NoSuchStreamError):
+        return f"{type(exc).__name__} on stream {exc.stream_id}"
+    return str(exc)
+
+
 # -- the writer ----------------------------------------------------------------------------
 
 

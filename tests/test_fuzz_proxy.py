@@ -25,12 +25,14 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.exceptions
 import h2.settings
 import hpack
 import pytest
 import trio
 from hypothesis import strategies as st
 
+from proxy.h2session import describe
 from tests.backend import Backend, serve_backend
 from tests.fuzzing import fuzz_bytes, mutated, run_budget
 from tests.h2client import h2_client
@@ -551,3 +553,9 @@ async def test_h2_server_preface_comes_first_even_after_a_goaway(
         received = await tls_exchange(backend_proxy, context, h2_preface() + goaway + SENTINEL)
         kinds = [f[3] for f in split_frames(received)]
         assert kinds[:1] == [SETTINGS] and GOAWAY in kinds, kinds
+
+
+def test_h2_protocol_errors_are_named() -> None:
+    """A fuzz finding: stream errors were logged as a bare number ("protocol error: 3")."""
+    assert describe(h2.exceptions.StreamClosedError(3)) == "StreamClosedError on stream 3"
+    assert describe(h2.exceptions.ProtocolError("bad frame")) == "bad frame"

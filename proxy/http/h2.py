@@ -19,7 +19,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from proxy.config import Http2Config, LimitsConfig
-from proxy.h2session import Session, SessionStream, Setting
+from proxy.h2session import Session, SessionStream, Setting, describe
 from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_headers
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard
 from proxy.http.model import (
@@ -213,7 +213,7 @@ class H2ServerSession(Session[H2ServerStream]):
             log.debug("client %s: h2 connection ended: %r", self.info.client_ip, exc)
 
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
-        log.info("client %s: HTTP/2 protocol error: %s", self.info.client_ip, exc)
+        log.info("client %s: HTTP/2 protocol error: %s", self.info.client_ip, describe(exc))
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> bool:
         log.debug("client %s: %r", self.info.client_ip, event)
