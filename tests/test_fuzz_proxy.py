@@ -523,7 +523,8 @@ async def vanish_mid_response(proxy: ProxyProcess, protocol: str, reset: bool) -
 VANISHED = {
     "http/1.1": re.compile(r" DEBUG proxy\.http\.h1: client 127\.0\.0\.1: .*sending to client"),
     "h2": re.compile(
-        r" DEBUG proxy\.http\.h2: client 127\.0\.0\.1: (h2 connection ended|stream 1): "
+        r" DEBUG proxy\.http\.h2: client 127\.0\.0\.1: "
+        r"(h2 connection ended: |stream 1: connection closed)"
     ),
 }
 

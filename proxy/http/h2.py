@@ -295,7 +295,8 @@ class H2ServerSession(Session[H2ServerStream]):
                     with stream.scope:
                         await self._handler(stream)
             except* ClientGone as gone:  # may come out of the handler's own nursery
-                log.debug("client %s: stream %d: %r", self.info.client_ip, stream.stream_id, gone)
+                why = "; ".join(map(str, gone.exceptions))
+                log.debug("client %s: stream %d: %s", self.info.client_ip, stream.stream_id, why)
         except Exception:
             log.exception("client %s: stream %d failed", self.info.client_ip, stream.stream_id)
         finally:
