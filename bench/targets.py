@@ -253,6 +253,7 @@ enabled = false
 
 [limits]
 grace_period = 1.0
+upstream_keepalive = 512  # idle upstream connections kept, as Caddy's keepalive_idle_conns
 
 [[sites]]
 hosts = ["localhost", "127.0.0.1"]

@@ -49,7 +49,7 @@ def json_line(outcome: Outcome, wall_time: float) -> str:
     return _JSON.encode(
         {
             "timestamp": rfc3339(wall_time),
-            "client_ip": info.client_ip,
+            "client_ip": outcome.client_ip,
             "host": request.host.decode("latin-1"),
             "method": request.method.decode("latin-1"),
             "path": request.target.decode("latin-1"),
@@ -74,8 +74,7 @@ def common_line(outcome: Outcome, wall_time: float) -> str:
     line = b"%s %s %s" % (request.method, request.target, request.protocol.encode("ascii"))
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(wall_time))
     return (
-        f'{outcome.info.client_ip} - - [{stamp}] "{_quoted(line)}" '
-        f"{outcome.status} {outcome.bytes_out}"
+        f'{outcome.client_ip} - - [{stamp}] "{_quoted(line)}" {outcome.status} {outcome.bytes_out}'
     )
 
 

@@ -1,4 +1,5 @@
-"""Command line: `port443 run` serves, `check` validates a configuration, `reload` applies it."""
+"""Command line: `port443 run` serves, `check` validates a configuration, `reload` applies it,
+`certs` lists certificates, `doctor` checks what going live needs."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import trio
 
+import proxy
 from proxy.certs.report import certificates_table
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
+from proxy.doctor import run_doctor
 from proxy.handlers.admin import ProcessView
 from proxy.pidfile import read_pid, remove_pid, write_pid
 from proxy.server import Server
@@ -27,12 +30,14 @@ log = logging.getLogger("proxy")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="port443", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"port443 {proxy.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "run the proxy"),
         ("check", "validate a configuration file and exit 0 (valid) or 1"),
         ("reload", "validate a configuration, then make the running proxy apply it (SIGHUP)"),
         ("certs", "list each site's certificate: expiry, next renewal, last error"),
+        ("doctor", "check ports, store, clock, DNS, ACME and certificates before going live"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument(
@@ -148,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "certs":
         print(certificates_table(config))
         return 0
+    if args.command == "doctor":
+        return run_doctor(config)
     if args.command == "check":
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.config}: OK ({len(config.sites)} sites)")
         return 0
     if args.command == "reload":

@@ -6,16 +6,22 @@ text, so a reload is a matter of building a new `Config` and swapping one refere
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
 
 Issuer = Literal["local", "files", "acme"]
 UpstreamScheme = Literal["http", "h2c", "https"]
 AccessLogFormat = Literal["json", "common", "combined"]
-ChallengeType = Literal["http-01", "tls-alpn-01"]
+ChallengeType = Literal["http-01", "tls-alpn-01", "dns-01"]
+DnsProvider = Literal["rfc2136"]
+TsigAlgorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1"]
 KeyType = Literal["ecdsa-p256", "rsa-2048"]
+
+IPNetwork = IPv4Network | IPv6Network
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -32,12 +38,47 @@ class ListenConfig:
     addresses: tuple[str, ...] = ("0.0.0.0",)
     http: int = 80  # 0 disables the redirector
     https: int = 443
+    http3: bool = False  # also serve HTTP/3 (QUIC) on UDP at the https port
 
 
 @dataclass(frozen=True)
 class CertsConfig:
     dir: Path = Path("certs")
     issuer: Issuer = "local"
+
+
+StorageBackend = Literal["directory", "redis"]
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where certificates, ACME state and challenge answers are shared (docs/CLUSTER.md).
+
+    "directory" is `certs.dir` alone; "redis" shares them between instances, keeping a
+    local copy under `certs.dir` to serve from while Redis is unreachable.
+    """
+
+    backend: StorageBackend = "directory"
+    url: str | None = None  # redis:// or rediss://; required for "redis"
+    prefix: str = "port443:"  # every key starts with it: several clusters in one Redis
+    password: str | None = None  # else the one in the URL, if any
+    encryption_key: str | None = None  # base64url of 32 bytes: private keys at rest in Redis
+    encryption_key_file: Path | None = None  # the same, read from a file (one or the other)
+    lock_ttl: float = 60.0  # seconds a renewal lock outlives its holder's last heartbeat
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """How DNS-01 records are published: RFC 2136 updates signed with a TSIG key."""
+
+    server: tuple[str, int]  # the primary authoritative server that takes the updates
+    tsig_key_name: str
+    tsig_secret: str = field(repr=False)  # base64, as tsig-keygen / keymgr print it
+    tsig_algorithm: TsigAlgorithm = "hmac-sha256"
+    provider: DnsProvider = "rfc2136"
+    propagation_timeout: float = 120.0  # seconds until every server must show the record
+    # (host, port) to check instead of the zone's NS hosts on port 53 (split horizon, tests)
+    propagation_servers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +94,11 @@ class AcmeConfig:
     fallback_directory: str | None = None  # a second CA, tried when the first one fails
     key_type: KeyType = "ecdsa-p256"
     profile: str | None = None  # ACME profile requested for every order, renewals included
+    dns: DnsConfig | None = None  # [acme.dns]: needed by sites validated with dns-01
+
+    def challenges_for(self, site: SiteConfig) -> tuple[ChallengeType, ...]:
+        """The challenge types tried for `site`, in order: its own `challenge`, else ours."""
+        return (site.challenge,) if site.challenge is not None else self.challenges
 
 
 @dataclass(frozen=True)
@@ -75,7 +121,7 @@ class HSTSConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_header_bytes: int = 64 * 1024  # request head larger than this -> 431
+    max_header_bytes: int = 64 * 1024  # request head larger -> 431; upstream response head -> 502
     header_timeout: float = 10.0  # a client must send a whole request head within this
     keepalive_timeout: float = 75.0  # idle client connection between requests
     client_timeout: float = 60.0  # mid-request, the client must send or read within this
@@ -85,6 +131,10 @@ class LimitsConfig:
     upstream_keepalive: int = 128  # idle pooled connections kept per upstream
     grace_period: float = 30.0  # shutdown: how long in-flight requests may still run
     shutdown_delay: float = 0.0  # after SIGTERM, keep serving (readiness 503) this long first
+    fd_reserve: int = 64  # file descriptors kept free: accepting pauses before they run out
+    max_connections_per_ip: int = 0  # per client address (IPv6: per /64); 0 = no limit
+    requests_per_second_per_ip: float = 0.0  # token bucket per client address; 0 = no limit
+    request_burst_per_ip: int = 20  # the bucket's size: requests a client may send at once
 
 
 @dataclass(frozen=True)
@@ -97,13 +147,119 @@ class Upstream:
     server_name: str | None = None  # https: SNI and the name verified; None = `host`
 
 
+Policy = Literal["round_robin", "least_conn", "random_two", "consistent_hash"]
+RedirectStatus = Literal[301, 302, 307, 308]
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """When a group's backend is down. Passive: `max_fails` failures (refused, timed out, 5xx)
+    within `fail_window` seconds take it out for `cooldown`. Active (only with `path`): a
+    `GET path` every `interval`; `fall` failures in a row take it out, `rise` passes bring
+    it back."""
+
+    max_fails: int = 3
+    fail_window: float = 10.0
+    cooldown: float = 10.0
+    path: str | None = None
+    status: int = 200
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    host: str | None = None  # the checks' Host header; None = the backend's own authority
+
+
+@dataclass(frozen=True)
+class GroupTimeouts:
+    """Per-group upstream timeouts; None = the [limits] value (total: no limit)."""
+
+    connect: float | None = None
+    first_byte: float | None = None
+    idle: float | None = None
+    total: float | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamGroup:
+    """Backends that serve the same content, how one is chosen and when one is skipped.
+
+    `weights` line up with `upstreams`. `hash_key` (consistent_hash): "client_ip",
+    "header:<name>" or "cookie:<name>"."""
+
+    name: str
+    upstreams: tuple[Upstream, ...]
+    weights: tuple[int, ...] = ()  # empty: all 1
+    policy: Policy = "round_robin"
+    hash_key: str = "client_ip"
+    health: HealthConfig = field(default_factory=HealthConfig)
+    timeouts: GroupTimeouts = field(default_factory=GroupTimeouts)
+    retries: int = 2  # further attempts on other backends when that is safe
+    retry_deadline: float = 10.0  # no new attempt after this many seconds
+
+
+@dataclass(frozen=True)
+class HeaderOps:
+    """Edits of a header block, applied in this order: remove, set (replace), add."""
+
+    remove: tuple[bytes, ...] = ()
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.set or self.add)
+
+
+@dataclass(frozen=True)
+class Redirect:
+    target: str  # with {path} and {query} placeholders
+    status: RedirectStatus = 302
+
+
+@dataclass(frozen=True)
+class Respond:
+    status: int = 200
+    body: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One `[[sites.routes]]` entry: conditions (all must hold) and one action."""
+
+    action: UpstreamGroup | Redirect | Respond
+    path_prefix: str | None = None  # matched at a segment boundary: "/api" is not "/apix"
+    path: str | None = None  # exact path, query ignored
+    methods: frozenset[bytes] | None = None
+    header: tuple[bytes, bytes | None] | None = None  # name, and the value it must have
+    strip_prefix: bool = False
+    rewrite: str | None = None  # replaces the matched prefix or path
+    request_headers: HeaderOps = field(default_factory=HeaderOps)
+    response_headers: HeaderOps = field(default_factory=HeaderOps)
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     hosts: tuple[str, ...]
-    upstreams: tuple[Upstream, ...]
+    upstreams: tuple[Upstream, ...]  # the site's own group's backends (may be empty with routes)
     cert: Path | None = None  # issuer = "files"
     key: Path | None = None
     issuer: Issuer | None = None  # overrides certs.issuer for this site
+    challenge: ChallengeType | None = None  # overrides acme.challenges for this site
+    group: UpstreamGroup | None = None  # `upstreams` with their policy; None: round robin
+    routes: tuple[Route, ...] = ()  # none: every request goes to the site's own group
+
+    @property
+    def own_group(self) -> UpstreamGroup:
+        """The group that serves requests no route takes (a site without routes: all)."""
+        return self.group or UpstreamGroup(name=self.name, upstreams=self.upstreams)
+
+    @property
+    def groups(self) -> tuple[UpstreamGroup, ...]:
+        """Every group the site forwards to, its own (if any) first."""
+        own = (self.own_group,) if self.upstreams else ()
+        routed = tuple(r.action for r in self.routes if isinstance(r.action, UpstreamGroup))
+        return own + tuple(g for g in dict.fromkeys(routed) if g not in own)
 
     @property
     def name(self) -> str:
@@ -128,6 +284,7 @@ class Http2Config:
     max_header_list_size: int = 65536
     max_resets_per_second: int = 200  # RST_STREAM received or provoked (rapid reset)
     max_control_frames_per_second: int = 100  # SETTINGS, PING, PRIORITY, empty DATA
+    stall_timeout: int = 10  # seconds a response may wait for the client's window to open
 
 
 @dataclass(frozen=True)
@@ -144,6 +301,9 @@ class AdminConfig:
     enabled: bool = True
     address: str = "127.0.0.1"
     port: int = 2019
+    # Asked for by all but /healthz and /readyz; `token_file` is read into `token` on load.
+    token: str | None = field(default=None, repr=False)
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +313,7 @@ class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     certs: CertsConfig = field(default_factory=CertsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     hsts: HSTSConfig = field(default_factory=HSTSConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -161,6 +322,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     sites: tuple[SiteConfig, ...] = ()
     log_level: str = "info"
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-*/Forwarded we keep
+    warnings: tuple[str, ...] = field(default=(), compare=False)  # `check` prints them
     _sites_by_host: Mapping[str, SiteConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -173,5 +336,28 @@ class Config:
         return site.issuer or self.certs.issuer
 
     def site_for_host(self, host: str) -> SiteConfig | None:
-        """The site serving `host` (already lower-cased, without port; IPv6 without brackets)."""
-        return self._sites_by_host.get(host)
+        """The site serving `host` (already lower-cased, without port; IPv6 without brackets):
+        the one listing it, else the one listing its wildcard."""
+        site = self._sites_by_host.get(host)
+        if site is None and (wildcard := wildcard_of(host)) is not None:
+            site = self._sites_by_host.get(wildcard)
+        return site
+
+
+def is_ip_address(host: str) -> bool:
+    """Whether a site host is an IP literal (an RFC 8738 identifier) rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def wildcard_of(host: str) -> str | None:
+    """The wildcard name covering `host` ("a.example.com" -> "*.example.com"), if any.
+
+    A wildcard stands for exactly one left-most label (RFC 6125 6.4.3), so only the
+    first label is replaced; a name with a single label has no wildcard.
+    """
+    _, dot, parent = host.partition(".")
+    return f"*.{parent}" if dot and parent else None

@@ -16,14 +16,16 @@ from proxy.certs.manager import CertManager
 from proxy.config import Config
 from proxy.handlers.forward import Forwarder
 from proxy.handlers.redirect import Redirector
-from proxy.upstream.pool import Upstreams
+from proxy.upstream.pool import HealthObserver, Upstreams, ignore_health
 
 
 class Generation:
-    def __init__(self, config: Config, alpn: Sequence[str]) -> None:
+    def __init__(
+        self, config: Config, alpn: Sequence[str], on_health: HealthObserver = ignore_health
+    ) -> None:
         self.config = config
         self.certs = CertManager(config, alpn)
-        self.upstreams = Upstreams(config.sites, config.limits)
+        self.upstreams = Upstreams(config.sites, config.limits, on_health)
         self.forwarder = Forwarder(config, self.upstreams)
         self.redirector = Redirector(config.listen.https, config.certs.dir)
         self._scope = trio.CancelScope()

@@ -20,9 +20,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from proxy.certs.manager import CertManager
-from proxy.config import Config
+from proxy.config import Config, UpstreamGroup
+from proxy.connections import Admission
 from proxy.http.model import ConnectionInfo, Outcome
-from proxy.lifecycle import Lifecycle
 from proxy.netio import StreamTimeout
 
 # Seconds, from a cached response to a slow upload or a long poll.
@@ -31,7 +31,7 @@ GATEWAY_ERRORS = frozenset((502, 504))
 # Merging the workers' metrics: these are the same fact seen by each worker, not shares of
 # a total. The oldest certificate in service; an upstream is down if any worker saw it fail.
 MERGED_BY_MINIMUM = frozenset(
-    ("port443_certificate_expiry_timestamp_seconds", "port443_upstream_up")
+    ("port443_certificate_expiry_timestamp_seconds", "port443_upstream_up", "port443_backend_up")
 )
 
 
@@ -46,7 +46,7 @@ class ServerState(Protocol):
     def certs(self) -> CertManager: ...
 
     @property
-    def lifecycle(self) -> Lifecycle: ...
+    def admission(self) -> Admission: ...
 
 
 def handshake_failure_reason(exc: BaseException) -> str:
@@ -114,6 +114,13 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        self._backend_up = Gauge(
+            "port443_backend_up",
+            "Health of each backend of each upstream group: 1 up, 0 down (passive or active "
+            "health checks).",
+            ["group", "backend"],
+            registry=registry,
+        )
         self._handshake_failures = Counter(
             "port443_tls_handshake_failures",
             "TLS handshakes that failed, by reason.",
@@ -130,8 +137,9 @@ class Metrics:
             "port443_open_connections",
             "Client connections open now (HTTPS and HTTP listeners).",
             registry=registry,
-        ).set_function(lambda: server.lifecycle.open_connections)
+        ).set_function(lambda: server.admission.registry.open_connections)
         registry.register(_CertificateCollector(server))
+        registry.register(_AdmissionCollector(server.admission))
         self._request_children: dict[tuple[str, str, int, str], Counter] = {}
         self._site_children: dict[str, _SiteChildren] = {}
         self._upstream_children: dict[str, tuple[Histogram, Gauge]] = {}
@@ -139,6 +147,10 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+    def backend_health(self, group: UpstreamGroup, backend: str, up: bool) -> None:
+        """A backend's health changed (or a configuration brought it in, up)."""
+        self._backend_up.labels(group.name, backend).set(1 if up else 0)
 
     def tls_handshake_completed(self, info: ConnectionInfo) -> None:
         self._handshakes.labels(info.tls_version or "", info.alpn or "").inc()
@@ -216,6 +228,44 @@ class _CertificateCollector(Collector):
         for name, count in certs.renewal_failures.items():
             failures.add_metric([name], count)
         yield failures
+        yield GaugeMetricFamily(
+            "port443_storage_unreachable",
+            "Processes whose shared certificate store (Redis) does not answer; serving goes on.",
+            value=int(certs.storage_unreachable),
+        )
+
+
+class _AdmissionCollector(Collector):
+    """What the connection limits did to clients, read at scrape time."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        admission = self._admission
+        yield CounterMetricFamily(
+            "port443_connections_evicted",
+            "Idle client connections closed to admit new ones (at max_connections or the "
+            "file descriptor reserve).",
+            value=admission.registry.evicted,
+        )
+        reserve = admission.reserve
+        yield CounterMetricFamily(
+            "port443_accept_pauses",
+            "Times accepting paused because only fd_reserve file descriptors were left.",
+            value=0 if reserve is None else reserve.pauses,
+        )
+        refusals = CounterMetricFamily(
+            "port443_client_limit_refusals",
+            "Connections closed at accept (max_connections_per_ip) and requests answered 429 "
+            "(requests_per_second_per_ip), by kind.",
+            labels=["kind"],
+        )
+        clients = admission.clients
+        if clients is not None:
+            refusals.add_metric(["connection"], clients.refused_connections)
+            refusals.add_metric(["request"], clients.refused_requests)
+        yield refusals
 
 
 def merge_expositions(texts: Iterable[str]) -> bytes:

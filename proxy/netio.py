@@ -81,6 +81,9 @@ async def _wait(sock: socket.socket, deadline: float, readable: bool) -> None:
         await wait(sock)
     except trio.ClosedResourceError as exc:
         if trio.current_time() >= deadline:
+            # The reaper told trio this socket closes (notify_closing): close it now, so no
+            # later call can use it half-forgotten; any further I/O raises OSError (EBADF).
+            sock.close()
             raise StreamTimeout from None
         raise ConnectionAbortedError(f"socket closed while waiting: {exc}") from exc
     finally:
@@ -88,8 +91,8 @@ async def _wait(sock: socket.socket, deadline: float, readable: bool) -> None:
 
 
 async def wait_readable(sock: socket.socket, deadline: float) -> None:
-    """Wait until `sock` is readable; StreamTimeout past `deadline` (the socket is then
-    unusable: the caller closes it)."""
+    """Wait until `sock` is readable; StreamTimeout past `deadline`, and the socket is then
+    closed: a stream that timed out is gone."""
     await _wait(sock, deadline, readable=True)
 
 

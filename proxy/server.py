@@ -11,30 +11,35 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
 from proxy.accesslog import AccessLog
-from proxy.certs.acme_challenges import ACME_TLS_ALPN, tls_alpn01_context
+from proxy.certs.acme_challenges import ACME_TLS_ALPN
 from proxy.certs.manager import CertManager
+from proxy.client_limits import ClientLimits, client_key
 from proxy.config import AdminConfig, Config, LimitsConfig, ListenConfig
+from proxy.connections import Admission, ConnectionRegistry, DescriptorReserve, Drainable, Slot
 from proxy.generation import Generation, describe_changes
 from proxy.handlers.admin import AdminHandler, ProcessView
-from proxy.handlers.observed import Observed
+from proxy.handlers.observed import Observed, respond
 from proxy.http.h1 import H1Connection, Handler
 from proxy.http.h2 import H2ServerSession
-from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome
-from proxy.lifecycle import Lifecycle
+from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome, plain_response
+from proxy.lograte import RateLimitedLog
 from proxy.metrics import Metrics
 from proxy.netio import SocketStream, StreamTimeout, close_socket
-from proxy.tls.clienthello import ClientHello, ClientHelloError
+from proxy.quic import QuicEndpoint, bind_udp
+from proxy.tls.clienthello import ClientHello, ClientHelloError, PlainHTTPRequest
 from proxy.tls.stream import TLSStream, peek_client_hello
+from proxy.traffic import TrafficHistory
 
 log = logging.getLogger(__name__)
 
-ConnectionHandler = Callable[[socket.socket, str], Awaitable[None]]
+ConnectionHandler = Callable[[socket.socket, str, Slot], Awaitable[None]]
 
 ALPN = ("h2", "http/1.1")
 LISTEN_BACKLOG = 1024
@@ -104,14 +109,14 @@ async def serve_admin(
     try:
         host, port = sock.getsockname()[:2]
         log.info("listening for admin on %s port %d", host, port)
-        lifecycle = Lifecycle(ADMIN_MAX_CONNECTIONS)
+        admission = Admission(registry=ConnectionRegistry(ADMIN_MAX_CONNECTIONS))
 
-        async def serve(sock: socket.socket, client_ip: str) -> None:
-            await serve_plain_http(handler, limits(), lifecycle, sock, client_ip)
+        async def serve(sock: socket.socket, client_ip: str, slot: Slot) -> None:
+            await serve_plain_http(handler, limits(), slot, sock, client_ip)
 
         async with trio.open_nursery() as connections:
             task_status.started()
-            await accept_loop(sock, serve, connections, lifecycle)
+            await accept_loop(sock, serve, connections, admission)
     finally:
         close_socket(sock)
 
@@ -119,51 +124,86 @@ async def serve_admin(
 async def serve_plain_http(
     handler: Handler,
     limits: LimitsConfig,
-    lifecycle: Lifecycle,
+    slot: Slot,
     sock: socket.socket,
     client_ip: str,
 ) -> None:
     """HTTP/1.1 without TLS: the redirector's port and the admin listener."""
-    info = ConnectionInfo(client_ip, None, None)
-    await H1Connection(SocketStream(sock), sock, info, handler, limits, lifecycle).serve()
+    info = ConnectionInfo(client_ip=client_ip, tls_version=None, alpn=None)
+    await H1Connection(SocketStream(sock), sock, info, handler, limits, slot).serve()
+
+
+_log_accept_failure = RateLimitedLog(log, logging.ERROR)
 
 
 async def accept_loop(
     listener: socket.socket,
     serve: ConnectionHandler,
     connections: trio.Nursery,
-    lifecycle: Lifecycle,
+    admission: Admission,
 ) -> None:
+    """Accept while there is room: when a client waits at the limit or the descriptor
+    reserve, idle connections make room first; a client over its own connection limit is
+    closed at once."""
+    registry, reserve, clients = admission.registry, admission.reserve, admission.clients
     while True:
-        await lifecycle.wait_for_capacity()
         await trio.lowlevel.wait_readable(listener)
-        while lifecycle.open_connections < lifecycle.max_connections:
+        if reserve is not None:
+            await reserve.wait(registry)
+        await registry.wait_for_room()
+        while not registry.full and (reserve is None or reserve.admits()):
             try:
                 sock, address = listener.accept()
             except BlockingIOError:
                 break
             except OSError as exc:  # EMFILE and friends: back off, keep serving
-                log.error("accept failed: %s", exc)
+                _log_accept_failure("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 break
+            client_ip = address[0]
+            if clients is not None and not clients.connection_opened(client_key(client_ip)):
+                sock.close()
+                continue
+            if reserve is not None:
+                reserve.accepted()
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            lifecycle.opened()
-            connections.start_soon(_run_connection, lifecycle, serve, sock, address[0])
+            slot = registry.admit()
+            connections.start_soon(_run_connection, admission, slot, serve, sock, client_ip)
 
 
 async def _run_connection(
-    lifecycle: Lifecycle, serve: ConnectionHandler, sock: socket.socket, client_ip: str
+    admission: Admission, slot: Slot, serve: ConnectionHandler, sock: socket.socket, client_ip: str
 ) -> None:
     try:
-        await serve(sock, client_ip)
+        await serve(sock, client_ip, slot)
     except Exception:
         # A bug in one connection's handling must not take the listener and every other
         # connection down with it: log it loudly and keep serving.
         log.exception("client %s: connection handler failed", client_ip)
         close_socket(sock)
     finally:
-        lifecycle.closed()
+        slot.release()
+        if admission.clients is not None:
+            admission.clients.connection_closed(client_key(client_ip))
+
+
+class _Handshaking(Drainable):
+    """A client connection until its TLS handshake is done: idle, so it may be closed to
+    make room (or on drain). Shutting the socket wakes the peek or handshake waiting on it
+    with an end of file; `sock` follows the connection from the raw socket to the TLS one."""
+
+    __slots__ = ("closed", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.closed = False
+
+    def close_if_idle(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            # socket.socket's own shutdown: ssl.SSLSocket's would drop its TLS state.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
 
 class Server:
@@ -178,21 +218,30 @@ class Server:
     ) -> None:
         self._inherited = listeners
         self._serve_admin_port = serve_admin and config.admin.enabled
-        self.lifecycle = Lifecycle(config.limits.max_connections)
+        limits = config.limits
+        self.registry = ConnectionRegistry(limits.max_connections)
+        self.client_limits = ClientLimits(limits)
+        self.admission = Admission(
+            registry=self.registry,
+            reserve=DescriptorReserve(limits.fd_reserve) if limits.fd_reserve else None,
+            clients=self.client_limits,
+        )
         self.listening = False  # the public listeners are bound (readiness)
         self.metrics = Metrics(self)
+        self.started = time.time()
+        self.traffic = TrafficHistory()  # the status page's last minutes
         self._access_log = (
             AccessLog(config.access_log, shared=config.server.workers > 1)
             if config.access_log.enabled
             else None
         )
-        observers: list[Observer] = [self.metrics]
+        observers: list[Observer] = [self.metrics, self.traffic]
         if self._access_log is not None:
             observers.append(self._access_log)
         # Handlers delegate to the generation current when each request starts.
         self._https_handler = Observed(self._forward, "https", observers)
         self._http_handler = Observed(self._redirect, "http", observers)
-        self._current = Generation(config, ALPN)
+        self._current = Generation(config, ALPN, self.metrics.backend_health)
         self._shutdown = trio.Event()
 
     @property
@@ -207,6 +256,13 @@ class Server:
         return self.config.limits
 
     async def _forward(self, exchange: Exchange, outcome: Outcome) -> None:
+        retry_after = self.client_limits.retry_after(exchange.request)
+        if retry_after is not None:
+            head, body = plain_response(
+                429, "Too Many Requests", (b"retry-after", str(retry_after).encode("ascii"))
+            )
+            await respond(exchange, outcome, head, body)
+            return
         await self._current.forwarder(exchange, outcome)
 
     async def _redirect(self, exchange: Exchange, outcome: Outcome) -> None:
@@ -226,8 +282,9 @@ class Server:
         for section in ("server", "listen", "admin", "access_log"):
             if getattr(config, section) != getattr(old.config, section):
                 log.warning("reload: [%s] changes take effect only after a restart", section)
-        new = Generation(config, ALPN)
+        new = Generation(config, ALPN, self.metrics.backend_health)
         await self._services.start(new.run)
+        self.client_limits.configure(config.limits)
         self._current = new
         old.retire()
         changes = describe_changes(old.config, config)
@@ -248,7 +305,9 @@ class Server:
             if self._serve_admin_port:  # first: /healthz answers while certificates load
                 # Scrapes and health checks are counted, but kept out of the access log.
                 view = ProcessView(self.metrics, self)
-                handler = Observed(AdminHandler(view), "admin", [self.metrics])
+                handler = Observed(
+                    AdminHandler(view, self.config.admin.token), "admin", [self.metrics]
+                )
                 await services.start(serve_admin, self.config.admin, handler, self._limits)
             await services.start(self._current.run)
             listeners: Listeners = []
@@ -258,11 +317,12 @@ class Server:
                 for b in bound:
                     log.info("listening for %s on %s port %d", b.kind, b.host, b.port)
                 async with trio.open_nursery() as connections:
+                    self._serve_http3(connections, listeners)
                     async with trio.open_nursery() as acceptors:
                         for sock, kind in listeners:
                             serve = self._serve_tls if kind == "https" else self._serve_redirect
                             acceptors.start_soon(
-                                accept_loop, sock, serve, connections, self.lifecycle
+                                accept_loop, sock, serve, connections, self.admission
                             )
                         self.listening = True
                         task_status.started(bound)
@@ -279,6 +339,28 @@ class Server:
             services.cancel_scope.cancel()
         log.info("stopped")
 
+    def _serve_http3(self, connections: trio.Nursery, listeners: Listeners) -> None:
+        """HTTP/3 on UDP beside each HTTPS listener, when on. Its endpoints live in
+        `connections`: draining connections still need their datagrams; new ones are
+        refused once the connection registry drains. Each process binds its own (SO_REUSEPORT)."""
+        if not self.config.listen.http3:
+            return
+        for sock, kind in listeners:
+            if kind != "https":
+                continue
+            host, port = sock.getsockname()[:2]
+            endpoint = QuicEndpoint(
+                bind_udp(host, port),
+                certs=lambda: self.certs,
+                limits=self._limits,
+                handler=self._https_handler,
+                registry=self.registry,
+                metrics=self.metrics,
+                connections=connections,
+            )
+            log.info("listening for http3 on %s port %d (UDP)", host, port)
+            connections.start_soon(endpoint.serve)
+
     async def _delay_shutdown(self) -> None:
         """Keep serving while readiness reports 503, so a load balancer stops sending us
         new clients before the listeners close (Kubernetes preStop-style)."""
@@ -291,71 +373,84 @@ class Server:
         grace = self.config.limits.grace_period
         log.info(
             "shutting down: %d connections open, grace period %gs",
-            self.lifecycle.open_connections,
+            self.registry.open_connections,
             grace,
         )
-        self.lifecycle.drain()
+        self.registry.drain()
         with trio.move_on_after(grace):
-            await self.lifecycle.wait_all_closed()
-        if self.lifecycle.open_connections:
-            log.warning(
-                "grace period over: closing %d connections", self.lifecycle.open_connections
-            )
+            await self.registry.wait_all_closed()
+        if self.registry.open_connections:
+            log.warning("grace period over: closing %d connections", self.registry.open_connections)
         connections.cancel_scope.cancel()
 
-    async def _serve_redirect(self, sock: socket.socket, client_ip: str) -> None:
+    async def _serve_redirect(self, sock: socket.socket, client_ip: str, slot: Slot) -> None:
         """The plain-HTTP port, with the current generation's limits."""
-        await serve_plain_http(
-            self._http_handler, self.config.limits, self.lifecycle, sock, client_ip
-        )
+        await serve_plain_http(self._http_handler, self.config.limits, slot, sock, client_ip)
 
-    async def _serve_tls(self, sock: socket.socket, client_ip: str) -> None:
-        deadline = trio.current_time() + self.config.limits.header_timeout
+    async def _serve_tls(self, sock: socket.socket, client_ip: str, slot: Slot) -> None:
+        handshaking = _Handshaking(sock)
+        slot.register(handshaking)
         try:
-            hello = await peek_client_hello(sock, deadline)
-        except ClientHelloError:
-            await self._refuse_non_tls(sock, client_ip)
-            return
-        except (EOFError, StreamTimeout, OSError) as exc:
-            log.debug("client %s: no ClientHello: %r", client_ip, exc)
-            close_socket(sock)
-            return
-        stream = TLSStream(sock, self._context_for(hello))
-        try:
-            await stream.do_handshake(deadline)
-        except (ssl.SSLError, StreamTimeout, OSError) as exc:
-            log.info(
-                "client %s: TLS handshake failed (SNI %s): %s", client_ip, hello.server_name, exc
-            )
-            self.metrics.tls_handshake_failed(exc)
-            await stream.aclose()
+            stream = await self._handshake(sock, client_ip, handshaking)
+        finally:
+            slot.unregister(handshaking)
+        if stream is None:
             return
         if stream.alpn_protocol == ACME_TLS_ALPN:
             await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
             return
-        info = ConnectionInfo(client_ip, stream.version, stream.alpn_protocol)
+        info = ConnectionInfo(
+            client_ip=client_ip, tls_version=stream.version, alpn=stream.alpn_protocol
+        )
         self.metrics.tls_handshake_completed(info)
         if stream.alpn_protocol == "h2":
             config = self.config
             await H2ServerSession(
-                stream, info, self._https_handler, config.limits, config.http2, self.lifecycle
+                stream, info, self._https_handler, config.limits, config.http2, slot
             ).serve()
         else:
             await H1Connection(
-                stream, stream.socket, info, self._https_handler, self.config.limits, self.lifecycle
+                stream, stream.socket, info, self._https_handler, self.config.limits, slot
             ).serve()
 
-    def _context_for(self, hello: ClientHello) -> ssl.SSLContext:
-        """The certificate for this ClientHello. A pending TLS-ALPN-01 challenge (RFC 8737)
-        wins when the client offers acme-tls/1: only an ACME validator does that."""
-        if ACME_TLS_ALPN in hello.alpn and hello.server_name:
-            challenge = tls_alpn01_context(self.config.certs.dir, hello.server_name)
-            if challenge is not None:
-                return challenge
-        return self.certs.context_for(hello.server_name)
+    async def _handshake(
+        self, sock: socket.socket, client_ip: str, handshaking: _Handshaking
+    ) -> TLSStream | None:
+        """The TLS stream once the handshake is done; None (the socket closed) if it fails,
+        or if the connection was closed to make room."""
+        deadline = trio.current_time() + self.config.limits.header_timeout
+        hello: ClientHello | None
+        try:
+            hello = await peek_client_hello(sock, deadline)
+        except PlainHTTPRequest:
+            await self._refuse_non_tls(sock, client_ip)
+            return None
+        except ClientHelloError as exc:  # OpenSSL reads it too, and sends the right alert
+            log.debug("client %s: malformed ClientHello: %s", client_ip, exc)
+            hello = None
+        except (EOFError, StreamTimeout, OSError) as exc:
+            log.debug("client %s: no ClientHello: %r", client_ip, exc)
+            close_socket(sock)
+            return None
+        # Without SNI, the address the client connected to picks an IP-address certificate.
+        local = sock.getsockname()[0] if hello is not None and not hello.server_name else None
+        stream = TLSStream(sock, self.certs.context_for_hello(hello, local))
+        handshaking.sock = stream.socket
+        try:
+            await stream.do_handshake(deadline)
+        except (ssl.SSLError, StreamTimeout, OSError) as exc:
+            if handshaking.closed:
+                log.debug("client %s: closed during its TLS handshake", client_ip)
+            else:
+                name = hello.server_name if hello else None
+                log.info("client %s: TLS handshake failed (SNI %s): %s", client_ip, name, exc)
+                self.metrics.tls_handshake_failed(exc)
+            await stream.aclose()
+            return None
+        return stream
 
     async def _refuse_non_tls(self, sock: socket.socket, client_ip: str) -> None:
-        """Plain HTTP sent to the TLS port gets a readable answer, as Go and Caddy give."""
+        """Plain HTTP sent to the TLS port gets a readable answer, as Go, Caddy and nginx give."""
         log.info("client %s: non-TLS bytes on the HTTPS port", client_ip)
         with contextlib.suppress(OSError, StreamTimeout):
             await SocketStream(sock).send_all(HTTP_ON_TLS_PORT, trio.current_time() + 1)

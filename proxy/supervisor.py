@@ -27,7 +27,9 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -36,10 +38,12 @@ from proxy.config import Config, LimitsConfig
 from proxy.config_load import ConfigError, load_config
 from proxy.handlers.admin import AdminHandler, InstanceView
 from proxy.handlers.observed import Observed
+from proxy.instance_status import instance_status
 from proxy.metrics import merge_expositions
 from proxy.netio import close_socket
 from proxy.server import Listeners, bind_public, serve_admin
 from proxy.tls.policy import new_ticket_key
+from proxy.traffic import merge_snapshots
 from proxy.worker import WORKER_ENV, Channel, Message, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,7 @@ class Supervisor(InstanceView):
             self._close_listeners()
             raise
         self._ticket_keys = [new_ticket_key()]
+        self._started = time.time()
         self._stop = trio.Event()
         self._question = itertools.count()
         self._registry = CollectorRegistry()
@@ -88,7 +93,7 @@ class Supervisor(InstanceView):
             registry=self._registry,
         )
         # The workers count the instance's admin requests; the supervisor only answers them.
-        self._admin_handler = Observed(AdminHandler(self), "admin", ())
+        self._admin_handler = Observed(AdminHandler(self, config.admin.token), "admin", ())
 
     async def run(self) -> None:
         """Run the workers until SIGTERM/SIGINT, then until they have drained."""
@@ -228,14 +233,36 @@ class Supervisor(InstanceView):
     # -- the admin port's view of the instance -------------------------------------------
 
     async def exposition(self) -> bytes:
+        return self._merged_exposition(await self._ask_all())
+
+    async def unready_reason(self) -> str | None:
+        return self._unready_reason(await self._ask_all())
+
+    async def status(self) -> dict[str, Any]:
         answers = await self._ask_all()
+        workers = []
+        for worker in self._workers:
+            answer = answers[worker.index]
+            reason = "not running or not answering" if answer is None else answer["unready"]
+            pid = None if worker.process is None else worker.process.pid
+            workers.append({"index": worker.index, "pid": pid, "ready": reason is None,
+                            "reason": reason})  # fmt: skip
+        return instance_status(
+            self.config,
+            started=self._started,
+            exposition=self._merged_exposition(answers),
+            traffic=merge_snapshots(a["traffic"] for a in answers.values() if a is not None),
+            workers=workers,
+            unready=self._unready_reason(answers),
+        )
+
+    def _merged_exposition(self, answers: dict[int, Message | None]) -> bytes:
         texts = [answer["metrics"] for answer in answers.values() if answer is not None]
         return merge_expositions([*texts, generate_latest(self._registry).decode()])
 
-    async def unready_reason(self) -> str | None:
+    def _unready_reason(self, answers: dict[int, Message | None]) -> str | None:
         if self._stop.is_set():
             return "shutting down"
-        answers = await self._ask_all()
         for worker in self._workers:
             answer = answers[worker.index]
             if answer is None:

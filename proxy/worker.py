@@ -4,8 +4,9 @@ A worker is `python -m proxy run` started with `PORT443_WORKER` in its environme
 inherited file descriptors are its listeners and its control socket, and the session-ticket
 keys in force (the environment of a process is readable by its user and root only; nothing
 of it touches the disk). Over the control socket travel newline-delimited JSON messages: the
-supervisor asks for the worker's metrics and readiness and sends rotated ticket keys; the
-supervisor's end closing tells the worker to shut down (the supervisor is gone).
+supervisor asks for the worker's metrics, readiness and traffic history (the status page)
+and sends rotated ticket keys; the supervisor's end closing tells the worker to shut down
+(the supervisor is gone).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import trio
 
-from proxy.handlers.admin import InstanceView
+from proxy.handlers.admin import ProcessView
 from proxy.server import Listeners
 from proxy.tls.policy import set_ticket_keys
 
@@ -114,7 +115,7 @@ class Channel:
 
 
 async def answer_supervisor(
-    channel: Channel, view: InstanceView, on_orphaned: Callable[[], None]
+    channel: Channel, view: ProcessView, on_orphaned: Callable[[], None]
 ) -> None:
     """The worker's side: answer status requests, take rotated ticket keys; when the
     supervisor's end closes (it died), call `on_orphaned` so the worker drains and exits."""
@@ -132,7 +133,9 @@ async def answer_supervisor(
         if op == "status":
             metrics = (await view.exposition()).decode()
             reason = await view.unready_reason()
-            await channel.send({"id": message.get("id"), "unready": reason, "metrics": metrics})
+            traffic = view.traffic()
+            answer = {"id": message.get("id"), "unready": reason, "metrics": metrics}
+            await channel.send({**answer, "traffic": traffic})
         elif op == "ticket_keys":
             set_ticket_keys(tuple(bytes.fromhex(key) for key in message["keys"]))
         else:

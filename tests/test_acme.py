@@ -1,7 +1,7 @@
 """The ACME client alone against a real Pebble that validates through real listeners.
 
 A minimal pair of listeners lives here: HTTP answering from `http01_key_authorization`
-and TLS answering from `tls_alpn01_context`, both reading what the client published under
+and TLS answering from `TlsAlpn01Contexts`, both reading what the client published under
 `certs/`. tests/test_acme_proxy.py does the same through the proxy's own listeners.
 """
 
@@ -28,13 +28,13 @@ from proxy.certs.acme import AcmeClient, AcmeError, ExternalAccountBinding, Issu
 from proxy.certs.acme_challenges import (
     ACME_TLS_ALPN,
     HTTP01_PATH_PREFIX,
+    TlsAlpn01Contexts,
     http01_key_authorization,
-    tls_alpn01_context,
     write_http01,
     write_tls_alpn01,
 )
-from tests.pebble import Pebble
-from tests.proxyproc import free_port
+from tests.support.net import free_port
+from tests.support.pebble import Pebble
 
 EAB_KID, EAB_HMAC = "kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
 
@@ -84,7 +84,7 @@ class Responder:
             await stream.aclose()
 
     def _pick_context(self, sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> int | None:
-        context = tls_alpn01_context(self.certs_dir, name or "")
+        context = TlsAlpn01Contexts(self.certs_dir).context_for(name or "")
         if context is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sock.context = context
@@ -153,6 +153,7 @@ def _published(responder: Responder) -> list[Path]:
     return [p for p in (responder.certs_dir / ".challenges").rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow
 async def test_issue_via_http01(responder: Responder, pebble: Pebble, tmp_path: Path) -> None:
     names = ["http.example.com", "www.http.example.com"]
     client = _client(responder, pebble, challenges=("http-01",))
@@ -164,6 +165,7 @@ async def test_issue_via_http01(responder: Responder, pebble: Pebble, tmp_path: 
     assert _published(responder) == []
 
 
+@pytest.mark.slow
 async def test_issue_via_tls_alpn01(responder: Responder, pebble: Pebble, tmp_path: Path) -> None:
     names = ["alpn.example.com", "www.alpn.example.com"]
     client = _client(responder, pebble, challenges=("tls-alpn-01",))
@@ -175,6 +177,7 @@ async def test_issue_via_tls_alpn01(responder: Responder, pebble: Pebble, tmp_pa
     assert _published(responder) == []
 
 
+@pytest.mark.slow
 async def test_account_is_created_once_and_reused(responder: Responder, pebble: Pebble) -> None:
     first = _client(responder, pebble)
     await first.issue(["one.example.com"])
@@ -187,6 +190,7 @@ async def test_account_is_created_once_and_reused(responder: Responder, pebble: 
     assert second.account_path.read_bytes() == account
 
 
+@pytest.mark.slow
 async def test_invalid_authorization_is_reported(responder: Responder, pebble: Pebble) -> None:
     responder.wrong_key_authorization = True
     client = _client(responder, pebble, challenges=("http-01",))
@@ -199,6 +203,7 @@ async def test_invalid_authorization_is_reported(responder: Responder, pebble: P
     assert _published(responder) == []
 
 
+@pytest.mark.slow
 async def test_nonce_rejections_are_survived(
     start_pebble: Callable[..., Pebble], responder: Responder, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -215,6 +220,7 @@ async def test_nonce_rejections_are_survived(
     assert any("badNonce" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 async def test_external_account_binding(
     start_pebble: Callable[..., Pebble], responder: Responder
 ) -> None:
@@ -248,15 +254,16 @@ def test_tls_alpn01_certificate_carries_the_key_authorization(tmp_path: Path) ->
 
 
 def test_tls_alpn01_context_follows_the_file(tmp_path: Path) -> None:
+    contexts = TlsAlpn01Contexts(tmp_path)
     path = write_tls_alpn01(tmp_path, "a.example.com", "t.k")
-    first = tls_alpn01_context(tmp_path, "A.example.com")
-    assert first is not None and tls_alpn01_context(tmp_path, "a.example.com") is first
+    first = contexts.context_for("A.example.com")
+    assert first is not None and contexts.context_for("a.example.com") is first
     write_tls_alpn01(tmp_path, "a.example.com", "t2.k")
-    assert tls_alpn01_context(tmp_path, "a.example.com") not in (None, first)
+    assert contexts.context_for("a.example.com") not in (None, first)
     path.unlink()
-    assert tls_alpn01_context(tmp_path, "a.example.com") is None
+    assert contexts.context_for("a.example.com") is None
     for hostile in ("../a.example.com", "a.example.com/x", "", "a..example.com"):
-        assert tls_alpn01_context(tmp_path, hostile) is None
+        assert contexts.context_for(hostile) is None
 
 
 def test_http01_lookup_rejects_foreign_tokens(tmp_path: Path) -> None:

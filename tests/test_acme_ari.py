@@ -1,6 +1,6 @@
 """ACME Renewal Information (RFC 9773) and profiles, through the real proxy process.
 
-Pebble 2.4 has no ARI and no profiles, so the proxy talks to `tests/ari_double.py`: a test
+Pebble 2.4 has no ARI and no profiles, so the proxy talks to `tests/support/ari_double.py`: a test
 double in front of a real Pebble that adds renewalInfo (answering with responses shaped
 like those recorded from Let's Encrypt, with a window the test picks) and profiles to the
 directory, and forwards everything else to Pebble, which still validates and issues.
@@ -8,32 +8,36 @@ directory, and forwards everything else to Pebble, which still validates and iss
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import trio
 
 from proxy.certs.renewal import ari_cert_id
 from proxy.certs.store import CertStore
-from tests.ari_double import AriDouble
-from tests.backend import Backend
-from tests.certs_e2e import pebble_root, wait_log, wait_served
-from tests.pebble import Pebble
-from tests.proxyproc import sites_toml, start_proxy
+from tests.support.ari_double import AriDouble
+from tests.support.backend import Backend
+from tests.support.certs import pebble_root, wait_served
+from tests.support.pebble import Pebble
+from tests.support.proxy import sites_toml, start_proxy
+
+pytestmark = pytest.mark.slow
 
 
 async def test_ari_window_decides_the_renewal_and_the_order_names_what_it_replaces(
     start_pebble: Callable[..., Pebble],
     backend: Backend,
-    ports: tuple[int, int],
+    proxy_ports: tuple[int, int],
     tmp_path: Path,
     nursery: trio.Nursery,
 ) -> None:
     """A 60 s certificate would be renewed after 30 s; the CA's window, 3-5 s after
     issuance, brings that forward (as after a revocation decision). The renewal order
     carries `replaces` with the old certificate's CertID and the sticky profile."""
-    pebble = start_pebble(http_port=ports[0], tls_port=ports[1], validity_seconds=60)
+    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1], validity_seconds=60)
     windows: dict[str, tuple[datetime, datetime]] = {}
 
     def window(cert_id: str) -> tuple[datetime, datetime]:
@@ -48,12 +52,14 @@ async def test_ari_window_decides_the_renewal_and_the_order_names_what_it_replac
         f'[acme]\ndirectory = "{double.directory}"\nca_bundle = "{pebble.ca_bundle}"\n'
         'profile = "shortlived"\n' + sites_toml((["ari.example.com"], [backend.url]))
     )
-    proxy = await start_proxy(tmp_path, body, issuer="acme", ports=ports)
+    proxy = await start_proxy(tmp_path, body, issuer="acme", ports=proxy_ports)
     try:
         root = pebble_root(pebble, tmp_path)
         first = await wait_served(proxy, "ari.example.com", lambda: root)
-        planned = await wait_log(
-            proxy, rf"certificate {first.serial_number:x} .* renewal at (.+) \(ARI window (.+) to"
+        planned = await proxy.wait_log(
+            re.compile(
+                rf"certificate {first.serial_number:x} .* renewal at (.+) \(ARI window (.+) to"
+            )
         )
         renewed = await wait_served(
             proxy,

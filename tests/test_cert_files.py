@@ -3,15 +3,19 @@ once it validates; a bad pair is refused with a clear log line and the old one s
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import trio
 
 from proxy.certs.local_ca import LocalCA
-from tests.backend import Backend
-from tests.certs_e2e import port443_certs, served, wait_log, wait_served
-from tests.proxyproc import sites_toml, start_proxy
+from tests.support.backend import Backend
+from tests.support.certs import port443_certs, served, wait_served
+from tests.support.proxy import sites_toml, start_proxy
+
+pytestmark = pytest.mark.slow
 
 SWAP = 10.0  # seconds: the files are looked at every 2 s
 
@@ -40,13 +44,19 @@ async def test_new_pairs_are_swapped_in_and_bad_ones_refused(
 
         mark = len(proxy.log())
         chain.write_bytes(ca.issue(["files.test"])[0])  # a certificate without its key
-        await wait_log(proxy, r"site files.test: refusing .* does not belong to", SWAP, mark)
+        await proxy.wait_log(
+            re.compile(r"site files.test: refusing .* does not belong to"), since=mark, timeout=SWAP
+        )
 
         expired = LocalCA(tmp_path / "ca", leaf_lifetime=timedelta(seconds=1)).issue(["files.test"])
         await trio.sleep(1.1)
         mark = len(proxy.log())
         write(expired)
-        await wait_log(proxy, r"site files.test: refusing .* expired at .*keeping", SWAP, mark)
+        await proxy.wait_log(
+            re.compile(r"site files.test: refusing .* expired at .*keeping"),
+            since=mark,
+            timeout=SWAP,
+        )
         still = await served(proxy, "files.test", root())
         assert still is not None and still.serial_number == second.serial_number
         table = port443_certs(tmp_path / "port443.toml")

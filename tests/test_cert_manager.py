@@ -16,6 +16,7 @@ import trio
 from cryptography import x509
 
 from proxy.certs.acme import AcmeError, RenewalInfo
+from proxy.certs.acme_challenges import ACME_TLS_ALPN, write_tls_alpn01
 from proxy.certs.issuers import Issued, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
 from proxy.certs.manager import CertManager
@@ -23,12 +24,12 @@ from proxy.certs.status import load_status
 from proxy.certs.store import CertStore, StoredCert
 from proxy.config import CertsConfig, Config, SiteConfig, TLSConfig
 from proxy.config import Issuer as IssuerName
-from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, parse_client_hello
+from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
 
 ALPN = ("http/1.1",)
 
 
-def site(*hosts: str, files: tuple[Path, Path] | None = None) -> SiteConfig:
+def site_config(*hosts: str, files: tuple[Path, Path] | None = None) -> SiteConfig:
     cert, key = files or (None, None)
     return SiteConfig(hosts=hosts, upstreams=(), cert=cert, key=key)
 
@@ -54,10 +55,10 @@ async def serve_handshakes(manager: CertManager, stream: trio.SocketStream) -> N
     its alert on the wire the way the server's own TLS stream does.
     """
     data = await stream.socket.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
-    while (hello := parse_client_hello(data)) is None:
+    while not isinstance(hello := parse_client_hello(data), ClientHello):
         await trio.sleep(0.01)
         data = await stream.socket.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
-    context = manager.context_for(hello.server_name)
+    context = manager.context_for_hello(hello)
     sock = socket.socket(fileno=stream.socket.detach())
 
     def handshake() -> None:
@@ -109,7 +110,7 @@ async def assert_refused(port: int, server_name: str | None, cafile: Path) -> No
 
 
 async def test_each_name_gets_its_site_certificate(tmp_path: Path) -> None:
-    config = make_config(tmp_path, site("a.test", "www.a.test"), site("b.test"))
+    config = make_config(tmp_path, site_config("a.test", "www.a.test"), site_config("b.test"))
     manager = CertManager(config, ALPN)
     async with running(manager) as port:
         a = await peer_certificate(port, "a.test", root_pem(config))
@@ -122,8 +123,26 @@ async def test_each_name_gets_its_site_certificate(tmp_path: Path) -> None:
     assert served == {"a.test": a.serial_number, "b.test": b.serial_number}
 
 
+async def test_context_for_hello_prefers_a_pending_tls_alpn01_challenge(tmp_path: Path) -> None:
+    config = make_config(tmp_path, site_config("a.test"), default_site="a.test")
+    manager = CertManager(config, ALPN)
+    async with running(manager):
+        served = manager.context_for("a.test")
+        acme = ClientHello("a.test", (ACME_TLS_ALPN,))
+        assert manager.context_for_hello(acme) is served  # no challenge pending
+        write_tls_alpn01(config.certs.dir, "a.test", "token.thumbprint")
+        challenge = manager.context_for_hello(acme)
+        assert challenge is not served and manager.context_for_hello(acme) is challenge
+        assert manager.context_for_hello(ClientHello("a.test", ("h2",))) is served
+        assert manager.context_for_hello(ClientHello("other.test", ())) is served  # default
+        # a hello the parser refused never gets a certificate, not even the default site's
+        assert manager.context_for_hello(None) not in (served, challenge)
+
+
 async def test_default_site_answers_unknown_and_missing_sni(tmp_path: Path) -> None:
-    config = make_config(tmp_path, site("a.test"), site("b.test"), default_site="b.test")
+    config = make_config(
+        tmp_path, site_config("a.test"), site_config("b.test"), default_site="b.test"
+    )
     async with running(CertManager(config, ALPN)) as port:
         b = await peer_certificate(port, "b.test", root_pem(config))
         unknown = await peer_certificate(port, "c.test", root_pem(config), check_hostname=False)
@@ -132,7 +151,7 @@ async def test_default_site_answers_unknown_and_missing_sni(tmp_path: Path) -> N
 
 
 async def test_restart_reuses_stored_certificates(tmp_path: Path) -> None:
-    config = make_config(tmp_path, site("a.test"))
+    config = make_config(tmp_path, site_config("a.test"))
     async with running(CertManager(config, ALPN)) as port:
         first = await peer_certificate(port, "a.test", root_pem(config))
     async with running(CertManager(config, ALPN)) as port:
@@ -141,9 +160,9 @@ async def test_restart_reuses_stored_certificates(tmp_path: Path) -> None:
 
 
 async def test_new_host_on_a_site_gets_a_new_certificate(tmp_path: Path) -> None:
-    async with running(CertManager(make_config(tmp_path, site("a.test")), ALPN)):
+    async with running(CertManager(make_config(tmp_path, site_config("a.test")), ALPN)):
         pass
-    config = make_config(tmp_path, site("a.test", "new.a.test"))
+    config = make_config(tmp_path, site_config("a.test", "new.a.test"))
     async with running(CertManager(config, ALPN)) as port:
         cert = await peer_certificate(port, "new.a.test", root_pem(config))
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -159,7 +178,7 @@ class CountingIssuer(LocalIssuer):
 
 
 async def test_renewal_swaps_certificate_without_restart(tmp_path: Path) -> None:
-    config = make_config(tmp_path, site("a.test"))
+    config = make_config(tmp_path, site_config("a.test"))
     ca = LocalCA(config.certs.dir, leaf_lifetime=timedelta(seconds=6), backdate=timedelta(0))
     issuer = CountingIssuer(ca)
     manager = CertManager(config, ALPN, issuer=issuer)
@@ -198,7 +217,7 @@ async def test_failed_issuance_leaves_other_sites_working(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Retried at once, once more (another challenge type), then after a minute."""
-    config = make_config(tmp_path, site("a.test"), site("b.test"))
+    config = make_config(tmp_path, site_config("a.test"), site_config("b.test"))
     ca = LocalCA(config.certs.dir)
     CertStore(config.certs.dir).write("a.test", *ca.issue(["a.test"]), {})
     manager = CertManager(config, ALPN, issuer=FailingIssuer())
@@ -227,7 +246,7 @@ async def test_failed_issuance_leaves_other_sites_working(
 
 async def test_a_restart_continues_the_backoff(tmp_path: Path) -> None:
     """Restarting must not hammer a CA that keeps failing: the recorded retry time holds."""
-    config = make_config(tmp_path, site("a.test"))
+    config = make_config(tmp_path, site_config("a.test"))
     async with running(manager := CertManager(config, ALPN, issuer=FailingIssuer())):
         with trio.fail_after(5):
             while manager.renewal_failures.get("a.test", 0) < 3:
@@ -237,7 +256,7 @@ async def test_a_restart_continues_the_backoff(tmp_path: Path) -> None:
     async with running(CertManager(config, ALPN, issuer=issuer)) as port:
         await assert_refused(port, "a.test", root_pem(config))
     assert issuer.calls == 0
-    other_names = make_config(tmp_path, site("a.test", "www.a.test"))
+    other_names = make_config(tmp_path, site_config("a.test", "www.a.test"))
     async with running(CertManager(other_names, ALPN, issuer=issuer)) as port:
         await peer_certificate(port, "www.a.test", root_pem(config))
     assert issuer.calls == 1
@@ -256,8 +275,8 @@ async def test_files_issuer_with_a_broken_site(
     mismatched = (files["b.test"][0], files["a.test"][1])  # the key of another certificate
     config = make_config(
         tmp_path,
-        site("a.test", files=files["a.test"]),
-        site("b.test", files=mismatched),
+        site_config("a.test", files=files["a.test"]),
+        site_config("b.test", files=mismatched),
         issuer="files",
     )
     with caplog.at_level(logging.ERROR):
@@ -286,7 +305,7 @@ async def test_reload_swaps_a_valid_pair_at_once_and_refuses_a_bad_one(
         return x509.load_pem_x509_certificate(pair[0]).serial_number
 
     write(ca.issue(["a.test"]))
-    config = make_config(tmp_path, site("a.test", files=(chain, key)), issuer="files")
+    config = make_config(tmp_path, site_config("a.test", files=(chain, key)), issuer="files")
     manager = CertManager(config, ALPN)
     async with running(manager) as port:
         serial = write(ca.issue(["a.test"]))
@@ -306,7 +325,7 @@ class RateLimitedIssuer(FailingIssuer):
 
 
 async def test_the_cas_retry_after_postpones_even_the_quick_retry(tmp_path: Path) -> None:
-    config = make_config(tmp_path, site("a.test"))
+    config = make_config(tmp_path, site_config("a.test"))
     async with running(CertManager(config, ALPN, issuer=RateLimitedIssuer())):
         pass
     status = load_status(CertStore(config.certs.dir), "a.test")

@@ -23,7 +23,7 @@ class Crash(BaseException):
 
 
 @pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
+def local_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
     return LocalCA(tmp_path_factory.mktemp("ca"))
 
 
@@ -44,8 +44,8 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_round_trip(store: CertStore, ca: LocalCA) -> None:
-    pair = ca.issue(["a.test", "www.a.test", "127.0.0.1"])
+def test_round_trip(store: CertStore, local_ca: LocalCA) -> None:
+    pair = local_ca.issue(["a.test", "www.a.test", "127.0.0.1"])
     store.write("a.test", *pair, {"issuer": "local", "hosts": ["a.test"]})
     cert = store.load("a.test")
     assert cert is not None
@@ -76,10 +76,10 @@ def test_names_cannot_escape_the_root(store: CertStore, name: str) -> None:
 
 
 def test_mismatched_pair_is_absent(
-    store: CertStore, ca: LocalCA, caplog: pytest.LogCaptureFixture
+    store: CertStore, local_ca: LocalCA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    chain, _ = ca.issue(["a.test"])
-    _, other_key = ca.issue(["a.test"])
+    chain, _ = local_ca.issue(["a.test"])
+    _, other_key = local_ca.issue(["a.test"])
     store.write("a.test", chain, other_key, {})
     with caplog.at_level(logging.WARNING):
         assert store.load("a.test") is None
@@ -96,9 +96,9 @@ def test_mismatched_pair_is_absent(
     ],
 )
 def test_bad_content_is_absent(
-    store: CertStore, ca: LocalCA, caplog: pytest.LogCaptureFixture, damage: tuple[str, bytes]
+    store: CertStore, local_ca: LocalCA, caplog: pytest.LogCaptureFixture, damage: tuple[str, bytes]
 ) -> None:
-    store.write("a.test", *ca.issue(["a.test"]), {})
+    store.write("a.test", *local_ca.issue(["a.test"]), {})
     (store.path("a.test") / damage[0]).write_bytes(damage[1])
     with caplog.at_level(logging.WARNING):
         assert store.load("a.test") is None
@@ -137,9 +137,9 @@ def stage_pending_commit(store: CertStore, pair: Pair) -> None:
 
 @pytest.mark.parametrize("pending", [False, True], ids=["clean", "after-earlier-crash"])
 def test_crash_at_every_step_leaves_old_or_new_pair(
-    tmp_path: Path, ca: LocalCA, monkeypatch: pytest.MonkeyPatch, pending: bool
+    tmp_path: Path, local_ca: LocalCA, monkeypatch: pytest.MonkeyPatch, pending: bool
 ) -> None:
-    old, earlier, new = (ca.issue(["a.test"]) for _ in range(3))
+    old, earlier, new = (local_ca.issue(["a.test"]) for _ in range(3))
     before = earlier if pending else old
 
     def prepare(store: CertStore) -> None:
@@ -173,8 +173,8 @@ def test_crash_at_every_step_leaves_old_or_new_pair(
     assert outcomes == sorted(outcomes)
 
 
-def test_torn_commit_record_rolls_back(store: CertStore, ca: LocalCA) -> None:
-    old, new = ca.issue(["a.test"]), ca.issue(["a.test"])
+def test_torn_commit_record_rolls_back(store: CertStore, local_ca: LocalCA) -> None:
+    old, new = local_ca.issue(["a.test"]), local_ca.issue(["a.test"])
     store.write("a.test", *old, {})
     stage_pending_commit(store, new)
     (store.path("a.test") / "meta.json.new").write_bytes(b'{"pair": "pe')  # power loss

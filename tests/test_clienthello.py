@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import subprocess
 
 import pytest
 
 from proxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
+    MAX_HELLO_LENGTH,
     ClientHello,
     ClientHelloError,
+    Incomplete,
+    PlainHTTPRequest,
     parse_client_hello,
 )
-
-
-def python_hello(server_hostname: str | None, alpn: list[str] | None = None) -> bytes:
-    """The first flight of a Python ssl client, read from its outgoing memory BIO."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    outgoing = ssl.MemoryBIO()
-    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_hostname)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
+from tests.support.tls_hello import big_hello, python_hello, split_records, with_short_extensions
 
 
 def openssl_hello(*args: str) -> bytes:
@@ -46,7 +35,7 @@ def openssl_hello(*args: str) -> bytes:
             with conn:
                 conn.settimeout(10)
                 data = b""
-                while parse_client_hello(data) is None:
+                while isinstance(parse_client_hello(data), Incomplete):
                     chunk = conn.recv(65536)
                     assert chunk, "openssl closed before sending a whole ClientHello"
                     data += chunk
@@ -56,20 +45,13 @@ def openssl_hello(*args: str) -> bytes:
             client.wait()
 
 
-def split_records(hello: bytes, fragment_size: int) -> bytes:
-    """Re-frame the handshake message of a one-record hello into records of `fragment_size`."""
-    header, message = hello[:5], hello[5:]
-    assert int.from_bytes(header[3:5], "big") == len(message), "expected a single record"
-    out = b""
-    for start in range(0, len(message), fragment_size):
-        fragment = message[start : start + fragment_size]
-        out += header[:3] + len(fragment).to_bytes(2, "big") + fragment
-    return out
-
-
 def assert_needs_more_at_every_prefix(data: bytes) -> None:
+    """Every prefix asks for more bytes than it has (else waiting for them would spin) and
+    no more than the whole hello (else a client that sent it all would wait in vain)."""
     for end in range(len(data)):
-        assert parse_client_hello(data[:end]) is None, f"prefix of {end} bytes"
+        parsed = parse_client_hello(data[:end])
+        assert isinstance(parsed, Incomplete), f"prefix of {end} bytes"
+        assert end < parsed.needed <= len(data), f"prefix of {end} bytes: {parsed}"
 
 
 def test_sni_and_alpn_from_python_client() -> None:
@@ -127,12 +109,32 @@ def test_openssl_tls12_hello_without_sni() -> None:
         b"\x16\x03\x01\x00\x00",  # empty handshake record
         b"\x16\x03\x01\x40\x01",  # record longer than 2^14
         b"\x16\x03\x01\x00\x04\x02",  # ServerHello, not ClientHello
-        b"\x16\x03\x01\x00\x04\x01\x00\x40\x01",  # ClientHello body of 2^14 + 1 bytes
+        b"\x16\x03\x01\x00\x04\x01\x00\x80\x01",  # ClientHello body of 2^15 + 1 bytes
     ],
 )
 def test_not_a_client_hello_is_an_error(data: bytes) -> None:
     with pytest.raises(ClientHelloError):
         parse_client_hello(data)
+
+
+@pytest.mark.parametrize(
+    "data", [b"GET / HTTP/1.1\r\n", b"OPTIONS * HTTP/1.1\r\n", b"PRI * HTTP/2.0\r\n"]
+)
+def test_http_request_line_is_told_apart(data: bytes) -> None:
+    with pytest.raises(PlainHTTPRequest):
+        parse_client_hello(data)
+
+
+@pytest.mark.parametrize("data", [b"G", b"\x80\x2e\x01\x03\x01", b"\x00\x01 x", b"\x16\x02 x"])
+def test_other_bytes_are_not_taken_for_http(data: bytes) -> None:
+    with pytest.raises(ClientHelloError) as raised:
+        parse_client_hello(data)
+    assert not isinstance(raised.value, PlainHTTPRequest)
+
+
+def test_extensions_length_short_is_an_error() -> None:
+    with pytest.raises(ClientHelloError, match="trailing bytes"):
+        parse_client_hello(with_short_extensions(python_hello("a.test", ["h2"]), 4))
 
 
 def test_inconsistent_inner_lengths_are_an_error() -> None:
@@ -146,26 +148,29 @@ def test_inconsistent_inner_lengths_are_an_error() -> None:
         parse_client_hello(bytes(hello[: 5 + record_length]))
 
 
-def big_hello(alpn_count: int) -> bytes:
-    """A real hello made large by offering many long ALPN protocol names."""
-    return python_hello("big.test", [f"{i:03d}" + "x" * 200 for i in range(alpn_count)])
-
-
 def test_large_hello_within_limits_parses() -> None:
     hello = big_hello(60)  # about 12 KiB
     parsed = parse_client_hello(split_records(hello, 1000))
-    assert parsed is not None and len(parsed.alpn) == 60
+    assert isinstance(parsed, ClientHello) and len(parsed.alpn) == 60
 
 
-def test_hello_over_16k_is_refused() -> None:
+def test_hello_over_16k_in_two_records_parses() -> None:
     hello = big_hello(80)  # about 16.5 KiB: OpenSSL puts it in two records
     assert len(hello) > 2**14
+    assert_needs_more_at_every_prefix(hello)
+    parsed = parse_client_hello(hello)
+    assert isinstance(parsed, ClientHello) and len(parsed.alpn) == 80
+
+
+def test_hello_over_the_limit_is_refused() -> None:
+    hello = big_hello(170)  # about 34 KiB
+    assert len(hello) > MAX_HELLO_LENGTH
     with pytest.raises(ClientHelloError, match="too large"):
         parse_client_hello(hello[:10])
 
 
 def test_fragmentation_beyond_the_peek_limit_is_refused() -> None:
-    data = split_records(big_hello(60), 10)  # 5 header bytes per 10 payload bytes
+    data = split_records(big_hello(120), 10)  # 5 header bytes per 10 payload bytes
     with pytest.raises(ClientHelloError, match="too many bytes"):
         parse_client_hello(data)
-    assert parse_client_hello(data[: MAX_CLIENT_HELLO_BYTES - 100]) is None
+    assert isinstance(parse_client_hello(data[: MAX_CLIENT_HELLO_BYTES - 100]), Incomplete)

@@ -277,7 +277,9 @@ def test_duplicate_hosts_across_sites_case_insensitively(tmp_path: Path) -> None
         ("localhost:8443", 'host "localhost:8443" must not include a port'),
         ("[::1]:8443", 'host "[::1]:8443" must not include a port'),
         ("exa mple.test", 'host "exa mple.test" is not a valid DNS name or IP address'),
-        ("*.example.test", 'host "*.example.test" is not a valid DNS name or IP address'),
+        ("a.*.example.test", 'host "a.*.example.test" is not a valid DNS name or IP address'),
+        ("*.*.example.test", 'host "*.*.example.test" is not a valid DNS name or IP address'),
+        ("*.test", 'wildcard "*.test" must stand for a label under a DNS domain'),
         ("under_score.test", 'host "under_score.test" is not a valid DNS name or IP address'),
         ("-lead.test", 'host "-lead.test" is not a valid DNS name or IP address'),
         ("a..b", 'host "a..b" is not a valid DNS name or IP address'),
@@ -494,8 +496,8 @@ issuer = "local"
         ),
         ("challenges = []", "acme.challenges: must be a non-empty array, got an empty array"),
         (
-            'challenges = ["dns-01"]',
-            'acme.challenges: must be one of "http-01", "tls-alpn-01", got "dns-01"',
+            'challenges = ["dns-02"]',
+            'acme.challenges: must be one of "http-01", "tls-alpn-01", "dns-01", got "dns-02"',
         ),
         (
             'challenges = ["http-01", "http-01"]',

@@ -37,10 +37,12 @@ from typing import Any
 import pytest
 import trio
 
-from tests.backend import Backend
-from tests.proxyproc import ProxyProcess, sites_toml, start_proxy
+from tests.support.backend import Backend
+from tests.support.curl import curl
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy, wait_for_text, wait_ready
+from tests.support.run import ROOT, port443, run
+from tests.support.slow import require_slow
 
-ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("PORT443_TEST_CACHE", "/var/cache/port443-test"))
 STORAGE = ["--root", str(CACHE / "storage"), "--runroot", "/run/port443-test"]
 BASE_RECIPE = {
@@ -123,6 +125,7 @@ class BaseImage:
 @pytest.fixture(scope="session")
 def base_image() -> BaseImage:
     """Debian bookworm with python3 as an image, made once and kept in CACHE."""
+    require_slow("builds container images")
     _require("buildah", "podman", "debootstrap")
     mirror = _debian_mirror(BASE_RECIPE["suite"])
     recipe = json.dumps([BASE_RECIPE, mirror], sort_keys=True).encode()
@@ -243,10 +246,7 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_image_default_config_is_valid() -> None:
     """The config baked into the image at /etc/port443/port443.toml passes `port443 check`."""
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", "-c", "container/port443.toml"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = port443("check", "-c", "container/port443.toml")
     assert result.returncode == 0, result.stdout + result.stderr
     config = tomllib.loads((ROOT / "container/port443.toml").read_text())
     assert config["certs"]["dir"] == CERTS, (
@@ -256,14 +256,13 @@ def test_image_default_config_is_valid() -> None:
 
 async def _healthcheck(config: Path) -> subprocess.CompletedProcess[bytes]:
     """container/healthcheck.py, as the image's HEALTHCHECK runs it, against `config`."""
-    with trio.fail_after(30):
-        return await trio.run_process(
-            [sys.executable, str(ROOT / "container" / "healthcheck.py")],
-            env={**os.environ, "PORT443_CONFIG": str(config)},
-            capture_stdout=True, capture_stderr=True, check=False,
-        )  # fmt: skip
+    return await run(
+        sys.executable, str(ROOT / "container" / "healthcheck.py"),
+        env={**os.environ, "PORT443_CONFIG": str(config)}, timeout=30,
+    )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("admin", [True, False], ids=["admin-healthz", "https-connect"])
 async def test_healthcheck_follows_the_proxy(backend: Backend, tmp_path: Path, admin: bool) -> None:
     """Healthy while the proxy runs (GET /healthz on the admin port, or with the admin listener
@@ -350,22 +349,6 @@ def _uid(pid: int) -> int:
     raise AssertionError(f"no Uid in /proc/{pid}/status")
 
 
-async def _wait_for_log(log_path: Path, text: str, process: trio.Process, timeout: float) -> None:
-    """Until `text` is in the container's log; fails with the log if it exits or times out."""
-    deadline = trio.current_time() + timeout
-    while text not in (log := log_path.read_text(errors="replace")):
-        assert process.poll() is None, f"container exited {process.returncode}:\n{log}"
-        assert trio.current_time() < deadline, f"no {text!r} in the log after {timeout}s:\n{log}"
-        await trio.sleep(0.05)
-
-
-async def _run_async(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(timeout):
-        return await trio.run_process(
-            list(argv), capture_stdout=True, capture_stderr=True, check=False
-        )
-
-
 @pytest.mark.slow
 async def test_container_serves_tls_and_stops_cleanly_on_sigterm(
     image: Image, backend: Backend, tmp_path: Path
@@ -397,16 +380,23 @@ async def test_container_serves_tls_and_stops_cleanly_on_sigterm(
     # is checked in test_image_metadata).
     _buildah("config", "--volume", f"{CERTS}-", container)
     mounts = ["--volume", f"{certs}:{CERTS}", "--volume", f"{config}:{CONFIG}:ro"]
-    run = ["buildah", *STORAGE, "run", "--isolation", "chroot", *mounts, container, "--"]
+    buildah_run = ["buildah", *STORAGE, "run", "--isolation", "chroot", *mounts, container, "--"]
     log_path = tmp_path / "container.log"
     started = time.monotonic()
     with log_path.open("wb") as log_file:
         process = await trio.lowlevel.open_process(
-            [*run, *image.config["Entrypoint"], *image.config["Cmd"]],
+            [*buildah_run, *image.config["Entrypoint"], *image.config["Cmd"]],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    def alive() -> bool:
+        return process.poll() is None
+
     try:
-        await _wait_for_log(log_path, "listening for https", process, timeout=60)
+        await wait_ready(admin_port, alive=alive, log=log, timeout=60)
         ready_seconds = time.monotonic() - started
         root_ca = certs / "local" / "root.pem"
         assert root_ca.is_file(), (
@@ -422,34 +412,31 @@ async def test_container_serves_tls_and_stops_cleanly_on_sigterm(
         assert _uid(main_pid) == UID
 
         token = uuid.uuid4().hex
-        curl = ["curl", "-sS", "--max-time", "20", "--cacert", str(root_ca)]
-        page = await _run_async(
-            *curl,
-            "--resolve",
-            f"localhost:{https_port}:127.0.0.1",
-            f"https://localhost:{https_port}/echo?{token}",
-        )
-        assert page.returncode == 0, f"{page.stderr.decode()}\n{log_path.read_text()}"
-        assert json.loads(page.stdout)["target"] == f"/echo?{token}"
+        page = await curl(
+            "--cacert", str(root_ca), "--resolve", f"localhost:{https_port}:127.0.0.1",
+            f"https://localhost:{https_port}/echo?{token}", check=False,
+        )  # fmt: skip
+        assert page.returncode == 0, f"{page.stderr.decode()}\n{log()}"
+        assert json.loads(page.body)["target"] == f"/echo?{token}"
         assert any(request["target"] == f"/echo?{token}" for request in backend.requests)
 
-        redirect = await _run_async(
-            "curl", "-sS", "--max-time", "20", "-o", "/dev/null",
-            "-w", "%{http_code} %{redirect_url}",
+        redirect = await curl(
+            "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
             "--resolve", f"localhost:{http_port}:127.0.0.1", f"http://localhost:{http_port}/a?b",
+            check=False,
         )  # fmt: skip
-        assert redirect.stdout.decode() == f"308 https://localhost:{https_port}/a?b", (
+        assert redirect.body.decode() == f"308 https://localhost:{https_port}/a?b", (
             redirect.stderr.decode()
         )
 
-        healthcheck = [*run, *image.config["Healthcheck"]["Test"][1:]]
-        assert (await _run_async(*healthcheck)).returncode == 0
+        healthcheck = [*buildah_run, *image.config["Healthcheck"]["Test"][1:]]
+        assert (await run(*healthcheck)).returncode == 0
 
         # `docker exec CONTAINER port443 reload`: a second process as the image's user finds the
         # main one through the pid file in the certs volume and signals it.
-        reload = await _run_async(*run, *image.config["Entrypoint"], "reload", "-c", CONFIG)
+        reload = await run(*buildah_run, *image.config["Entrypoint"], "reload", "-c", CONFIG)
         assert reload.returncode == 0, reload.stdout.decode() + reload.stderr.decode()
-        await _wait_for_log(log_path, "reloaded", process, timeout=20)
+        await wait_for_text(log, "reloaded", alive=alive, timeout=20)
 
         stop_started = time.monotonic()
         os.kill(main_pid, getattr(signal, image.config["StopSignal"]))  # what `docker stop` does
@@ -458,7 +445,7 @@ async def test_container_serves_tls_and_stops_cleanly_on_sigterm(
         stop_seconds = time.monotonic() - stop_started
         assert status == 0, f"exit status {status} after SIGTERM:\n{log_path.read_text()}"
 
-        assert (await _run_async(*healthcheck)).returncode != 0, (
+        assert (await run(*healthcheck)).returncode != 0, (
             "healthcheck passes with the proxy stopped"
         )
         for written in (certs / "local" / "root.key", certs / "localhost" / "privkey.pem"):

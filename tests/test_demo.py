@@ -5,29 +5,34 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.proxyproc import ROOT, curl_args, free_port, run, sites_toml, start_proxy
+from tests.support.curl import curl
+from tests.support.net import free_port
+from tests.support.proxy import sites_toml, start_proxy
+from tests.support.run import ROOT, wait_listening
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def demo() -> Iterator[str]:
+async def demo() -> AsyncIterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy.demo", "--port", str(port)],
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL,
     )
-    assert process.stdout is not None
-    process.stdout.readline()  # "demo backend on ...": it is listening
-    yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
+    try:
+        assert await wait_listening(process, port, timeout=10), "the demo backend did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 async def test_head_malformed_and_upload_requests_leave_it_serving(
@@ -40,10 +45,10 @@ async def test_head_malformed_and_upload_requests_leave_it_serving(
     proxy = await start_proxy(tmp_path, sites_toml((["localhost"], [demo])), http=False)
     try:
         for _ in range(2):
-            head = await run(*curl_args(proxy, "/", "localhost", "-I"), check=True)
-            assert head.stdout.startswith(b"HTTP/2 200")
-        upload = await run(*curl_args(proxy, "/up", "localhost", "-d", "x" * 1000), check=True)
-        echoed = json.loads(upload.stdout)
+            head = await curl("-I", *proxy.curl_args("/"))
+            assert head.head[0].startswith("HTTP/2 200")
+        upload = await curl("-d", "x" * 1000, *proxy.curl_args("/up"))
+        echoed = json.loads(upload.body)
     finally:
         await proxy.terminate()
     assert (echoed["method"], echoed["target"], echoed["body_length"]) == ("POST", "/up", 1000)

@@ -1,25 +1,22 @@
 """Fuzzing the parsers that run in process: the ClientHello parser and the config loader
 behind `port443 check`. Inputs are real hellos and the shipped configs, mutated
-(tests/fuzzing.py: a few seconds in CI, `PORT443_FUZZ_SECONDS` for longer)."""
+(tests/support/fuzzing.py: a few seconds in CI, `PORT443_FUZZ_SECONDS` for longer)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import re
-import sys
 from pathlib import Path
 
 import pytest
-import trio
 from hypothesis import strategies as st
 
 from proxy.cli import main
 from proxy.tls.clienthello import ClientHello, ClientHelloError, parse_client_hello
-from tests.fuzzing import fuzz_bytes, run_budget
-from tests.test_clienthello import openssl_hello, python_hello, split_records
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.fuzzing import fuzz_bytes, run_budget
+from tests.support.run import ROOT, port443
+from tests.support.tls_hello import big_hello, python_hello, split_records
 
 # -- ClientHello ---------------------------------------------------------------------------
 
@@ -53,7 +50,7 @@ def test_fuzz_client_hello() -> None:
         python_hello("localhost", ["h2", "http/1.1"]),
         python_hello(None),
         python_hello("a" * 60 + ".example", ["acme-tls/1"]),
-        openssl_hello("-servername", "example.org", "-alpn", "h2", "-tls1_2"),
+        big_hello(3),
     ]
     seeds = [*hellos, *(split_records(hello, 100) for hello in hellos[:2])]
     assert all(isinstance(parse(seed), ClientHello) for seed in seeds)
@@ -117,15 +114,12 @@ def test_fuzz_config_check(tmp_path: Path) -> None:
     assert tried >= 50
 
 
-async def test_check_names_the_key_of_an_empty_address(tmp_path: Path) -> None:
+def test_check_names_the_key_of_an_empty_address(tmp_path: Path) -> None:
     """A finding of the first fuzz run: an empty address was a bare ValueError."""
     config = tmp_path / "port443.toml"
     config.write_text('[listen]\naddress = ""\n[admin]\naddress = ""\n')
-    result = await trio.run_process(
-        [sys.executable, "-m", "proxy", "check", "-c", str(config)],
-        capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
-    )  # fmt: skip
-    stderr = result.stderr.decode()
+    result = port443("check", "-c", str(config))
+    stderr = result.stderr
     assert result.returncode == 1, stderr
     assert f'{config}:2: listen.address: must be an IP address such as "0.0.0.0"' in stderr
     assert f"{config}:4: admin.address: must be an IP address" in stderr

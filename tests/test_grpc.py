@@ -15,7 +15,9 @@ import grpc
 import pytest
 import trio
 
-from tests.proxyproc import ProxyProcess, start_proxy
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+
+pytestmark = pytest.mark.slow
 
 SERVICE = "port443.test.Echo"
 MESSAGES = 200
@@ -48,8 +50,9 @@ def grpc_port() -> Iterator[int]:
 
 
 @pytest.fixture
-async def proxy(tmp_path: Path, grpc_port: int) -> AsyncIterator[ProxyProcess]:
-    body = f'[[sites]]\nhosts = ["localhost"]\nupstreams = ["h2c://127.0.0.1:{grpc_port}"]\n'
+async def grpc_proxy(tmp_path: Path, grpc_port: int) -> AsyncIterator[ProxyProcess]:
+    """The proxy in front of the gRPC server, for host localhost."""
+    body = sites_toml((["localhost"], [f"h2c://127.0.0.1:{grpc_port}"]))
     running = await start_proxy(tmp_path, body, http=False)
     yield running
     await running.terminate()
@@ -64,9 +67,9 @@ def _channel(proxy: ProxyProcess) -> grpc.Channel:
     )
 
 
-async def test_unary_call_with_trailing_metadata(proxy: ProxyProcess) -> None:
+async def test_unary_call_with_trailing_metadata(grpc_proxy: ProxyProcess) -> None:
     def call() -> tuple[bytes, dict[str, str]]:
-        with _channel(proxy) as channel:
+        with _channel(grpc_proxy) as channel:
             unary = channel.unary_unary(f"/{SERVICE}/Unary")
             reply, rpc = unary.with_call(b"ping", timeout=20)
             return reply, dict(rpc.trailing_metadata())
@@ -76,9 +79,9 @@ async def test_unary_call_with_trailing_metadata(proxy: ProxyProcess) -> None:
     assert trailing["x-served-by"] == "grpc-server"  # a response trailer passed through
 
 
-async def test_error_status_reaches_the_client(proxy: ProxyProcess) -> None:
+async def test_error_status_reaches_the_client(grpc_proxy: ProxyProcess) -> None:
     def call() -> grpc.RpcError:
-        with _channel(proxy) as channel:
+        with _channel(grpc_proxy) as channel:
             try:
                 channel.unary_unary(f"/{SERVICE}/Unary")(b"fail", timeout=20)
             except grpc.RpcError as exc:
@@ -90,9 +93,9 @@ async def test_error_status_reaches_the_client(proxy: ProxyProcess) -> None:
     assert error.details() == "no such thing"  # type: ignore[attr-defined]
 
 
-async def test_server_streaming_call(proxy: ProxyProcess) -> None:
+async def test_server_streaming_call(grpc_proxy: ProxyProcess) -> None:
     def call() -> list[bytes]:
-        with _channel(proxy) as channel:
+        with _channel(grpc_proxy) as channel:
             return list(channel.unary_stream(f"/{SERVICE}/Stream")(b"abc", timeout=20))
 
     replies = await trio.to_thread.run_sync(call)

@@ -19,31 +19,27 @@ from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from proxy.config import Http2Config, LimitsConfig
+from proxy.connections import ConnectionRegistry
 from proxy.http.h2 import H2ServerSession, H2ServerStream
 from proxy.http.model import ConnectionInfo, ResponseHead
-from proxy.lifecycle import Lifecycle
 from proxy.netio import SocketStream
-from tests.backend import Backend
-from tests.h2client import h2_client, h2_session
-from tests.proxyproc import (
+from tests.support.backend import Backend
+from tests.support.curl import curl
+from tests.support.h2client import h2_client, h2_session
+from tests.support.proxy import (
     RSS_GROWTH_LIMIT_KIB,
     ProxyProcess,
-    curl_args,
-    run,
+    curl_with_rss,
     sites_toml,
     start_proxy,
-    transfer_with_rss,
 )
+from tests.support.run import run
 
 
-def _headers(curl_output: bytes) -> tuple[list[str], bytes]:
-    head, _, body = curl_output.partition(b"\r\n\r\n")
-    return head.decode().split("\r\n"), body
-
-
+@pytest.mark.slow
 async def test_curl_get_carries_forwarded_headers_and_hsts(proxy: ProxyProcess) -> None:
-    args = curl_args(proxy, "/echo?q=1", "localhost", "--http2", "-i", "-H", "Cookie: a=1")
-    lines, body = _headers((await run(*args, check=True)).stdout)
+    reply = await curl("--http2", "-H", "Cookie: a=1", *proxy.curl_args("/echo?q=1"))
+    lines, body = reply.heads[0], reply.body
     assert lines[0].rstrip() == "HTTP/2 200"
     assert "strict-transport-security: max-age=63072000; includeSubDomains" in lines
     assert "via: 1.1 port443" in lines
@@ -57,24 +53,25 @@ async def test_curl_get_carries_forwarded_headers_and_hsts(proxy: ProxyProcess) 
     assert seen["headers"]["cookie"] == "a=1"
 
 
+@pytest.mark.slow
 async def test_curl_upload_larger_than_the_windows(proxy: ProxyProcess, tmp_path: Path) -> None:
     """3 MiB exceeds the stream (64 KiB) and connection (1 MiB) windows: it only gets through
     if the proxy opens them again as the upstream reads. Expect: 100-continue is answered."""
     payload = tmp_path / "payload"
     data = bytes(range(256)) * (3 * 4096)
     payload.write_bytes(data)
-    args = curl_args(
-        proxy, "/upload", "localhost", "--http2", "-v", "-H", "Expect: 100-continue",
-        "--data-binary", f"@{payload}",
+    result = await curl(
+        "--http2", "-v", "-H", "Expect: 100-continue", "--data-binary", f"@{payload}",
+        *proxy.curl_args("/upload"),
     )  # fmt: skip
-    result = await run(*args, check=True)
-    assert json.loads(result.stdout) == {
+    assert json.loads(result.body) == {
         "length": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
     assert b"< HTTP/2 100" in result.stderr
 
 
+@pytest.mark.slow
 async def test_h2load_2000_requests_50_streams_per_connection(proxy: ProxyProcess) -> None:
     result = await run("h2load", "-n", "2000", "-c", "4", "-m", "50", proxy.url("/echo"))
     out = result.stdout.decode()
@@ -84,6 +81,7 @@ async def test_h2load_2000_requests_50_streams_per_connection(proxy: ProxyProces
     assert "status codes: 2000 2xx" in out
 
 
+@pytest.mark.slow
 async def test_cookie_crumbs_are_joined_and_malformed_requests_reset_only_their_stream(
     proxy: ProxyProcess,
 ) -> None:
@@ -110,6 +108,7 @@ async def test_cookie_crumbs_are_joined_and_malformed_requests_reset_only_their_
     assert "malformed request" in proxy.log()
 
 
+@pytest.mark.slow
 async def test_100_streams_one_slow_does_not_hold_back_the_others(proxy: ProxyProcess) -> None:
     async with h2_client(proxy) as client:
         slow = client.request("/sleep/2")
@@ -121,19 +120,20 @@ async def test_100_streams_one_slow_does_not_hold_back_the_others(proxy: ProxyPr
     assert {client.responses[i].status for i in client.responses} == {200}
 
 
+@pytest.mark.slow
 async def test_slow_reader_200mb_download_keeps_rss_bounded(proxy: ProxyProcess) -> None:
     """curl reads at 64 MB/s, slower than backend and proxy produce: the proxy must hold
     the upstream back (client window, then the socket) instead of buffering."""
     size = 200 * 1024 * 1024
-    args = curl_args(
-        proxy, f"/bytes/{size}", "localhost", "--http2", "--limit-rate", "64M",
-        "-o", "/dev/null", "-w", "%{size_download} %{http_version}",
+    reply, growth = await curl_with_rss(
+        proxy, "--http2", "--limit-rate", "64M", "-o", "/dev/null",
+        "-w", "%{size_download} %{http_version}", *proxy.curl_args(f"/bytes/{size}"),
     )  # fmt: skip
-    stdout, growth = await transfer_with_rss(proxy, *args)
-    assert stdout.split() == [str(size).encode(), b"2"]
+    assert reply.body.split() == [str(size).encode(), b"2"]
     assert growth < RSS_GROWTH_LIMIT_KIB, f"proxy RSS grew by {growth} KiB"
 
 
+@pytest.mark.slow
 async def test_response_data_stays_within_a_small_client_window(proxy: ProxyProcess) -> None:
     """h2 raises FlowControlError in the client if the proxy ever overruns its window."""
     async with h2_client(proxy, {SettingCodes.INITIAL_WINDOW_SIZE: 1000}) as client:
@@ -142,6 +142,7 @@ async def test_response_data_stays_within_a_small_client_window(proxy: ProxyProc
     assert len(response.body) == 300000
 
 
+@pytest.mark.slow
 async def test_rst_stream_cancels_the_upstream_request(
     proxy: ProxyProcess, backend: Backend
 ) -> None:
@@ -160,6 +161,7 @@ async def test_rst_stream_cancels_the_upstream_request(
         assert (await client.get("/echo")).status == 200
 
 
+@pytest.mark.slow
 async def test_data_for_finished_streams_is_still_acknowledged(proxy: ProxyProcess) -> None:
     """16 uploads fill the whole 1 MiB connection window, and the upstream answers 413 without
     reading: unless the proxy gives that window back, the last upload can never be sent
@@ -196,7 +198,12 @@ async def test_unread_request_data_is_acknowledged_when_a_stream_ends() -> None:
     ours, theirs = socket.socketpair()
     info = ConnectionInfo("127.0.0.1", None, "h2")
     connection = H2ServerSession(
-        SocketStream(ours), info, handler, LimitsConfig(), Http2Config(), Lifecycle(1)
+        SocketStream(ours),
+        info,
+        handler,
+        LimitsConfig(),
+        Http2Config(),
+        ConnectionRegistry(1).admit(),
     )
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -215,6 +222,7 @@ async def test_unread_request_data_is_acknowledged_when_a_stream_ends() -> None:
                 assert bytes(client.responses[upload].body) == b"300000"
 
 
+@pytest.mark.slow
 async def test_trailers_pass_both_ways(proxy: ProxyProcess) -> None:
     async with h2_client(proxy) as client:
         stream_id = client.request("/trailers", method=b"POST", end=False)
@@ -226,6 +234,7 @@ async def test_trailers_pass_both_ways(proxy: ProxyProcess) -> None:
     assert response.trailers == [(b"x-trailer", b"done"), (b"x-echo-x-client", b"sent")]
 
 
+@pytest.mark.slow
 async def test_rapid_reset_gets_goaway_while_other_connections_work(
     proxy: ProxyProcess,
 ) -> None:
@@ -245,6 +254,7 @@ async def test_rapid_reset_gets_goaway_while_other_connections_work(
     assert "more than 200 stream resets per second" in proxy.log()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frame", ["ping", "settings"])
 async def test_control_frame_floods_get_goaway(proxy: ProxyProcess, frame: str) -> None:
     async with h2_client(proxy) as client:
@@ -259,6 +269,7 @@ async def test_control_frame_floods_get_goaway(proxy: ProxyProcess, frame: str) 
     assert client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("frames", "size", "code"),
     [
@@ -281,6 +292,7 @@ async def test_continuation_flood_is_cut_off(
     assert client.terminated.error_code == code
 
 
+@pytest.mark.slow
 async def test_sigterm_sends_goaway_and_lets_the_stream_in_flight_finish(
     proxy: ProxyProcess, backend: Backend
 ) -> None:
@@ -306,6 +318,7 @@ async def test_sigterm_sends_goaway_and_lets_the_stream_in_flight_finish(
     assert re.search(r"recv DATA frame .*\n *; END_STREAM", out[status:])
 
 
+@pytest.mark.slow
 async def test_idle_connection_gets_goaway_after_keepalive_timeout(
     tmp_path: Path, backend: Backend
 ) -> None:

@@ -17,10 +17,10 @@ import trio.testing
 from hyperframe.frame import GoAwayFrame
 
 from proxy.config import Http2Config, LimitsConfig, Upstream
+from proxy.connections import ConnectionRegistry
 from proxy.h2session import CoalescingWriter, keep_streams_after_goaway, pending_output
 from proxy.http.h2 import H2ServerSession, H2ServerStream
 from proxy.http.model import ConnectionInfo, ResponseHead, UpstreamRequest
-from proxy.lifecycle import Lifecycle
 from proxy.netio import NO_DEADLINE, SocketStream
 from proxy.upstream.connect import Connector, Transport
 from proxy.upstream.h2 import H2Pool, H2UpstreamStream
@@ -55,7 +55,12 @@ async def _pair(nursery: trio.Nursery, handler: Handler, http2: Http2Config | No
     info = ConnectionInfo("127.0.0.1", None, "h2")
     limits = LimitsConfig(client_timeout=TIMEOUT, upstream_timeout=TIMEOUT)
     server = H2ServerSession(
-        SocketStream(ours), info, handler, limits, http2 or Http2Config(), Lifecycle(1)
+        SocketStream(ours),
+        info,
+        handler,
+        limits,
+        http2 or Http2Config(),
+        ConnectionRegistry(1).admit(),
     )
     nursery.start_soon(server.serve)
     upstream = Upstream(url="h2c://localhost:1", scheme="h2c", host="localhost", port=1)

@@ -19,6 +19,10 @@ async def test_receive_times_out_near_its_deadline() -> None:
             await stream.receive_some(start + 0.3)
         waited = trio.current_time() - start
         assert 0.3 <= waited <= 0.3 + 2 * REAPER_TICK
+        # A stream that timed out is gone: no later call can use it by mistake.
+        assert left.fileno() == -1
+        with pytest.raises(OSError):
+            await stream.receive_some()
 
 
 async def test_reader_deadline_does_not_disturb_a_later_writer_deadline() -> None:

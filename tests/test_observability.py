@@ -7,7 +7,6 @@ import json
 import re
 import signal
 import ssl
-import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,12 +22,14 @@ from proxy.certs.manager import CertManager
 from proxy.certs.store import CertStore
 from proxy.config import CertsConfig, Config, SiteConfig
 from proxy.config_load import ConfigError, load_config
+from proxy.connections import Admission, ConnectionRegistry
 from proxy.handlers.admin import unready_reason
-from proxy.lifecycle import Lifecycle
 from proxy.metrics import Metrics, handshake_failure_reason
 from proxy.netio import StreamTimeout
-from tests.backend import Backend
-from tests.proxyproc import ProxyProcess, curl_args, free_port, run, sites_toml, start_proxy
+from tests.support.backend import Backend
+from tests.support.curl import Reply, curl
+from tests.support.net import free_port
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy, wait_for_text
 
 ACCESS_FIELDS = {
     "timestamp", "client_ip", "host", "method", "path", "protocol", "status", "bytes_in",
@@ -53,30 +54,24 @@ def json_access_lines(text: str) -> list[dict[str, object]]:
 
 
 async def wait_for_lines(path: Path, count: int, prefix: str = "") -> list[str]:
-    """The first `count` lines starting with `prefix` once written (the access line of a
+    """The lines starting with `prefix`, once there are `count` (the access line of a
     request is written just after its response, so it may trail the client a little)."""
-    with trio.fail_after(10):
-        while True:
-            text = path.read_text() if path.exists() else ""
-            lines = [line for line in text.splitlines() if line.startswith(prefix)]
-            if len(lines) >= count:
-                return lines
-            await trio.sleep(0.02)
+
+    def read() -> str:
+        return path.read_text() if path.exists() else ""
+
+    await wait_for_text(read, re.compile(f"^{re.escape(prefix)}", re.M), count=count, timeout=10)
+    return [line for line in read().splitlines() if line.startswith(prefix)]
 
 
-async def curl(proxy: ProxyProcess, path: str, *extra: str, host: str = "localhost") -> bytes:
-    result = await run(*curl_args(proxy, path, host, "--http1.1", *extra), check=True)
-    return result.stdout
+async def h1(proxy: ProxyProcess, path: str, *extra: str, host: str = "localhost") -> bytes:
+    return (await curl("--http1.1", *extra, *proxy.curl_args(path, host))).body
 
 
 async def admin_get(proxy: ProxyProcess, path: str, *extra: str) -> tuple[int, str]:
     """Status and body (without its final newline) of an admin endpoint."""
-    result = await run(
-        "curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}", *extra,
-        f"http://127.0.0.1:{proxy.admin_port}{path}", check=True,
-    )  # fmt: skip
-    body, _, status = result.stdout.decode().rpartition("\n")
-    return int(status), body.removesuffix("\n")
+    reply = await proxy.admin(path, *extra)
+    return reply.status, reply.text
 
 
 def parse_metrics(text: str) -> Samples:
@@ -94,16 +89,17 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
 # -- access log ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_json_access_lines_carry_every_field(
     proxy: ProxyProcess, backend: Backend, tmp_path: Path
 ) -> None:
     before = datetime.now(UTC)
-    echoed = await curl(proxy, "/echo?q=1")
+    echoed = await h1(proxy, "/echo?q=1")
     upload = tmp_path / "upload.bin"
     upload.write_bytes(b"u" * 5000)
-    await curl(proxy, "/upload", "--data-binary", f"@{upload}")
-    await curl(proxy, "/echo", "-H", "Host: nowhere.test")  # no such site: 421
-    await run(*curl_args(proxy, "/echo?h2", "localhost", "--http2"), check=True)
+    await h1(proxy, "/upload", "--data-binary", f"@{upload}")
+    await h1(proxy, "/echo", "-H", "Host: nowhere.test")  # no such site: 421
+    await curl("--http2", *proxy.curl_args("/echo?h2"))
     await wait_for_lines(proxy.log_path, 4, "{")
 
     get, post, misdirected, h2 = json_access_lines(proxy.log())
@@ -126,6 +122,7 @@ async def test_json_access_lines_carry_every_field(
     assert (h2["path"], h2["protocol"], h2["alpn"]) == ("/echo?h2", "HTTP/2", "h2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_format", ["common", "combined"])
 async def test_common_and_combined_formats(
     tmp_path: Path, backend: Backend, log_format: str
@@ -133,7 +130,7 @@ async def test_common_and_combined_formats(
     body = f'[access_log]\nformat = "{log_format}"\n' + sites_toml((["localhost"], [backend.url]))
     proxy = await start_proxy(tmp_path, body)
     try:
-        echoed = await curl(
+        echoed = await h1(
             proxy, "/echo?a=%22", "-A", 'agent "quoted"\\', "-e", "https://from.test/"
         )
         [line] = await wait_for_lines(proxy.log_path, 1, "127.0.0.1 ")
@@ -144,21 +141,22 @@ async def test_common_and_combined_formats(
     assert re.fullmatch(common if log_format == "common" else combined, line), line
 
 
+@pytest.mark.slow
 async def test_file_log_is_reopened_on_sigusr1(tmp_path: Path, backend: Backend) -> None:
     path = tmp_path / "access.log"
     body = f'[access_log]\npath = "{path}"\n' + sites_toml((["localhost"], [backend.url]))
     proxy = await start_proxy(tmp_path, body)
     try:
-        await curl(proxy, "/echo?1")
+        await h1(proxy, "/echo?1")
         await wait_for_lines(path, 1)
         rotated = path.rename(tmp_path / "access.log.1")  # what logrotate does
-        await curl(proxy, "/echo?2")  # still written to the renamed file
+        await h1(proxy, "/echo?2")  # still written to the renamed file
         await wait_for_lines(rotated, 2)
         proxy.process.send_signal(signal.SIGUSR1)
         with trio.fail_after(10):
             while "reopened the access log" not in proxy.log():
                 await trio.sleep(0.02)
-        await curl(proxy, "/echo?3")
+        await h1(proxy, "/echo?3")
         [reopened] = await wait_for_lines(path, 1)
     finally:
         await proxy.terminate()
@@ -170,6 +168,7 @@ async def test_file_log_is_reopened_on_sigusr1(tmp_path: Path, backend: Backend)
     assert json_access_lines(proxy.log()) == []  # nothing went to stdout
 
 
+@pytest.mark.slow
 async def test_plain_http_answers_are_logged_and_counted_by_listener(
     tmp_path: Path, backend: Backend
 ) -> None:
@@ -177,8 +176,8 @@ async def test_plain_http_answers_are_logged_and_counted_by_listener(
     try:
         plain = f"http://localhost:{proxy.http_port}"
         for path in ("/page?q=1", "/.well-known/acme-challenge/unknown-token"):
-            await run("curl", "-sS", "--max-time", "10", plain + path, check=True)
-        await curl(proxy, "/echo")
+            await curl(plain + path)
+        await h1(proxy, "/echo")
         lines = await wait_for_lines(proxy.log_path, 3, "{")
         status, text = await admin_get(proxy, "/metrics")
     finally:
@@ -199,6 +198,7 @@ async def test_plain_http_answers_are_logged_and_counted_by_listener(
 # -- metrics -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_metrics_count_real_requests_and_handshake_failures(
     tmp_path: Path, backend: Backend
 ) -> None:
@@ -209,11 +209,11 @@ async def test_metrics_count_real_requests_and_handshake_failures(
     proxy = await start_proxy(tmp_path, sites, admin=True)
     try:
         for _ in range(3):
-            await curl(proxy, "/echo")
-        await curl(proxy, "/status/404")
-        await curl(proxy, "/echo", "-H", "Host: nowhere.test")
-        await curl(proxy, "/", host="down.test")
-        untrusted = await run("curl", "-sS", "--resolve", proxy.resolve(), proxy.url("/"))
+            await h1(proxy, "/echo")
+        await h1(proxy, "/status/404")
+        await h1(proxy, "/echo", "-H", "Host: nowhere.test")
+        await h1(proxy, "/", host="down.test")
+        untrusted = await curl("--resolve", proxy.resolve(), proxy.url("/"), check=False)
         assert untrusted.returncode == 60  # the client refused our certificate
         await wait_for_lines(proxy.log_path, 6, "{")
         failed = ("port443_tls_handshake_failures_total", frozenset({("reason", UNKNOWN_CA)}))
@@ -283,7 +283,7 @@ class State:
 
     config: Config
     certs: CertManager
-    lifecycle: Lifecycle
+    admission: Admission
     listening: bool = False
     shutting_down: bool = False
 
@@ -295,7 +295,7 @@ async def test_renewal_failures_are_counted_per_certificate(tmp_path: Path) -> N
         sites=(SiteConfig(hosts=("a.test",), upstreams=()),),
     )
     certs = CertManager(config, ("http/1.1",), issuer=UnreachableCA(LocalCA(config.certs.dir)))
-    metrics = Metrics(State(config, certs, Lifecycle(1)))
+    metrics = Metrics(State(config, certs, Admission(registry=ConnectionRegistry(1))))
     failures = ("port443_certificate_renewal_failures_total", frozenset({("cert", "a.test")}))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(certs.run)
@@ -310,9 +310,10 @@ async def test_renewal_failures_are_counted_per_certificate(tmp_path: Path) -> N
 # -- health ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_healthz_and_readyz_until_shutdown(tmp_path: Path, backend: Backend) -> None:
     proxy = await start_proxy(tmp_path, sites_toml((["localhost"], [backend.url])), admin=True)
-    slow: list[subprocess.CompletedProcess[bytes]] = []
+    slow: list[Reply] = []
     try:
         assert await admin_get(proxy, "/healthz") == (200, "ok")
         assert await admin_get(proxy, "/readyz") == (200, "ready")
@@ -321,7 +322,7 @@ async def test_healthz_and_readyz_until_shutdown(tmp_path: Path, backend: Backen
         async with trio.open_nursery() as nursery:
 
             async def slow_request() -> None:
-                slow.append(await run(*curl_args(proxy, "/sleep/2", "localhost", "--http1.1")))
+                slow.append(await curl("--http1.1", *proxy.curl_args("/sleep/2"), check=False))
 
             nursery.start_soon(slow_request)
             await trio.sleep(0.5)  # the request is in flight
@@ -350,7 +351,7 @@ async def test_readiness_needs_listeners_and_every_certificate(tmp_path: Path) -
     ca = LocalCA(broken.certs.dir)
     CertStore(broken.certs.dir).write("a.test", *ca.issue(["a.test"]), {})
     certs = CertManager(broken, ("http/1.1",), issuer=UnreachableCA(ca))
-    state = State(broken, certs, Lifecycle(1))
+    state = State(broken, certs, Admission(registry=ConnectionRegistry(1)))
     assert unready_reason(state) == "listeners not up"
     state.listening = True
     async with trio.open_nursery() as nursery:

@@ -7,7 +7,8 @@ import socket
 import pytest
 
 from proxy.handlers.redirect import https_location
-from tests.proxyproc import ProxyProcess, run
+from tests.support.curl import curl
+from tests.support.proxy import ProxyProcess
 
 
 async def _raw(proxy: ProxyProcess, request: bytes) -> bytes:
@@ -19,28 +20,28 @@ async def _raw(proxy: ProxyProcess, request: bytes) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 async def test_redirect_keeps_host_path_and_query(proxy: ProxyProcess) -> None:
     url = f"http://localhost:{proxy.http_port}/a/b?c=d&e=%20f"
-    result = await run("curl", "-sS", "-i", "--max-time", "10", url, check=True)
-    head, _, body = result.stdout.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
+    reply = await curl(url)
+    lines = reply.head
     assert lines[0] == "HTTP/1.1 308 Permanent Redirect"
     assert f"location: https://localhost:{proxy.https_port}/a/b?c=d&e=%20f" in lines
-    assert f"content-length: {len(body)}" in lines
+    assert f"content-length: {len(reply.body)}" in lines
     assert "connection: close" in lines
     assert not any(line.lower().startswith("strict-transport-security") for line in lines)
 
 
+@pytest.mark.slow
 async def test_redirect_followed_by_curl_reaches_the_backend(proxy: ProxyProcess) -> None:
-    result = await run(
-        "curl", "-sS", "-L", "--max-time", "10", "--cacert", str(proxy.root_ca),
-        "-w", "%{http_code} %{url_effective}", "-o", "/dev/null",
-        f"http://localhost:{proxy.http_port}/echo?x=1",
-        check=True,
+    reply = await curl(
+        "-L", "--cacert", str(proxy.root_ca), "-w", "%{http_code} %{url_effective}",
+        "-o", "/dev/null", f"http://localhost:{proxy.http_port}/echo?x=1",
     )  # fmt: skip
-    assert result.stdout.decode() == f"200 https://localhost:{proxy.https_port}/echo?x=1"
+    assert reply.body.decode() == f"200 https://localhost:{proxy.https_port}/echo?x=1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "request_bytes",
     [
@@ -54,6 +55,7 @@ async def test_missing_or_malformed_host_is_400(proxy: ProxyProcess, request_byt
     assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
+@pytest.mark.slow
 async def test_acme_challenge_path_is_not_redirected(proxy: ProxyProcess) -> None:
     reply = await _raw(
         proxy, b"GET /.well-known/acme-challenge/unknown HTTP/1.1\r\nHost: localhost\r\n\r\n"

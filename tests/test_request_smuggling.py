@@ -5,15 +5,18 @@ head went up, answered 400 with the upstream request aborted; never left waiting
 from __future__ import annotations
 
 import re
-import ssl
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
-from tests.backend import Backend
-from tests.proxyproc import ProxyProcess
+from tests.support.backend import Backend
+from tests.support.proxy import ProxyProcess
+from tests.support.tls import tls_stream
+
+pytestmark = pytest.mark.slow
 
 CORPUS = Path(__file__).parent / "corpus" / "requests.toml"
 CASES: list[dict[str, Any]] = tomllib.loads(CORPUS.read_text())["case"]
@@ -34,12 +37,9 @@ def complete(received: bytes) -> bool:
 async def exchange(proxy: ProxyProcess, raw: bytes) -> bytes:
     """What the proxy sends back, up to a complete final response or the connection's end
     (not waiting out the proxy's lingering close)."""
-    context = ssl.create_default_context(cafile=str(proxy.root_ca))
-    context.set_alpn_protocols(["http/1.1"])
-    tcp = await trio.open_tcp_stream("127.0.0.1", proxy.https_port)
-    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
     received = b""
     with trio.fail_after(8):  # a refused client is answered at once, never left to time out
+        stream = await tls_stream(proxy)
         await stream.send_all(raw)
         try:
             while not complete(received) and (chunk := await stream.receive_some(65536)):

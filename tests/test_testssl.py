@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.backend import Backend
-from tests.proxyproc import ProxyProcess, run, sites_toml, start_proxy
+from tests.support.backend import Backend
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+from tests.support.run import run
 
 KNOWN_FALSE_POSITIVES = {
     # Mozilla intermediate: every offered suite is strong, so the client picks the one its

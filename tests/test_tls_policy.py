@@ -3,88 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import ssl
-import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from proxy.tls.policy import reject_context, server_context, set_groups
-from tests.openssl import Handshake
+from tests.support.openssl import handshake
+from tests.support.tls_server import self_signed, tls_server
 
 ALPN = ("h2", "http/1.1")
 
 
-def self_signed(directory: Path, key_type: str) -> tuple[Path, Path]:
-    """A throwaway certificate of the given key type ("ecdsa" or "rsa")."""
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-    if key_type == "ecdsa":
-        key = ec.generate_private_key(ec.SECP256R1())
-    else:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "policy.test")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("policy.test")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    chain, key_path = directory / f"{key_type}.pem", directory / f"{key_type}.key"
-    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return chain, key_path
-
-
-@contextlib.contextmanager
-def tls_server(ctx: ssl.SSLContext) -> Iterator[int]:
-    """Serve handshakes on a loopback port from a thread; each connection is read to EOF."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.05)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with conn, contextlib.suppress(OSError):  # failed handshakes are the point
-                conn.settimeout(10)
-                with ctx.wrap_socket(conn, server_side=True) as tls:
-                    while tls.recv(4096):
-                        pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        listener.close()
-
-
 @pytest.fixture(scope="module")
-def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+def policy_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
     """One server per certificate type: RSA-only suites need an RSA certificate to exist."""
     directory = tmp_path_factory.mktemp("policy")
     with contextlib.ExitStack() as stack:
@@ -107,8 +40,10 @@ def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
         ("rsa", ["-tls1_2", "-cipher", "ECDHE-RSA-CHACHA20-POLY1305"], "TLSv1.2"),
     ],
 )
-def test_accepted(ports: dict[str, int], key_type: str, args: list[str], protocol: str) -> None:
-    hs = Handshake(ports[key_type], *args)
+def test_accepted(
+    policy_servers: dict[str, int], key_type: str, args: list[str], protocol: str
+) -> None:
+    hs = handshake(policy_servers[key_type], *args)
     assert hs.ok, hs
     assert hs.protocol == protocol
     if "-cipher" in args:
@@ -127,24 +62,26 @@ def test_accepted(ports: dict[str, int], key_type: str, args: list[str], protoco
     ],
 )
 def test_refused_versions_and_ciphers(
-    ports: dict[str, int], key_type: str, args: list[str]
+    policy_servers: dict[str, int], key_type: str, args: list[str]
 ) -> None:
-    hs = Handshake(ports[key_type], *args)
+    hs = handshake(policy_servers[key_type], *args)
     assert not hs.ok, hs
 
 
 @pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
 @pytest.mark.parametrize("groups", [["-groups", "X448"], ["-curves", "secp521r1"]])
-def test_other_groups_refused(ports: dict[str, int], version: str, groups: list[str]) -> None:
+def test_other_groups_refused(
+    policy_servers: dict[str, int], version: str, groups: list[str]
+) -> None:
     # RSA: a TLS 1.2 client's groups also limit ECDSA certificate curves, which would
     # refuse these handshakes whatever the key-exchange policy.
-    hs = Handshake(ports["rsa"], version, *groups)
+    hs = handshake(policy_servers["rsa"], version, *groups)
     assert not hs.ok, hs
 
 
 @pytest.mark.parametrize("group", ["X25519", "P-256", "P-384"])
-def test_allowed_groups(ports: dict[str, int], group: str) -> None:
-    hs = Handshake(ports["ecdsa"], "-tls1_3", "-groups", group)
+def test_allowed_groups(policy_servers: dict[str, int], group: str) -> None:
+    hs = handshake(policy_servers["ecdsa"], "-tls1_3", "-groups", group)
     assert hs.ok, hs
 
 
@@ -156,8 +93,8 @@ def test_allowed_groups(ports: dict[str, int], group: str) -> None:
         ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"],
     ],
 )
-def test_client_cipher_preference_wins(ports: dict[str, int], order: list[str]) -> None:
-    hs = Handshake(ports["ecdsa"], "-tls1_2", "-cipher", ":".join(order))
+def test_client_cipher_preference_wins(policy_servers: dict[str, int], order: list[str]) -> None:
+    hs = handshake(policy_servers["ecdsa"], "-tls1_2", "-cipher", ":".join(order))
     assert hs.cipher == order[0], hs
 
 
@@ -170,15 +107,17 @@ def test_client_cipher_preference_wins(ports: dict[str, int], order: list[str]) 
         ([], "No ALPN negotiated"),
     ],
 )
-def test_alpn(ports: dict[str, int], offer: list[str], expected: str) -> None:
-    hs = Handshake(ports["ecdsa"], *offer)
+def test_alpn(policy_servers: dict[str, int], offer: list[str], expected: str) -> None:
+    hs = handshake(policy_servers["ecdsa"], *offer)
     assert hs.ok, hs
     assert expected in hs.output
 
 
 @pytest.mark.parametrize("sni", [["-servername", "unknown.test"], ["-noservername"]])
-def test_reject_context_sends_unrecognized_name(ports: dict[str, int], sni: list[str]) -> None:
-    hs = Handshake(ports["reject"], *sni)
+def test_reject_context_sends_unrecognized_name(
+    policy_servers: dict[str, int], sni: list[str]
+) -> None:
+    hs = handshake(policy_servers["reject"], *sni)
     assert not hs.ok
     assert "unrecognized name" in hs.output, hs
     assert "alert number 112" in hs.output, hs

@@ -4,16 +4,18 @@ intermediate policy holds (sslyze), old protocols and unknown names are refused.
 from __future__ import annotations
 
 import socket
-import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.backend import Backend
-from tests.openssl import Handshake
-from tests.proxyproc import ROOT, ProxyProcess, sites_toml, start_proxy
+from tests.support.backend import Backend
+from tests.support.openssl import s_client
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+from tests.support.run import ROOT, run
+from tests.support.tls import client_context
+
+pytestmark = pytest.mark.slow
 
 SSLYZE = ROOT / ".venv-sslyze" / "bin" / "python"
 
@@ -27,10 +29,9 @@ async def two_sites(tmp_path: Path, backend: Backend) -> AsyncIterator[ProxyProc
 
 
 def _peer_names(proxy: ProxyProcess, server_name: str) -> list[str]:
-    context = ssl.create_default_context(cafile=str(proxy.root_ca))
     with (
         socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname=server_name) as tls,
+        client_context(proxy).wrap_socket(raw, server_hostname=server_name) as tls,
     ):
         cert = tls.getpeercert()
     return [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
@@ -54,7 +55,7 @@ async def test_sni_selects_the_site_certificate(
 async def test_unknown_name_gets_unrecognized_name_alert(
     two_sites: ProxyProcess, sni: list[str]
 ) -> None:
-    hs = Handshake(two_sites.https_port, *sni)
+    hs = await s_client(two_sites.https_port, *sni)
     assert not hs.ok
     assert "unrecognized name" in hs.output, hs
 
@@ -71,24 +72,21 @@ async def test_unknown_name_gets_unrecognized_name_alert(
 async def test_protocol_policy_on_the_proxy(
     two_sites: ProxyProcess, args: list[str], accepted: bool
 ) -> None:
-    hs = Handshake(two_sites.https_port, "-servername", "a.test", *args)
+    hs = await s_client(two_sites.https_port, "-servername", "a.test", *args)
     assert hs.ok is accepted, hs
 
 
 async def test_alpn_http11(two_sites: ProxyProcess) -> None:
-    hs = Handshake(two_sites.https_port, "-servername", "a.test", "-alpn", "http/1.1")
+    hs = await s_client(two_sites.https_port, "-servername", "a.test", "-alpn", "http/1.1")
     assert "ALPN protocol: http/1.1" in hs.output, hs
 
 
 async def test_sslyze_mozilla_intermediate_compliance(two_sites: ProxyProcess) -> None:
     assert SSLYZE.exists(), "sslyze venv missing: `make test` creates .venv-sslyze"
-    result = subprocess.run(
-        [
-            str(SSLYZE), "-m", "sslyze", "--mozilla_config=intermediate",
-            "--certinfo_ca_file", str(two_sites.root_ca),
-            f"a.test:{two_sites.https_port}{{127.0.0.1}}",
-        ],
-        capture_output=True, text=True, timeout=120,
+    result = await run(
+        str(SSLYZE), "-m", "sslyze", "--mozilla_config=intermediate",
+        "--certinfo_ca_file", str(two_sites.root_ca),
+        f"a.test:{two_sites.https_port}{{127.0.0.1}}", timeout=120,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "OK - Compliant" in result.stdout
+    assert result.returncode == 0, result.stdout[-3000:].decode(errors="replace")
+    assert b"OK - Compliant" in result.stdout

@@ -4,25 +4,21 @@ config reload."""
 from __future__ import annotations
 
 import signal
-import socket
 import ssl
 from pathlib import Path
 
+import pytest
 import trio
 
-from tests.backend import Backend
-from tests.proxyproc import ProxyProcess, sites_toml, write_config
+from tests.support.backend import Backend
+from tests.support.proxy import ProxyProcess, sites_toml, write_config
+from tests.support.tls import tls_socket
+
+pytestmark = pytest.mark.slow
 
 UPGRADE = (
     b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
 )
-
-
-def _connect(proxy: ProxyProcess) -> ssl.SSLSocket:
-    context = ssl.create_default_context(cafile=str(proxy.root_ca))
-    context.set_alpn_protocols(["http/1.1"])
-    raw = socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10)
-    return context.wrap_socket(raw, server_hostname="localhost")
 
 
 def _read_head(tls: ssl.SSLSocket) -> tuple[bytes, bytes]:
@@ -49,22 +45,22 @@ def _echo(tls: ssl.SSLSocket, payload: bytes) -> bytes:
 
 
 # The backend runs in this test's event loop: blocking client I/O goes to a thread.
-run = trio.to_thread.run_sync
+in_thread = trio.to_thread.run_sync
 
 
 async def test_upgrade_tunnels_both_ways_and_survives_reload(
     proxy: ProxyProcess, backend: Backend, tmp_path: Path
 ) -> None:
-    tls = await run(_connect, proxy)
+    tls = await in_thread(tls_socket, proxy)
     with tls:
         early = b"early bytes "  # may arrive with the head, as clients do
-        await run(tls.sendall, UPGRADE + early)
-        head, rest = await run(_read_head, tls)
+        await in_thread(tls.sendall, UPGRADE + early)
+        head, rest = await in_thread(_read_head, tls)
         lines = head.decode().split("\r\n")
         assert lines[0] == "HTTP/1.1 101 Switching Protocols"
         assert "upgrade: echo" in lines and "connection: upgrade" in lines
-        assert await run(_read_exactly, tls, len(early), rest) == early.upper()
-        assert await run(_echo, tls, b"hello") == b"HELLO"
+        assert await in_thread(_read_exactly, tls, len(early), rest) == early.upper()
+        assert await in_thread(_echo, tls, b"hello") == b"HELLO"
         forwarded = backend.requests[-1]["headers"]
         assert isinstance(forwarded, dict) and forwarded["upgrade"] == "echo"
 
@@ -75,15 +71,13 @@ async def test_upgrade_tunnels_both_ways_and_survives_reload(
             https_port=proxy.https_port,
         )
         proxy.process.send_signal(signal.SIGHUP)
-        with trio.fail_after(10):
-            while "site other.test added" not in proxy.log():
-                await trio.sleep(0.05)
-        assert await run(_echo, tls, b"after reload") == b"AFTER RELOAD"
+        await proxy.wait_log("site other.test added", timeout=10)
+        assert await in_thread(_echo, tls, b"after reload") == b"AFTER RELOAD"
 
 
 async def test_upgrade_refused_by_the_upstream_is_a_plain_response(proxy: ProxyProcess) -> None:
-    tls = await run(_connect, proxy)
+    tls = await in_thread(tls_socket, proxy)
     with tls:
-        await run(tls.sendall, UPGRADE.replace(b"Upgrade: echo", b"Upgrade: other"))
-        head, _ = await run(_read_head, tls)
+        await in_thread(tls.sendall, UPGRADE.replace(b"Upgrade: echo", b"Upgrade: other"))
+        head, _ = await in_thread(_read_head, tls)
     assert head.startswith(b"HTTP/1.1 426 ")

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from tests.proxyproc import ProxyProcess, curl_args, run, sites_toml, start_proxy
-from tests.rawbackend import Answer, RawBackend, clean_response
+from tests.support.curl import Reply, curl
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+from tests.support.rawbackend import Answer, RawBackend, clean_response
+
+pytestmark = pytest.mark.slow
 
 CORPUS = Path(__file__).parent / "corpus" / "upstream_responses.toml"
 CASES: list[dict[str, Any]] = tomllib.loads(CORPUS.read_text())["case"]
@@ -42,19 +44,8 @@ def corpus_script(path: bytes, nth: int) -> Answer:
     return raw_response(case), bool(case.get("close", False))
 
 
-@dataclass
-class Reply:
-    exit_code: int
-    status: int
-    body: bytes
-    error: str
-
-
 async def fetch(proxy: ProxyProcess, protocol: str, path: str) -> Reply:
-    args = curl_args(proxy, path, "localhost", PROTOCOLS[protocol], "-w", "\n%{http_code}")
-    result = await run(*args)
-    body, _, status = result.stdout.rpartition(b"\n")
-    return Reply(result.returncode, int(status or 0), body, result.stderr.decode(errors="replace"))
+    return await curl(PROTOCOLS[protocol], *proxy.curl_args(path), check=False)
 
 
 @pytest.fixture
@@ -71,11 +62,11 @@ async def test_corpus_of_broken_upstream_responses(raw_proxy: ProxyProcess, prot
         reply = await fetch(raw_proxy, protocol, f"/case/{case['name']}")
         where = f"{protocol} {case['name']}: {reply}"
         if case["expect"] == "truncated" and protocol == "h1":
-            assert reply.exit_code == 18 and reply.status == 200, where  # partial body
+            assert reply.returncode == 18 and reply.status == 200, where  # partial body
         elif case["expect"] == "truncated":
-            assert "INTERNAL_ERROR" in reply.error, where  # RST_STREAM
+            assert b"INTERNAL_ERROR" in reply.stderr, where  # RST_STREAM
         else:
-            assert reply.exit_code == 0 and reply.status == case["expect"], where
+            assert reply.returncode == 0 and reply.status == case["expect"], where
             if "body" in case:
                 assert reply.body == case["body"].encode(), where
         after = await fetch(raw_proxy, protocol, "/clean")
@@ -100,7 +91,7 @@ async def test_idle_close_racing_a_reused_connection_is_resent(
     try:
         for _ in range(3):
             reply = await fetch(proxy, protocol, "/race")
-            assert (reply.exit_code, reply.status) == (0, 200), reply
+            assert (reply.returncode, reply.status) == (0, 200), reply
             assert reply.body == b"clean /race #1"
         # Each request after the first went out twice: on the pooled connection, then anew.
         assert backend.requests == [b"/race"] * 5

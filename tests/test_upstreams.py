@@ -16,14 +16,17 @@ import pytest
 import trio
 import trustme
 
-from tests.backend import Backend, serve_backend
-from tests.h2backend import H2Backend, serve_h2_backend
-from tests.proxyproc import ProxyProcess, curl_args, run, start_proxy, write_config
+from tests.support.backend import Backend, serve_backend
+from tests.support.curl import Reply, curl
+from tests.support.h2backend import H2Backend, serve_h2_backend
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy, write_config
+from tests.support.tls import tls_stream
+
+pytestmark = pytest.mark.slow
 
 
-def site(upstream: str, *extra: str) -> str:
-    lines = ["[[sites]]", 'hosts = ["localhost"]', f'upstreams = ["{upstream}"]', *extra]
-    return "\n".join(lines) + "\n"
+def localhost_site(upstream: str) -> str:
+    return sites_toml((["localhost"], [upstream]))
 
 
 @asynccontextmanager
@@ -35,24 +38,17 @@ async def proxy_for(tmp_path: Path, body: str) -> AsyncIterator[ProxyProcess]:
         await proxy.terminate()
 
 
-async def curl(proxy: ProxyProcess, path: str, *extra: str) -> tuple[int, bytes]:
-    """Status and body of one request with curl."""
-    args = curl_args(proxy, path, "localhost", "-w", "\n%{http_code}", *extra)
-    result = await run(*args, check=True)
-    body, _, status = result.stdout.rpartition(b"\n")
-    return int(status), body
+async def fetch(proxy: ProxyProcess, path: str, *extra: str) -> Reply:
+    return await curl(*extra, *proxy.curl_args(path))
 
 
 async def h1_exchange(
     proxy: ProxyProcess, *events: h11.Event
 ) -> tuple[h11.Response, bytes, list[tuple[bytes, bytes]]]:
     """One HTTP/1.1 exchange over TLS with h11 (curl cannot send or show trailers)."""
-    context = ssl.create_default_context(cafile=str(proxy.root_ca))
-    context.set_alpn_protocols(["http/1.1"])
-    tcp = await trio.open_tcp_stream("127.0.0.1", proxy.https_port)
-    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
     conn = h11.Connection(h11.CLIENT)
     with trio.fail_after(30):
+        stream = await tls_stream(proxy)
         await stream.send_all(b"".join(conn.send(event) or b"" for event in events))
         response: h11.Response | None = None
         body = b""
@@ -81,19 +77,18 @@ async def test_h1_and_h2_clients_reach_an_h2c_upstream(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend())
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:
+    async with proxy_for(tmp_path, localhost_site(backend.url)) as proxy:
         for version, via in (("--http1.1", "1.1 port443"), ("--http2", "2 port443")):
-            status, body = await curl(proxy, "/echo?q=1", version, "-H", "TE: trailers")
-            assert status == 200
-            seen = json.loads(body)["headers"]
+            reply = await fetch(proxy, "/echo?q=1", version, "-H", "TE: trailers")
+            assert reply.status == 200
+            seen = json.loads(reply.body)["headers"]
             assert seen[":method"] == "GET" and seen[":path"] == "/echo?q=1"
             assert seen[":scheme"] == "http"
             assert seen[":authority"] == f"localhost:{proxy.https_port}"
             assert "host" not in seen and "transfer-encoding" not in seen
             assert seen["te"] == "trailers"  # gRPC servers insist on it
             assert seen["x-forwarded-proto"] == "https" and seen["via"] == via
-        result = await run(*curl_args(proxy, "/echo", "localhost", "-i"), check=True)
-        assert b"\r\nvia: 2 port443\r\n" in result.stdout.lower()
+        assert (await fetch(proxy, "/echo")).header("via") == "2 port443"
     assert backend.connections == 1  # both requests shared one upstream connection
 
 
@@ -103,18 +98,18 @@ async def test_bodies_larger_than_every_window_flow_both_ways(
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend())
     payload = tmp_path / "payload"
     payload.write_bytes(bytes(range(256)) * 8192)  # 2 MiB: 32 initial upstream windows
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:
-        status, body = await curl(proxy, "/bytes/5000000", "--http1.1")
-        assert (status, len(body)) == (200, 5_000_000)
-        status, body = await curl(proxy, "/echo", "--http2", "--data-binary", f"@{payload}")
-        echo = json.loads(body)
-        assert status == 200 and echo["length"] == 2 * 1024 * 1024
+    async with proxy_for(tmp_path, localhost_site(backend.url)) as proxy:
+        reply = await fetch(proxy, "/bytes/5000000", "--http1.1")
+        assert (reply.status, len(reply.body)) == (200, 5_000_000)
+        reply = await fetch(proxy, "/echo", "--http2", "--data-binary", f"@{payload}")
+        echo = json.loads(reply.body)
+        assert reply.status == 200 and echo["length"] == 2 * 1024 * 1024
         assert echo["sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
 
 
 async def test_trailers_pass_both_ways(tmp_path: Path, nursery: trio.Nursery) -> None:
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend())
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:
+    async with proxy_for(tmp_path, localhost_site(backend.url)) as proxy:
         response, body, trailers = await h1_exchange(
             proxy,
             request(b"/trailers", (b"transfer-encoding", b"chunked"), (b"te", b"trailers"),
@@ -131,7 +126,7 @@ async def test_streams_share_connections_within_max_concurrent_streams(
 ) -> None:
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend(max_concurrent_streams=10))
     statuses: list[int] = []
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:
+    async with proxy_for(tmp_path, localhost_site(backend.url)) as proxy:
 
         async def one(n: int) -> None:
             response, _, _ = await h1_exchange(proxy, request(f"/slow/0.5?n={n}".encode()))
@@ -149,17 +144,17 @@ async def test_goaway_retries_unprocessed_streams_on_a_new_connection(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend(goaway_after=2))
-    results: dict[str, tuple[int, bytes]] = {}
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:
+    results: dict[str, Reply] = {}
+    async with proxy_for(tmp_path, localhost_site(backend.url)) as proxy:
 
         async def get(path: str) -> None:
-            results[path] = await curl(proxy, path)
+            results[path] = await fetch(proxy, path)
 
         async with trio.open_nursery() as clients:
             clients.start_soon(get, "/slow/1")  # stream 1: processed, answered after GOAWAY
             await trio.sleep(0.3)
             clients.start_soon(get, "/echo")  # stream 3: above GOAWAY's last stream id
-    assert results["/slow/1"][0] == results["/echo"][0] == 200
+    assert results["/slow/1"].status == results["/echo"].status == 200
     assert [seen[":path"] for seen in backend.requests] == ["/slow/1", "/echo", "/echo"]
     assert backend.connections == 2
 
@@ -168,23 +163,23 @@ async def test_reload_lets_streams_finish_then_closes_the_old_connection(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend())
-    results: list[tuple[int, bytes]] = []
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:
+    results: list[Reply] = []
+    async with proxy_for(tmp_path, localhost_site(backend.url)) as proxy:
 
         async def slow() -> None:
-            results.append(await curl(proxy, "/slow/1.5"))
+            results.append(await fetch(proxy, "/slow/1.5"))
 
         async with trio.open_nursery() as clients:
             clients.start_soon(slow)
             await trio.sleep(0.5)
-            write_config(tmp_path, site(backend.url), http_port=0, https_port=proxy.https_port)
+            write_config(
+                tmp_path, localhost_site(backend.url), http_port=0, https_port=proxy.https_port
+            )
             proxy.process.send_signal(signal.SIGHUP)
-            with trio.fail_after(10):
-                while "reloaded" not in proxy.log():
-                    await trio.sleep(0.05)
-            assert (await curl(proxy, "/echo"))[0] == 200  # the new generation's connection
+            await proxy.wait_log("reloaded", timeout=10)
+            assert (await fetch(proxy, "/echo")).status == 200  # the new generation's connection
             assert backend.closed == 0  # the old one still carries the slow request
-        assert results[0][0] == 200
+        assert results[0].status == 200
         with trio.fail_after(5):
             while backend.closed < 1:  # ... and is closed once that has ended
                 await trio.sleep(0.05)
@@ -193,15 +188,13 @@ async def test_reload_lets_streams_finish_then_closes_the_old_connection(
 
 async def test_upstream_stream_resets(tmp_path: Path, nursery: trio.Nursery) -> None:
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend())
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:
-        status, _ = await curl(proxy, "/reset")
-        assert status == 502
+    async with proxy_for(tmp_path, localhost_site(backend.url)) as proxy:
+        assert (await fetch(proxy, "/reset")).status == 502
         assert "reset the stream (INTERNAL_ERROR)" in proxy.log()
-        status, _ = await curl(proxy, "/refuse")  # REFUSED_STREAM: sent again, a few times
-        assert status == 502
+        # REFUSED_STREAM: sent again, a few times
+        assert (await fetch(proxy, "/refuse")).status == 502
         assert "refused the stream" in proxy.log()
-        status, _ = await curl(proxy, "/echo")  # the connection itself is still good
-        assert status == 200
+        assert (await fetch(proxy, "/echo")).status == 200  # the connection is still good
     paths = [seen[":path"] for seen in backend.requests]
     assert paths == ["/reset", "/refuse", "/refuse", "/refuse", "/echo"]
     assert backend.connections == 1
@@ -209,9 +202,8 @@ async def test_upstream_stream_resets(tmp_path: Path, nursery: trio.Nursery) -> 
 
 async def test_h2c_to_an_http1_server_is_502(tmp_path: Path, nursery: trio.Nursery) -> None:
     backend: Backend = await nursery.start(serve_backend, Backend())
-    async with proxy_for(tmp_path, site(f"h2c://127.0.0.1:{backend.port}")) as proxy:
-        status, _ = await curl(proxy, "/echo")
-        assert status == 502
+    async with proxy_for(tmp_path, localhost_site(f"h2c://127.0.0.1:{backend.port}")) as proxy:
+        assert (await fetch(proxy, "/echo")).status == 502
         assert "does not speak HTTP/2" in proxy.log()
 
 
@@ -219,7 +211,7 @@ async def test_h2c_to_an_http1_server_is_502(tmp_path: Path, nursery: trio.Nurse
 
 
 @pytest.fixture(scope="module")
-def ca() -> trustme.CA:
+def upstream_ca() -> trustme.CA:
     return trustme.CA()
 
 
@@ -231,47 +223,47 @@ def server_context(ca: trustme.CA, name: str, alpn: list[str]) -> ssl.SSLContext
 
 
 async def test_https_upstream_speaking_h2_by_alpn(
-    tmp_path: Path, nursery: trio.Nursery, ca: trustme.CA
+    tmp_path: Path, nursery: trio.Nursery, upstream_ca: trustme.CA
 ) -> None:
-    context = server_context(ca, "127.0.0.1", ["h2"])
+    context = server_context(upstream_ca, "127.0.0.1", ["h2"])
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend(ssl_context=context))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    upstream_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     async with proxy_for(
-        tmp_path, site(backend.url, f'upstream_ca = "{tmp_path / "ca.pem"}"')
+        tmp_path, localhost_site(backend.url) + f'upstream_ca = "{tmp_path / "ca.pem"}"\n'
     ) as proxy:
         for version in ("--http1.1", "--http2"):
-            status, body = await curl(proxy, "/echo", version)
-            assert status == 200
-            assert json.loads(body)["headers"][":scheme"] == "https"
+            reply = await fetch(proxy, "/echo", version)
+            assert reply.status == 200
+            assert json.loads(reply.body)["headers"][":scheme"] == "https"
     assert backend.connections == 1
 
 
 async def test_https_upstream_speaking_http1_by_alpn_with_a_server_name(
-    tmp_path: Path, nursery: trio.Nursery, ca: trustme.CA
+    tmp_path: Path, nursery: trio.Nursery, upstream_ca: trustme.CA
 ) -> None:
-    context = server_context(ca, "backend.test", ["http/1.1"])
+    context = server_context(upstream_ca, "backend.test", ["http/1.1"])
     backend: Backend = await nursery.start(serve_backend, Backend(ssl_context=context))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    body = site(
-        backend.url,
-        f'upstream_ca = "{tmp_path / "ca.pem"}"',
-        'upstream_server_name = "backend.test"',
+    upstream_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    body = localhost_site(backend.url) + (
+        f'upstream_ca = "{tmp_path / "ca.pem"}"\nupstream_server_name = "backend.test"\n'
     )
     async with proxy_for(tmp_path, body) as proxy:
         for _ in range(2):
-            status, text = await curl(proxy, "/echo", "--http2")
-            assert status == 200 and json.loads(text)["target"] == "/echo"
+            reply = await fetch(proxy, "/echo", "--http2")
+            assert reply.status == 200 and json.loads(reply.body)["target"] == "/echo"
     assert backend.connections == 1  # kept alive, and TLS session tickets did not stale it
 
 
 async def test_untrusted_upstream_certificate_is_502_with_the_reason(
-    tmp_path: Path, nursery: trio.Nursery, ca: trustme.CA
+    tmp_path: Path, nursery: trio.Nursery, upstream_ca: trustme.CA
 ) -> None:
-    context = server_context(ca, "127.0.0.1", ["h2", "http/1.1"])
+    context = server_context(upstream_ca, "127.0.0.1", ["h2", "http/1.1"])
     backend: Backend = await nursery.start(serve_backend, Backend(ssl_context=context))
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:  # system trust: not our CA
-        status, text = await curl(proxy, "/echo")
-        assert (status, text) == (502, b"upstream unavailable\n")
+    async with proxy_for(
+        tmp_path, localhost_site(backend.url)
+    ) as proxy:  # system trust: not our CA
+        reply = await fetch(proxy, "/echo")
+        assert (reply.status, reply.body) == (502, b"upstream unavailable\n")
         assert (
             f"site localhost: upstream unavailable: {backend.url}: TLS certificate "
             "verification failed for 127.0.0.1: unable to get local issuer certificate"
@@ -285,9 +277,9 @@ async def test_upgrade_request_to_an_h2c_upstream_goes_as_a_plain_request(
     """HTTP/2 has no Upgrade (RFC 9113 §8.2.2): the connection-specific fields are dropped
     and the upstream's ordinary answer comes back."""
     backend: H2Backend = await nursery.start(serve_h2_backend, H2Backend())
-    async with proxy_for(tmp_path, site(backend.url)) as proxy:
+    async with proxy_for(tmp_path, localhost_site(backend.url)) as proxy:
         upgrade = ("-H", "Connection: Upgrade", "-H", "Upgrade: websocket")
-        status, body = await curl(proxy, "/echo", "--http1.1", *upgrade)
-        assert status == 200
-        seen = json.loads(body)["headers"]
+        reply = await fetch(proxy, "/echo", "--http1.1", *upgrade)
+        assert reply.status == 200
+        seen = json.loads(reply.body)["headers"]
         assert "upgrade" not in seen and "connection" not in seen

@@ -7,28 +7,25 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import trio
 
-from tests.backend import Backend
-from tests.proxyproc import ROOT, ProxyProcess, curl_args, run, sites_toml
-from tests.workers import (
-    readyz,
-    serving_pid,
-    start_workers,
-    wait_log_count,
-    wait_ready,
-    worker_pids,
-)
+from tests.support.backend import Backend
+from tests.support.curl import Reply, curl
+from tests.support.proxy import ProxyProcess, sites_toml
+from tests.support.run import port443
+from tests.support.workers import serving_pid, start_workers, worker_pids
+
+pytestmark = pytest.mark.slow
 
 CONNECTIONS = 20
 
 
 async def _echo(proxy: ProxyProcess) -> None:
-    result = await run(*curl_args(proxy, "/echo", "localhost", "--http1.1"), check=True)
-    assert json.loads(result.stdout)["target"] == "/echo"
+    result = await curl("--http1.1", *proxy.curl_args("/echo"))
+    assert json.loads(result.body)["target"] == "/echo"
 
 
 async def test_connections_spread_over_both_workers(tmp_path: Path, backend: Backend) -> None:
@@ -58,15 +55,13 @@ async def test_a_killed_worker_is_restarted_and_no_client_is_refused(
         subprocess.run(["kill", "-KILL", str(before[1])], check=True)
         for _ in range(10):  # while worker 1 is down, its socket's clients wait, not fail
             await _echo(proxy)
-        await wait_log_count(proxy, "worker 1 started", 2)
+        await proxy.wait_log("worker 1 started", count=2)
         assert f"worker 1 (pid {before[1]}) exited with signal SIGKILL; restarting" in proxy.log()
         after = worker_pids(proxy)
         assert after[1] != before[1] and after[2] == before[2]
-        await wait_ready(proxy)
-        metrics = await run(
-            "curl", "-sS", f"http://127.0.0.1:{proxy.admin_port}/metrics", check=True
-        )
-        assert b"port443_worker_restarts_total 1.0" in metrics.stdout
+        await proxy.wait_ready()
+        metrics = await proxy.admin("/metrics")
+        assert b"port443_worker_restarts_total 1.0" in metrics.body
     finally:
         assert await proxy.terminate() == 0
 
@@ -76,36 +71,34 @@ async def test_reload_reaches_every_worker(tmp_path: Path, backend: Backend) -> 
     try:
         config = tmp_path / "port443.toml"
         config.write_text(config.read_text() + sites_toml((["new.test"], [backend.url])))
-        reload = subprocess.run(
-            [sys.executable, "-m", "proxy", "reload", "-c", str(config)],
-            cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
+        reload = port443("reload", "-c", str(config))
+        assert reload.returncode == 0, reload.stderr
         assert f"process {proxy.process.pid}" in reload.stdout  # the supervisor's pid file
         for index in (1, 2):
-            await wait_log_count(proxy, f"[worker {index}] proxy.server: reloaded", 1)
-        await wait_ready(proxy)  # the follower loads new.test's certificate within 2 s
+            await proxy.wait_log(f"[worker {index}] proxy.server: reloaded")
+        await proxy.wait_ready()  # the follower loads new.test's certificate within 2 s
         for _ in range(4):
-            added = await run(*curl_args(proxy, "/echo", "new.test", "--http1.1"), check=True)
-            assert json.loads(added.stdout)["headers"]["host"] == f"new.test:{proxy.https_port}"
+            added = await curl("--http1.1", *proxy.curl_args("/echo", "new.test"))
+            assert json.loads(added.body)["headers"]["host"] == f"new.test:{proxy.https_port}"
     finally:
         assert await proxy.terminate() == 0
 
 
 async def test_shutdown_drains_every_worker_and_exits_0(tmp_path: Path, backend: Backend) -> None:
     proxy = await start_workers(tmp_path, sites_toml((["localhost"], [backend.url])))
-    slow: list[subprocess.CompletedProcess[bytes]] = []
+    slow: list[Reply] = []
 
     async def slow_request() -> None:
-        slow.append(await run(*curl_args(proxy, "/sleep/2", "localhost", "--http1.1")))
+        slow.append(await curl("--http1.1", *proxy.curl_args("/sleep/2"), check=False))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(slow_request)
         await trio.sleep(0.7)
         proxy.process.send_signal(signal.SIGTERM)
         await trio.sleep(0.3)
-        assert (await readyz(proxy))[0] == 503
+        assert (await proxy.admin("/readyz")).status == 503
         assert await proxy.wait(20) == 0
-    assert slow[0].returncode == 0 and json.loads(slow[0].stdout)["target"] == "/sleep/2"
+    assert slow[0].returncode == 0 and json.loads(slow[0].body)["target"] == "/sleep/2"
     log = proxy.log()
     for index in (1, 2):
         assert f"[worker {index}] proxy.server: stopped" in log

@@ -11,14 +11,17 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from proxy.certs.store import LOCK_DIR
-from tests.backend import Backend
-from tests.certs_e2e import acme_toml, pebble_root, wait_served
-from tests.pebble import Pebble
-from tests.proxyproc import sites_toml
-from tests.workers import start_workers, wait_log_count, wait_ready, worker_pids
+from tests.support.backend import Backend
+from tests.support.certs import acme_toml, pebble_root, wait_served
+from tests.support.pebble import Pebble
+from tests.support.proxy import sites_toml
+from tests.support.workers import start_workers, worker_pids
+
+pytestmark = pytest.mark.slow
 
 MANAGER = "proxy.certs.manager:"
 
@@ -38,17 +41,17 @@ def _served_by_worker(log: str, site: str) -> dict[int, set[str]]:
 async def test_one_acme_order_for_two_workers(
     start_pebble: Callable[..., Pebble],
     backend: Backend,
-    ports: tuple[int, int],
+    proxy_ports: tuple[int, int],
     tmp_path: Path,
 ) -> None:
-    pebble = start_pebble(http_port=ports[0], tls_port=ports[1])
+    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1])
     body = acme_toml(pebble, "http-01") + sites_toml((["web.example.com"], [backend.url]))
-    proxy = await start_workers(tmp_path, body, issuer="acme", ports=ports)
+    proxy = await start_workers(tmp_path, body, issuer="acme", ports=proxy_ports)
     try:
         root = pebble_root(pebble, tmp_path)
         cert = await wait_served(proxy, "web.example.com", lambda: root)
         serial = f"{cert.serial_number:x}"
-        await wait_log_count(proxy, f"serving certificate {serial}", 2)
+        await proxy.wait_log(f"serving certificate {serial}", count=2)
         log = proxy.log()
         assert log.count("ACME: ordering a certificate") == 1
         assert log.count("requesting a certificate") == 1
@@ -70,8 +73,8 @@ async def test_the_renewal_claim_moves_when_its_holder_dies(
         assert f"[worker {follower}] {MANAGER} site localhost: another process" in log
         assert _claimed(lock)
         subprocess.run(["kill", "-KILL", str(worker_pids(proxy)[holder])], check=True)
-        await wait_log_count(proxy, f"worker {holder} started", 2)
-        await wait_ready(proxy)
+        await proxy.wait_log(f"worker {holder} started", count=2)
+        await proxy.wait_ready()
         with trio.fail_after(10):  # the follower's next poll, or the successor, claims it
             while not _claimed(lock):
                 await trio.sleep(0.1)

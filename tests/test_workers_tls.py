@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from proxy.certs.local_ca import LocalCA
 from proxy.tls import policy
-from tests.backend import Backend
-from tests.proxyproc import ProxyProcess, sites_toml
-from tests.workers import start_workers
+from tests.support.backend import Backend
+from tests.support.openssl import s_client
+from tests.support.proxy import ProxyProcess, sites_toml
+from tests.support.workers import start_workers
 
 RECONNECTS = 20
 REQUEST = b"GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -88,21 +88,15 @@ def test_ticket_keys_have_openssls_length(restore_ticket_keys: None) -> None:
 async def _s_client(proxy: ProxyProcess, *options: str) -> str:
     """ "New" or "Reused": one connection with one request, whose answer comes after the
     TLS 1.3 tickets, so that -sess_out has one to save."""
-    argv = [
-        "openssl", "s_client", "-connect", f"127.0.0.1:{proxy.https_port}",
-        "-servername", "localhost", "-CAfile", str(proxy.root_ca), "-verify_return_error",
-        "-ign_eof", *options,
-    ]  # fmt: skip
-    with trio.fail_after(15):
-        result = await trio.run_process(
-            argv, stdin=REQUEST, capture_stdout=True, capture_stderr=True, check=False
-        )
-    lines = result.stdout.decode(errors="replace").splitlines()
-    found = [line.split(",")[0] for line in lines if line.startswith(("New,", "Reused,"))]
-    assert found, result.stdout + result.stderr
-    return found[0]
+    handshake = await s_client(
+        proxy.https_port, "-servername", "localhost", "-CAfile", str(proxy.root_ca),
+        "-verify_return_error", "-ign_eof", *options, stdin=REQUEST, timeout=15,
+    )  # fmt: skip
+    assert handshake.session, handshake
+    return handshake.session
 
 
+@pytest.mark.slow
 async def test_resumption_across_two_workers(tmp_path: Path, backend: Backend) -> None:
     proxy = await start_workers(tmp_path, sites_toml((["localhost"], [backend.url])))
     try:

@@ -9,12 +9,17 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.backend import Backend
-from tests.proxyproc import ProxyProcess, curl_args, run, sites_toml
-from tests.workers import readyz, start_workers, wait_ready, worker_pids
+from tests.support.backend import Backend
+from tests.support.curl import curl
+from tests.support.proxy import ProxyProcess, sites_toml
+from tests.support.run import run
+from tests.support.workers import start_workers, worker_pids
+
+pytestmark = pytest.mark.slow
 
 REQUESTS = 12
 LONG_PATH = "/echo/" + "a" * 20000  # far above PIPE_BUF (4096) in every log line
@@ -22,10 +27,10 @@ LONG_REQUESTS = 200
 
 
 async def _requests_total(proxy: ProxyProcess) -> float:
-    result = await run("curl", "-sS", f"http://127.0.0.1:{proxy.admin_port}/metrics", check=True)
+    metrics = await proxy.admin("/metrics")
     return sum(
         sample.value
-        for family in text_string_to_metric_families(result.stdout.decode())
+        for family in text_string_to_metric_families(metrics.text)
         if family.name == "port443_requests"
         for sample in family.samples
         if sample.name == "port443_requests_total"
@@ -36,13 +41,17 @@ async def test_metrics_and_readiness_cover_every_worker(tmp_path: Path, backend:
     proxy = await start_workers(tmp_path, sites_toml((["localhost"], [backend.url])))
     try:
         for _ in range(REQUESTS):  # a new connection each: both workers answer some
-            await run(*curl_args(proxy, "/echo", "localhost", "--http1.1"), check=True)
+            await curl("--http1.1", *proxy.curl_args("/echo"))
         assert await _requests_total(proxy) == REQUESTS
-        assert (await readyz(proxy)) == (200, "ready")
+        ready = await proxy.admin("/readyz")
+        assert (ready.status, ready.text) == (200, "ready")
         subprocess.run(["kill", "-KILL", str(worker_pids(proxy)[2])], check=True)
-        code, reason = await readyz(proxy)
-        assert (code, reason) == (503, "not ready: worker 2 is not running or not answering")
-        await wait_ready(proxy)
+        unready = await proxy.admin("/readyz")
+        assert (unready.status, unready.text) == (
+            503,
+            "not ready: worker 2 is not running or not answering",
+        )
+        await proxy.wait_ready()
     finally:
         assert await proxy.terminate() == 0
 

@@ -16,6 +16,7 @@ renewalInfo for a certificate is fetched when the directory offers it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -42,9 +43,10 @@ from josepy.jwa import ES256
 from josepy.jwk import JWK, JWKEC
 
 from proxy.certs.acme_challenges import write_http01, write_tls_alpn01
+from proxy.certs.dns01 import DnsError, Rfc2136, TxtRecord, challenge_record
 from proxy.certs.renewal import AriWindow, ari_cert_id
 from proxy.certs.store import atomic_write
-from proxy.config import LETS_ENCRYPT, ChallengeType, KeyType
+from proxy.config import LETS_ENCRYPT, ChallengeType, DnsConfig, KeyType, is_ip_address
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,8 @@ class _Client(acme_client.ClientV2):
     def new_order_replacing(
         self, csr_pem: bytes, names: Sequence[str], profile: str | None, replaces: str | None
     ) -> messages.OrderResource:
-        """`ClientV2.new_order` for DNS `names`, with `replaces` in the request body."""
-        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names]
+        """`ClientV2.new_order` for `names`, with `replaces` in the request body."""
+        identifiers = [_identifier(name) for name in names]
         body = _NewOrder(identifiers=identifiers, profile=profile, replaces=replaces)
         response = self._post(self.directory["newOrder"], body)
         order = messages.Order.from_json(response.json())
@@ -167,6 +169,7 @@ class AcmeClient:
         ca_bundle: Path | None = None,
         challenges: Sequence[ChallengeType] = ("http-01", "tls-alpn-01"),
         eab: ExternalAccountBinding | None = None,
+        dns: DnsConfig | None = None,
         timeout: float = 120.0,
     ) -> None:
         self.certs_dir = certs_dir
@@ -176,7 +179,9 @@ class AcmeClient:
         self._verify: bool | str = str(ca_bundle) if ca_bundle is not None else True
         self._challenges = tuple(challenges)
         self._eab = eab
-        self._timeout = timeout
+        self._dns = Rfc2136(dns) if dns is not None else None
+        # DNS propagation happens within the order, so it extends the order's time limit
+        self._timeout = timeout + (dns.propagation_timeout if dns is not None else 0.0)
         self._client: _Client | None = None
         self._setup_lock = trio.Lock()
         self._one_request = trio.CapacityLimiter(1)  # requests.Session is not thread-safe
@@ -204,7 +209,9 @@ class AcmeClient:
         names = list(dict.fromkeys(n.lower().rstrip(".") for n in names))
         preference = tuple(challenges) if challenges is not None else self._challenges
         key_pem = _new_key_pem(key_type)
-        csr_pem = crypto_util.make_csr(key_pem, names)
+        addresses = [ipaddress.ip_address(name) for name in names if is_ip_address(name)]
+        domains = [name for name in names if not is_ip_address(name)]
+        csr_pem = crypto_util.make_csr(key_pem, domains, ipaddrs=addresses)
         what = ", ".join(names)
         log.info(
             "ACME: ordering a certificate for %s from %s, %s",
@@ -221,6 +228,8 @@ class AcmeClient:
                 raise AcmeError(f"{what}: {error}", self._retry_after()) from error
             except (requests.RequestException, acme_errors.Error) as error:
                 raise AcmeError(f"{what}: {type(error).__name__}: {error}") from error
+            except DnsError as error:
+                raise AcmeError(f"{what}: dns-01: {error}") from error
         if scope.cancelled_caught:
             raise AcmeError(f"{what}: no certificate within {self._timeout:g} s")
         log.info("ACME: issued a certificate for %s by %s", what, self.directory)
@@ -345,9 +354,14 @@ class AcmeClient:
         order: messages.OrderResource,
         preference: tuple[ChallengeType, ...],
     ) -> None:
-        """Answer every pending authorization of `order` and wait until all are valid."""
+        """Answer every pending authorization of `order` and wait until all are valid.
+
+        Every answer is in place (files written, DNS records visible) before the CA is
+        asked to validate any; all are removed afterwards, whatever happened.
+        """
         published: list[Path] = []
-        pending: list[tuple[messages.AuthorizationResource, str]] = []
+        records: list[TxtRecord] = []
+        pending: list[tuple[messages.AuthorizationResource, messages.ChallengeBody, str]] = []
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:  # reused by the CA
@@ -355,31 +369,40 @@ class AcmeClient:
                 if authz.body.status != messages.STATUS_PENDING:
                     raise AcmeError(_authz_failure(authz, None))
                 challb, typ = _pick_challenge(authz, preference)
-                published.append(self._publish(client, authz, challb, typ))
+                identifier = authz.body.identifier.value
+                key_authorization = _key_authorization(client, challb)
+                if typ == "dns-01":
+                    records.append(challenge_record(identifier, key_authorization))
+                else:
+                    published.append(self._write(typ, identifier, challb, key_authorization))
+                pending.append((authz, challb, typ))
+            if records:
+                await self._dns01().publish(records)
+            for _, challb, _ in pending:
                 await self._call(client.answer_challenge, challb, _ReadyResponse())
-                pending.append((authz, typ))
-            for authz, typ in pending:
+            for authz, _, typ in pending:
                 done = await self._poll_authorization(client, authz)
                 if done.body.status != messages.STATUS_VALID:
                     raise AcmeError(_authz_failure(done, typ))
         finally:
             for path in published:
                 path.unlink(missing_ok=True)
+            if records and self._dns is not None:
+                await self._dns.remove(records)
 
-    def _publish(
-        self,
-        client: acme_client.ClientV2,
-        authz: messages.AuthorizationResource,
-        challb: messages.ChallengeBody,
-        typ: str,
+    def _dns01(self) -> Rfc2136:
+        if self._dns is None:
+            raise AcmeError("dns-01 needs an [acme.dns] table: how to publish the records")
+        return self._dns
+
+    def _write(
+        self, typ: str, identifier: str, challb: messages.ChallengeBody, key_authorization: str
     ) -> Path:
-        token = str(challb.to_partial_json()["token"])
-        assert client.net.key is not None
-        thumbprint = client.net.key.public_key().thumbprint(hash_function=hashes.SHA256)
-        key_authorization = f"{token}.{b64encode(thumbprint).decode('ascii')}"
+        """The file answering an http-01 or tls-alpn-01 challenge, for any worker to serve."""
         if typ == "http-01":
+            token = str(challb.to_partial_json()["token"])
             return write_http01(self.certs_dir, token, key_authorization)
-        return write_tls_alpn01(self.certs_dir, authz.body.identifier.value, key_authorization)
+        return write_tls_alpn01(self.certs_dir, identifier, key_authorization)
 
     async def _poll_authorization(
         self, client: acme_client.ClientV2, authz: messages.AuthorizationResource
@@ -422,6 +445,20 @@ class AcmeClient:
                 log.warning("ACME: %s unreachable (%s), retrying", self.directory, error)
                 await trio.sleep(0.5 * attempt)
         raise AssertionError("unreachable")
+
+
+def _key_authorization(client: acme_client.ClientV2, challb: messages.ChallengeBody) -> str:
+    """RFC 8555 8.1: the challenge's token and our account key's thumbprint."""
+    token = str(challb.to_partial_json()["token"])
+    assert client.net.key is not None
+    thumbprint = client.net.key.public_key().thumbprint(hash_function=hashes.SHA256)
+    return f"{token}.{b64encode(thumbprint).decode('ascii')}"
+
+
+def _identifier(name: str) -> messages.Identifier:
+    """An order's identifier: "ip" for an address (RFC 8738), else "dns"."""
+    kind = messages.IDENTIFIER_IP if is_ip_address(name) else messages.IDENTIFIER_FQDN
+    return messages.Identifier(typ=kind, value=name)
 
 
 def _renewal_info_url(client: acme_client.ClientV2) -> str | None:

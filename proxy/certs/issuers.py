@@ -101,11 +101,12 @@ class AcmeIssuer(Issuer):
             ca_bundle=config.ca_bundle,
             challenges=config.challenges,
             eab=eab,
+            dns=config.dns,
         )
 
     async def issue(self, request: IssueRequest) -> Issued:
         client = self._fallback if request.fallback_ca and self._fallback else self._primary
-        challenges = self._config.challenges
+        challenges = self._config.challenges_for(request.site)
         if request.other_challenge:
             challenges = (*challenges[1:], *challenges[:1])
         previous = request.previous

@@ -14,22 +14,31 @@ ACME orders run in the background: the CA validates through our own listeners.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import trio
 
 from proxy.certs.acme import ARI_RECHECK, AcmeError
+from proxy.certs.acme_challenges import (
+    ACME_TLS_ALPN,
+    SharedChallenges,
+    TlsAlpn01Contexts,
+    share_challenges,
+)
 from proxy.certs.issuers import AcmeIssuer, Issuer, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
 from proxy.certs.renewal import next_retry, renewal_due
 from proxy.certs.status import RenewalStatus, load_status, save_status
-from proxy.certs.store import CertStore, InvalidCertificate, StoredCert, read_pair
-from proxy.config import Config, SiteConfig
+from proxy.certs.store import InvalidCertificate, StoredCert, open_storage, read_pair
+from proxy.config import Config, SiteConfig, wildcard_of
 from proxy.config import Issuer as IssuerName
+from proxy.tls.clienthello import ClientHello
 from proxy.tls.policy import reject_context, server_context
 
 log = logging.getLogger(__name__)
@@ -37,11 +46,13 @@ log = logging.getLogger(__name__)
 MAX_SLEEP = 3600.0  # re-read the wall clock at least hourly (suspend, clock steps)
 FILES_POLL = 2.0  # seconds between looks at changed files: a "files" site's, or the store's
 
+_UNSEEN = object()
+T = TypeVar("T")
 FileStamp = tuple[tuple[int, int, int], ...] | None  # (mtime_ns, size, inode) per file
 
 
 class CertManager:
-    """Loads, issues and renews every site's certificate; picks contexts per handshake.
+    """Loads, issues and renews every site's certificate; picks the context per handshake.
 
     The issuers follow each site's issuer (`SiteConfig.issuer`, else `certs.issuer`);
     `issuer`, when given, replaces them all (tests inject one this way).
@@ -52,27 +63,59 @@ class CertManager:
     ) -> None:
         self._config = config
         self._alpn = tuple(alpn)
-        self._store = CertStore(config.certs.dir)
+        self._store = open_storage(config)
+        shared = self._store if isinstance(self._store, SharedChallenges) else None
+        share_challenges(config.certs.dir, shared)
         self._issuers = _issuers(config, issuer)
         default = config.tls.default_site
         self._default = default.lower() if default else None
         self._reject = reject_context()
+        self._challenges = TlsAlpn01Contexts(config.certs.dir)
         self._contexts: dict[str, ssl.SSLContext] = {}  # lower-case host -> context
         self._certs: dict[str, StoredCert] = {}  # site name -> certificate in service
+        self._served: dict[str, StoredCert] = {}  # lower-case host -> its certificate
         self._file_stamps: dict[str, FileStamp] = {}  # "files" site name -> last validated
         self.renewal_failures: dict[str, int] = {}  # site name -> failed orders (metrics)
 
+    def context_for_hello(
+        self, hello: ClientHello | None, local_address: str | None = None
+    ) -> ssl.SSLContext:
+        """The one answer to "which context for this ClientHello".
+
+        Without SNI, the address the client connected to (`local_address`) stands for the
+        name: a site listing that IP address answers with its IP-address certificate.
+
+        A pending TLS-ALPN-01 challenge (RFC 8737) wins when the client offers acme-tls/1:
+        only an ACME validator does that. None, a hello our parser refused, gets the
+        refusing context, so that OpenSSL reads the hello itself and answers with its
+        alert (decode_error for a bad length) as nginx does.
+        """
+        if hello is None:
+            return self._reject
+        if ACME_TLS_ALPN in hello.alpn and hello.server_name:
+            challenge = self._challenges.context_for(hello.server_name)
+            if challenge is not None:
+                return challenge
+        name = hello.server_name
+        if name is None and local_address is not None:
+            address = ipaddress.ip_address(local_address)
+            name = str(getattr(address, "ipv4_mapped", None) or address)
+        return self.context_for(name)
+
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
-        """The context for a handshake's SNI: exact host, else the default site, else refuse."""
-        if server_name is not None:
-            context = self._contexts.get(server_name.lower())
-            if context is not None:
-                return context
-        if self._default is not None:
-            context = self._contexts.get(self._default)
-            if context is not None:
-                return context
-        return self._reject
+        """The context for a handshake's SNI: exact host, else a wildcard host covering it
+        (`*.example.com` for `a.example.com`), else the default site, else refuse."""
+        return _by_name(self._contexts, server_name, self._default) or self._reject
+
+    def certificate_for(self, server_name: str | None) -> StoredCert | None:
+        """The certificate `context_for` serves for this SNI, by the same rule (QUIC's TLS
+        takes a certificate and key, not an SSLContext); None: refuse the handshake."""
+        return _by_name(self._served, server_name, self._default)
+
+    @property
+    def storage_unreachable(self) -> bool:
+        """The shared store did not answer its last call (metrics); serving goes on."""
+        return self._store.unreachable_since is not None
 
     def certificates(self) -> list[StoredCert]:
         """The certificates currently served, one per site that has one."""
@@ -85,6 +128,7 @@ class CertManager:
         ACME orders are not waited for.
         """
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat)
             for site in self._config.sites:
                 issuer = self._issuers.get(self._config.issuer_of(site))
                 if issuer is None:
@@ -109,10 +153,20 @@ class CertManager:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve the site's stored certificate, then order a new one whenever it is due;
-        while another process holds the site's renewal claim, follow what it stores."""
-        if not await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
-            await self._follow(site, task_status=task_status)
+        while another process holds the site's renewal claim, follow what it stores. The
+        claim is asked for again before each order: a lease may have been lost meanwhile."""
+        while True:
+            if not await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
+                await self._follow(site, task_status=task_status)
+                task_status = trio.TASK_STATUS_IGNORED
+            await self._renew_while_claimed(site, issuer, task_status=task_status)
             task_status = trio.TASK_STATUS_IGNORED
+
+    async def _renew_while_claimed(
+        self, site: SiteConfig, issuer: Issuer, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Order and renew the site's certificate until the claim is lost. It starts from
+        the store, not from memory: another instance may have done the work already."""
         status = await trio.to_thread.run_sync(load_status, self._store, site.name)
         if status.hosts != site.hosts:  # failures for other names do not hold this set back
             status = RenewalStatus(hosts=site.hosts)
@@ -130,13 +184,15 @@ class CertManager:
             wake = min(filter(None, (attempt_at, status.ari_recheck)), default=None)
             await _sleep_until(wake)
             if attempt_at is not None and attempt_at <= _now():
+                if not await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
+                    return
                 cert, status = await self._attempt(site, issuer, cert, status)
 
     async def _follow(self, site: SiteConfig, *, task_status: trio.TaskStatus[None]) -> None:
         """Serve what the claim holder stores, picking up each new certificate within
         FILES_POLL; return once this process wins the claim (the holder died)."""
         log.info("site %s: another process orders and renews this certificate", site.name)
-        seen: object = None
+        seen: object = _UNSEEN  # the first look always loads: the store may be unreachable
         started = False
         while True:
             version = await trio.to_thread.run_sync(self._store.version, site.name)
@@ -150,6 +206,11 @@ class CertManager:
             if await trio.to_thread.run_sync(self._store.claim_renewal, site.name):
                 log.info("site %s: taking over its orders and renewals", site.name)
                 return
+
+    async def _heartbeat(self) -> None:
+        """Keep this process's renewal claims alive, as often as the store asks."""
+        while (interval := await trio.to_thread.run_sync(self._store.heartbeat)) is not None:
+            await trio.sleep(interval)
 
     async def _plan(
         self, site: SiteConfig, issuer: Issuer, cert: StoredCert | None, status: RenewalStatus
@@ -197,7 +258,12 @@ class CertManager:
     ) -> tuple[StoredCert | None, RenewalStatus]:
         """Order one certificate; on failure keep `cert` and schedule the retry."""
         previous = cert if cert is not None and issuer.issued(cert) else None
-        request = IssueRequest(site, previous, status.other_challenge, status.fallback_ca)
+        request = IssueRequest(
+            site=site,
+            previous=previous,
+            other_challenge=status.other_challenge,
+            fallback_ca=status.fallback_ca,
+        )
         attempt = status.failures + 1
         log.info("site %s: requesting a certificate (attempt %d)", site.name, attempt)
         try:
@@ -321,6 +387,7 @@ class CertManager:
         )
         for host in site.hosts:
             self._contexts[host.lower()] = context  # atomic swap per name
+            self._served[host.lower()] = cert
         self._certs[site.name] = cert
         log.info(
             "site %s: serving certificate %x, valid until %s",
@@ -328,6 +395,19 @@ class CertManager:
             cert.serial,
             cert.not_after,
         )
+
+
+def _by_name(table: dict[str, T], server_name: str | None, default: str | None) -> T | None:
+    """The entry for an SNI name: the exact host, else a wildcard host covering it, else the
+    default site's, else None."""
+    if server_name is not None:
+        name = server_name.lower()
+        entry = table.get(name)
+        if entry is None and (wildcard := wildcard_of(name)) is not None:
+            entry = table.get(wildcard)
+        if entry is not None:
+            return entry
+    return table.get(default) if default is not None else None
 
 
 def _issuers(config: Config, override: Issuer | None) -> dict[IssuerName, Issuer]:

@@ -1,4 +1,5 @@
-"""`port443 certs`: every site's certificate as a table, read from disk.
+"""Every site's certificate state, read from disk: the `port443 certs` table, the status
+page and `port443 doctor` all show these reports.
 
 Only files are read (the store, each site's status record, a "files" site's own pair), so
 the command works while the proxy runs elsewhere, or not at all.
@@ -6,23 +7,67 @@ the command works while the proxy runs elsewhere, or not at all.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.certs.manager import read_site_files
+from proxy.certs.renewal import AriWindow
 from proxy.certs.status import load_status
-from proxy.certs.store import CertStore, StoredCert
+from proxy.certs.store import CertStore
 from proxy.config import Config, SiteConfig
 
 HEADER = ("NAMES", "ISSUER", "NOT AFTER", "DAYS LEFT", "NEXT RENEWAL", "LAST ERROR")
 NONE = "-"
+WATCHED = "watched"  # a "files" site: renewed by whoever writes its files
+GAVE_UP = "gave up"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertificateReport:
+    """One site's certificate: what is served, when it renews, what went wrong."""
+
+    site: str
+    names: tuple[str, ...]
+    issuer: str  # "local", "files", "acme <directory host>"
+    not_after: datetime | None  # None: no usable certificate (see `missing`)
+    missing: str | None  # "none yet" or "unusable" when not_after is None
+    next_renewal: datetime | None
+    renewal_plan: str | None  # WATCHED or GAVE_UP when there is no next renewal time
+    last_error: str | None
+    ari_window: AriWindow | None
+
+    def days_left(self, now: datetime) -> float | None:
+        if self.not_after is None:
+            return None
+        return (self.not_after - now).total_seconds() / 86400
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        window = self.ari_window
+        return {
+            "site": self.site,
+            "names": list(self.names),
+            "issuer": self.issuer,
+            "not_after": _iso(self.not_after),
+            "days_left": self.days_left(now),
+            "missing": self.missing,
+            "next_renewal": _iso(self.next_renewal),
+            "renewal_plan": self.renewal_plan,
+            "last_error": self.last_error,
+            "ari_window": [_iso(window.start), _iso(window.end)] if window else None,
+        }
+
+
+def certificate_reports(config: Config) -> list[CertificateReport]:
+    store = CertStore(config.certs.dir)
+    return [_report(config, store, site) for site in config.sites]
 
 
 def certificates_table(config: Config, now: datetime | None = None) -> str:
     """One row per site, columns aligned; the last error is never cut short."""
     now = now or datetime.now(UTC)
-    store = CertStore(config.certs.dir)
-    rows = [HEADER, *(_row(config, store, site, now) for site in config.sites)]
+    rows = [HEADER, *(_row(report, now) for report in certificate_reports(config))]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
     return "\n".join(
         "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
@@ -30,35 +75,71 @@ def certificates_table(config: Config, now: datetime | None = None) -> str:
     )
 
 
-def _row(
-    config: Config, store: CertStore, site: SiteConfig, now: datetime
-) -> tuple[str, str, str, str, str, str]:
-    names = ",".join(site.hosts)
+def _report(config: Config, store: CertStore, site: SiteConfig) -> CertificateReport:
     issuer: str = config.issuer_of(site)
     if issuer == "files":
         try:
             files = read_site_files(site)
         except (OSError, ValueError) as exc:  # InvalidCertificate is a ValueError
-            return names, issuer, "unusable", NONE, "watched", str(exc)
-        return names, issuer, *_validity(files, now), "watched", NONE
+            return _files_report(site, issuer, None, str(exc))
+        return _files_report(site, issuer, files.not_after, None)
     cert = store.load(site.name)
     status = load_status(store, site.name)
     if cert is not None and isinstance(directory := cert.meta.get("directory"), str):
         issuer = f"{issuer} {urlsplit(directory).netloc}"
-    if status.failures and status.next_attempt is None:
-        next_renewal = "gave up"
+    gave_up = bool(status.failures) and status.next_attempt is None
+    return CertificateReport(
+        site=site.name,
+        names=site.hosts,
+        issuer=issuer,
+        not_after=None if cert is None else cert.not_after,
+        missing="none yet" if cert is None else None,
+        next_renewal=status.next_attempt,
+        renewal_plan=GAVE_UP if gave_up else None,
+        last_error=status.last_error if status.failures and status.last_error else None,
+        ari_window=status.ari_window,
+    )
+
+
+def _files_report(
+    site: SiteConfig, issuer: str, not_after: datetime | None, error: str | None
+) -> CertificateReport:
+    return CertificateReport(
+        site=site.name,
+        names=site.hosts,
+        issuer=issuer,
+        not_after=not_after,
+        missing="unusable" if not_after is None else None,
+        next_renewal=None,
+        renewal_plan=WATCHED,
+        last_error=error,
+        ari_window=None,
+    )
+
+
+def _row(report: CertificateReport, now: datetime) -> tuple[str, str, str, str, str, str]:
+    days = report.days_left(now)
+    if report.not_after is None or days is None:
+        not_after, days_left = report.missing or NONE, NONE
     else:
-        next_renewal = _time(status.next_attempt) if status.next_attempt else NONE
-    error = status.last_error if status.failures and status.last_error else NONE
-    if cert is None:
-        return names, issuer, "none yet", NONE, next_renewal, error
-    return names, issuer, *_validity(cert, now), next_renewal, error
-
-
-def _validity(cert: StoredCert, now: datetime) -> tuple[str, str]:
-    days = (cert.not_after - now).total_seconds() / 86400
-    return _time(cert.not_after), f"{days:.1f}" if days > 0 else "expired"
+        not_after, days_left = _time(report.not_after), f"{days:.1f}" if days > 0 else "expired"
+    if report.renewal_plan is not None:
+        next_renewal = report.renewal_plan
+    else:
+        next_renewal = _time(report.next_renewal) if report.next_renewal else NONE
+    return (
+        ",".join(report.names),
+        report.issuer,
+        not_after,
+        days_left,
+        next_renewal,
+        report.last_error or NONE,
+    )
 
 
 def _time(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.astimezone(UTC).isoformat()

@@ -1,7 +1,8 @@
-"""A site's renewal plan and failure record, kept on disk next to its certificate.
+"""A site's renewal plan and failure record, kept in the store next to its certificate.
 
-`certs/<name>/status.json` lets a restarted or reloaded proxy continue a backoff instead
-of hammering the CA, and lets `port443 certs` show the plan of a proxy running elsewhere.
+The record (`certs/<name>/status.json`, or Redis) lets a restarted or reloaded proxy
+continue a backoff instead of hammering the CA, and lets `port443 certs` show the plan
+of a proxy running elsewhere.
 The certificate itself stays the truth: a status for another certificate is ignored.
 """
 
@@ -15,11 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from proxy.certs.renewal import AriWindow
-from proxy.certs.store import CertStore, atomic_write
+from proxy.certs.store import CertificateStorage
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
 _TIMES = ("next_attempt", "ari_recheck", "first_failure")
 
 
@@ -61,25 +61,21 @@ class RenewalStatus:
         return cls(**values)
 
 
-def load_status(store: CertStore, name: str) -> RenewalStatus:
+def load_status(store: CertificateStorage, name: str) -> RenewalStatus:
     """The recorded status of certificate `name`; an empty one if absent or unreadable."""
-    path = store.path(name) / STATUS_FILE
     try:
-        return RenewalStatus.from_json(json.loads(path.read_bytes()))
-    except FileNotFoundError:
-        return RenewalStatus()
+        data = store.read_status(name)
+        return RenewalStatus() if data is None else RenewalStatus.from_json(json.loads(data))
     except (OSError, KeyError, TypeError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
+        log.warning("ignoring the unreadable renewal status of %s: %s", name, exc)
         return RenewalStatus()
 
 
-def save_status(store: CertStore, name: str, status: RenewalStatus) -> None:
+def save_status(store: CertificateStorage, name: str, status: RenewalStatus) -> None:
     """Record `status`; an unwritable store is logged, renewals go on without the record."""
-    directory = store.path(name)
     data = json.dumps(status.to_json(), indent=2, sort_keys=True).encode()
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / STATUS_FILE, data)
+        store.write_status(name, data)
     except OSError as exc:
         log.warning("cannot record the renewal status of %s: %s", name, exc)
 

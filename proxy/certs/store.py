@@ -23,18 +23,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+if TYPE_CHECKING:
+    from proxy.config import Config
+
 log = logging.getLogger(__name__)
 
 CHAIN_FILE = "fullchain.pem"
 KEY_FILE = "privkey.pem"
 META_FILE = "meta.json"
+STATUS_FILE = "status.json"  # the renewal plan (status.py), beside the pair
 LOCK_DIR = ".renewal-locks"
 NEW_SUFFIX = ".new"
 _PAIR_FILES = (CHAIN_FILE, KEY_FILE)  # renamed before META_FILE, the commit record
@@ -58,8 +62,10 @@ class StoredCert:
 
 class CertificateStorage(Protocol):
     """Where certificates live and who may order them: the certificate manager's whole view
-    of storage. `CertStore` is the local directory; a store shared by several machines
-    (Redis, issue 13) implements the same five calls, its claim a lock with a lease."""
+    of storage. `CertStore` is the local directory; `RedisStore` is shared by several
+    machines, its claim a lock with a lease kept alive by `heartbeat`."""
+
+    unreachable_since: datetime | None  # a shared store that stopped answering (metrics)
 
     def load(self, name: str) -> StoredCert | None:
         """The certificate `name`, or None when absent or unusable."""
@@ -74,7 +80,27 @@ class CertificateStorage(Protocol):
 
     def claim_renewal(self, name: str) -> bool:
         """True if this process orders and renews `name` from now on (for as long as it
-        lives); False while another process holds the claim. Never blocks."""
+        lives); False while another process holds the claim. Never blocks. Asked again
+        before each order: a claim with a lease can be lost."""
+
+    def heartbeat(self) -> float | None:
+        """Keep the claims held alive; seconds until the next call, None: never again."""
+
+    def read_status(self, name: str) -> bytes | None:
+        """The recorded renewal plan of `name` (status.py's JSON), None when absent."""
+
+    def write_status(self, name: str, data: bytes) -> None:
+        """Record the renewal plan of `name`; OSError when it cannot be recorded."""
+
+
+def open_storage(config: Config) -> CertificateStorage:
+    """The store `[storage]` names; the directory store unless it is Redis."""
+    local = CertStore(config.certs.dir)
+    if config.storage.backend == "directory":
+        return local
+    from proxy.certs.redis_store import RedisStore  # only Redis users need the package
+
+    return RedisStore(config.storage, local)
 
 
 _claims: dict[Path, int] = {}  # lock file -> the fd whose flock() this process holds
@@ -82,6 +108,8 @@ _claims: dict[Path, int] = {}  # lock file -> the fd whose flock() this process 
 
 class CertStore:
     """The `certs/` directory: one sub-directory per certificate name."""
+
+    unreachable_since: datetime | None = None  # a local directory is always there
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -129,6 +157,21 @@ class CertStore:
             return False
         _claims[path] = fd
         return True
+
+    def heartbeat(self) -> None:
+        """An flock() lives as long as the process: nothing to renew."""
+        return None
+
+    def read_status(self, name: str) -> bytes | None:
+        try:
+            return (self.path(name) / STATUS_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_status(self, name: str, data: bytes) -> None:
+        directory = self.path(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / STATUS_FILE, data)
 
     def load(self, name: str) -> StoredCert | None:
         """The pair `name`, or None when it is absent or unusable (logged, never raised)."""

@@ -11,10 +11,12 @@ import logging
 
 import trio
 
-from proxy.config import Config, SiteConfig
+from proxy.config import Config, HeaderOps, Redirect, Respond, Route
 from proxy.handlers.observed import RequestHandler, respond
 from proxy.http.headers import (
+    apply_header_ops,
     client_response_headers,
+    https_response_fields,
     requested_upgrade,
     upgrade_headers,
     upstream_request,
@@ -30,7 +32,11 @@ from proxy.http.model import (
     plain_response,
 )
 from proxy.netio import ByteStream, StreamTimeout
-from proxy.upstream.pool import Upstreams, UpstreamUnavailable
+from proxy.routing.identity import client_address, is_trusted
+from proxy.routing.routes import match_route, redirect_location, rewritten_target
+from proxy.upstream.balance import request_key
+from proxy.upstream.group import GroupUpstreams, NoHealthyBackend, UpstreamUnavailable
+from proxy.upstream.pool import Upstreams
 from proxy.upstream.stream import (
     BodyEnd,
     UnforwardableRequest,
@@ -44,6 +50,7 @@ from proxy.upstream.stream import (
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # sends of one request that upstreams refused unprocessed
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))  # RFC 9110
 
 
 def host_without_port(host: bytes) -> str:
@@ -77,9 +84,9 @@ class Forwarder(RequestHandler):
 
     def __init__(self, config: Config, upstreams: Upstreams) -> None:
         self._config = config
-        self._timeout = config.limits.upstream_timeout
+        self._trusted = config.trusted_proxies
         self._upstreams = upstreams
-        self._hsts = config.hsts.header_value()
+        self._added = https_response_fields(config)  # HSTS, Alt-Svc
         default = config.tls.default_site
         self._default_site = config.site_for_host(default) if default else None
 
@@ -90,60 +97,145 @@ class Forwarder(RequestHandler):
             await self._respond(
                 exchange, outcome, 421, "Misdirected Request: no site for this host"
             )
+            return
+        outcome.site = site.name
+        if not site.routes:
+            await self._forward_or_fail(exchange, self._upstreams.for_site(site), None, outcome)
+            return
+        route = match_route(site.routes, request)
+        if route is None:
+            if site.upstreams:
+                await self._forward_or_fail(exchange, self._upstreams.for_site(site), None, outcome)
+            else:
+                await self._respond(exchange, outcome, 404, "Not Found: no route for this path")
+            return
+        action = route.action
+        if isinstance(action, Redirect):
+            location = redirect_location(route, action, request.target)
+            head, body = plain_response(action.status, "Redirecting", (b"location", location))
+            await self._send_generated(exchange, outcome, route, head, body)
+        elif isinstance(action, Respond):
+            body = action.body.encode()
+            head = ResponseHead(
+                action.status,
+                [
+                    (b"content-type", action.content_type.encode("latin-1")),
+                    (b"content-length", str(len(body)).encode("ascii")),
+                ],
+            )
+            await self._send_generated(exchange, outcome, route, head, body)
         else:
-            outcome.site = site.name
-            await self._forward_or_fail(exchange, site, outcome)
+            await self._forward_or_fail(exchange, self._upstreams.for_group(action), route, outcome)
+
+    async def _send_generated(
+        self, exchange: Exchange, outcome: Outcome, route: Route, head: ResponseHead, body: bytes
+    ) -> None:
+        """A response the route itself makes (redirect, respond), with its header edits."""
+        head.headers.extend(self._added)
+        if route.response_headers:
+            head.headers = apply_header_ops(head.headers, route.response_headers)
+        await respond(exchange, outcome, head, body)
 
     async def _forward_or_fail(
-        self, exchange: Exchange, site: SiteConfig, outcome: Outcome
+        self, exchange: Exchange, group: GroupUpstreams, route: Route | None, outcome: Outcome
     ) -> None:
+        name = outcome.site
         try:
-            await self._forward(exchange, site, outcome)
+            total = group.group.timeouts.total
+            if total is None:
+                await self._forward(exchange, group, route, outcome)
+            else:
+                with trio.fail_after(total):
+                    await self._forward(exchange, group, route, outcome)
+        except NoHealthyBackend as exc:
+            log.warning("site %s: %s", name, exc)
+            retry_after = (b"retry-after", str(exc.retry_after).encode("ascii"))
+            await self._fail(exchange, outcome, 503, "Service Unavailable", retry_after)
         except UpstreamUnavailable as exc:
-            log.error("site %s: upstream unavailable: %s", site.name, exc)
+            log.error("site %s: upstream unavailable: %s", name, exc)
             status = 504 if exc.timed_out else 502
             await self._fail(exchange, outcome, status, "upstream unavailable")
-        except UpstreamTimeout as exc:
-            log.error("site %s: upstream timed out: %s", site.name, exc)
+        except (UpstreamTimeout, trio.TooSlowError) as exc:
+            log.error("site %s: upstream timed out: %s", name, exc or "total timeout")
             await self._fail(exchange, outcome, 504, "Gateway Timeout")
         except UpstreamClosed as exc:
-            log.error("site %s: upstream error: %s", site.name, exc)
+            log.error("site %s: upstream error: %s", name, exc)
             await self._fail(exchange, outcome, 502, "Bad Gateway")
         except (UnforwardableRequest, MalformedBody) as exc:
             log.info("client %s: bad request: %s", exchange.request.client_ip, exc)
             await self._fail(exchange, outcome, 400, "Bad Request")
 
-    async def _forward(self, exchange: Exchange, site: SiteConfig, outcome: Outcome) -> None:
+    async def _forward(
+        self, exchange: Exchange, group: GroupUpstreams, route: Route | None, outcome: Outcome
+    ) -> None:
         request = exchange.request
-        outgoing = upstream_request(request)
-        upstreams = self._upstreams.for_site(site)
-        # Resend on another connection a request the upstream refused unprocessed (HTTP/2
-        # GOAWAY: busy upstreams may refuse a few in a row), or, once, as nginx does, a
-        # body-less one on a pooled connection the upstream may have closed as we reused it.
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            upstream = await upstreams.open_stream()
+        trusted = self._trusted
+        keep = bool(trusted) and is_trusted(request.client_ip, trusted)
+        if keep:  # behind a trusted proxy: the client is the first untrusted hop
+            outcome.client_ip = client_address(request.client_ip, request.headers, trusted)
+        outgoing = upstream_request(request, keep_forwarded=keep)
+        response_ops = None
+        if route is not None:
+            outgoing.target = rewritten_target(route, outgoing.target)
+            if route.request_headers:
+                outgoing.fields = apply_header_ops(outgoing.fields, route.request_headers)
+            response_ops = route.response_headers or None
+        settings = group.group
+        key = None
+        if settings.policy == "consistent_hash":
+            key = request_key(settings.hash_key, request, outcome.client_ip)
+        tried: set[int] = set()  # backends that failed this request
+        refusals = retries = 0
+        attempt = 0
+        while True:
+            attempt += 1
+            index, upstream = await group.open_stream(key, tried)
             outcome.upstream = upstream.url
+            failed = True  # whether the attempt counts against the backend's health
             try:
-                await self._exchange(exchange, upstream, outgoing, outcome)
+                await self._exchange(exchange, upstream, outgoing, outcome, group, response_ops)
             except UpstreamClosed as exc:
                 await upstream.aclose()
+                # One retry policy. Resend on another connection what the upstream refused
+                # unprocessed (HTTP/2 GOAWAY: busy upstreams may refuse a few in a row) or,
+                # once, as nginx does, a body-less request on a pooled connection the
+                # upstream may have closed as we reused it: neither is the backend's fault.
+                # Else another backend, if the request is safe to send again.
                 if isinstance(exc, UpstreamRefused):
-                    retry = attempt < MAX_ATTEMPTS
+                    failed = False
+                    refusals += 1
+                    retry = refusals < MAX_ATTEMPTS
+                elif (
+                    attempt == 1
+                    and upstream.reused
+                    and not request.has_body
+                    and not isinstance(exc, UpstreamProtocolError)
+                ):
+                    failed = False
+                    retry = True
                 else:
+                    tried.add(index)
+                    retries += 1
                     retry = (
-                        attempt == 1
-                        and upstream.reused
-                        and not request.has_body
+                        retries <= settings.retries
                         and not isinstance(exc, UpstreamProtocolError)
+                        and (request.method in IDEMPOTENT or outcome.bytes_in == 0)
+                        and trio.current_time() < outcome.started + settings.retry_deadline
+                        and group.has_candidate(tried)
                     )
                 if not retry or exchange.head_sent:
                     raise
-            except BaseException:
+                log.info("group %s: retrying on another connection: %s", settings.name, exc)
+            except BaseException as exc:
                 await upstream.aclose()
+                failed = isinstance(exc, UpstreamTimeout)
                 raise
             else:
                 upstream.release()
+                failed = outcome.status >= 500
                 return
+            finally:
+                group.finished(index, failed)
 
     async def _exchange(
         self,
@@ -151,26 +243,27 @@ class Forwarder(RequestHandler):
         upstream: UpstreamStream,
         outgoing: UpstreamRequest,
         outcome: Outcome,
+        group: GroupUpstreams,
+        response_ops: HeaderOps | None,
     ) -> None:
-        await upstream.send_head(outgoing, self._timeout)
+        await upstream.send_head(outgoing, group.idle)
         if not outgoing.has_body:
-            await self._relay_response(exchange, upstream, outcome)
+            await self._relay_response(exchange, upstream, outcome, group, response_ops)
             return
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_request_body, exchange, upstream, outcome)
-                await self._relay_response(exchange, upstream, outcome)
+                nursery.start_soon(self._pump_request_body, exchange, upstream, outcome, group.idle)
+                await self._relay_response(exchange, upstream, outcome, group, response_ops)
                 # An upstream may answer before reading the whole body (e.g. 413): the rest
                 # of the upload is then abandoned, and the front end does not reuse the
                 # connection.
                 nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            raise _decisive(group) from None
+        except BaseExceptionGroup as group_error:
+            raise _decisive(group_error) from None
 
     async def _pump_request_body(
-        self, exchange: Exchange, upstream: UpstreamStream, outcome: Outcome
+        self, exchange: Exchange, upstream: UpstreamStream, outcome: Outcome, timeout: float
     ) -> None:
-        timeout = self._timeout
         try:
             while data := await exchange.receive_data():
                 outcome.bytes_in += len(data)
@@ -181,22 +274,27 @@ class Forwarder(RequestHandler):
             log.debug("upstream %s stopped taking the request body: %s", upstream.url, exc)
 
     async def _relay_response(
-        self, exchange: Exchange, upstream: UpstreamStream, outcome: Outcome
+        self,
+        exchange: Exchange,
+        upstream: UpstreamStream,
+        outcome: Outcome,
+        group: GroupUpstreams,
+        response_ops: HeaderOps | None,
     ) -> None:
-        timeout = self._timeout
-        first = await upstream.next_event(timeout)
+        first = await upstream.next_event(group.first_byte)
         while isinstance(first, ResponseHead) and first.status < 200:
             if first.status == 101:
                 await self._switch_protocols(exchange, upstream, first, outcome)
                 return
             await exchange.send_informational(first)
-            first = await upstream.next_event(timeout)
+            first = await upstream.next_event(group.first_byte)
         if not isinstance(first, ResponseHead):
             raise UpstreamClosed(f"{upstream.url} sent body data before a response head")
         outcome.upstream_time = trio.current_time() - outcome.started
-        head = ResponseHead(
-            first.status, client_response_headers(first.headers, first.http_version, self._hsts)
-        )
+        headers = client_response_headers(first.headers, first.http_version, self._added)
+        if response_ops is not None:
+            headers = apply_header_ops(headers, response_ops)
+        head = ResponseHead(first.status, headers)
         outcome.status = head.status
         # Coalesce the head with whatever body bytes arrived with it: one write.
         body = b""
@@ -209,6 +307,7 @@ class Forwarder(RequestHandler):
             await exchange.send_head(head, body, end=True)
             return
         await exchange.send_head(head, body, end=False)
+        timeout = group.idle
         if event is None:
             event = await upstream.next_event(timeout)
         while isinstance(event, bytes):
@@ -235,7 +334,7 @@ class Forwarder(RequestHandler):
         outcome.upstream_time = trio.current_time() - outcome.started
         outcome.status = 101
         protocol = requested_upgrade(head.headers) or protocol
-        headers = client_response_headers(head.headers, head.http_version, None)
+        headers = client_response_headers(head.headers, head.http_version, [])
         switch = ResponseHead(101, headers + upgrade_headers(protocol))
         client_rest, client = await exchange.switch_protocols(switch)
         upstream_rest, server = await upstream.switch_protocols(None)
@@ -258,17 +357,28 @@ class Forwarder(RequestHandler):
             tunnel.start_soon(carry, client_rest, client, server, True)
             tunnel.start_soon(carry, upstream_rest, server, client, False)
 
-    async def _fail(self, exchange: Exchange, outcome: Outcome, status: int, message: str) -> None:
+    async def _fail(
+        self,
+        exchange: Exchange,
+        outcome: Outcome,
+        status: int,
+        message: str,
+        *extra: tuple[bytes, bytes],
+    ) -> None:
         """Report an upstream failure: an error response if none started, else abort."""
         if exchange.head_sent:
             await exchange.abort()
         else:
-            await self._respond(exchange, outcome, status, message)
+            await self._respond(exchange, outcome, status, message, *extra)
 
     async def _respond(
-        self, exchange: Exchange, outcome: Outcome, status: int, message: str
+        self,
+        exchange: Exchange,
+        outcome: Outcome,
+        status: int,
+        message: str,
+        *extra: tuple[bytes, bytes],
     ) -> None:
-        head, body = plain_response(status, message)
-        if self._hsts is not None:
-            head.headers.append((b"strict-transport-security", self._hsts))
+        head, body = plain_response(status, message, *extra)
+        head.headers.extend(self._added)
         await respond(exchange, outcome, head, body)

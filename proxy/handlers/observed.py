@@ -38,6 +38,7 @@ class Observed:
             request=exchange.request,
             info=exchange.info,
             listener=self._listener,
+            client_ip=exchange.request.client_ip,
             started=now,
             finished=now,
         )

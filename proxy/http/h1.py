@@ -17,6 +17,7 @@ import h11
 import trio
 
 from proxy.config import LimitsConfig
+from proxy.connections import Slot
 from proxy.http.h1_strict import ambiguity, has_bare_lf, head_of
 from proxy.http.h1_writer import FramingError, ResponseWriter, informational
 from proxy.http.h11_internals import declared_chunk_size
@@ -33,7 +34,6 @@ from proxy.http.model import (
     Upgradable,
     plain_response,
 )
-from proxy.lifecycle import Lifecycle
 from proxy.netio import ByteStream, StreamTimeout
 
 log = logging.getLogger(__name__)
@@ -53,31 +53,38 @@ class H1Connection(Exchange, Upgradable):
         info: ConnectionInfo,
         handler: Handler,
         limits: LimitsConfig,
-        lifecycle: Lifecycle,
+        slot: Slot,
     ) -> None:
         self._stream = stream
         self._socket = sock
         self._handler = handler
         self._limits = limits
-        self._lifecycle = lifecycle
+        self._slot = slot
         self._h11 = self._new_parser()
         self._writer = ResponseWriter()
         self._leftover = b""  # bytes after the last request, handed to the new parser
         self._keep_alive = True  # what the request in progress allows
         self._continued = False  # 100 Continue sent for the request in progress
-        self._idle = False
         self.info = info
         self.client_ip = client_ip = info.client_ip
         # The exchange in progress:
-        self.request: Request = Request(b"", b"", b"", [], b"1.1", False, client_ip)
+        self.request = Request(
+            method=b"",
+            target=b"",
+            host=b"",
+            headers=[],
+            http_version=b"1.1",
+            has_body=False,
+            client_ip=client_ip,
+        )
         self.head_sent = False
         self._trailers: Headers | None = None
 
     async def serve(self) -> None:
-        self._lifecycle.register(self)
+        self._slot.register(self)
         try:
             deadline = trio.current_time() + self._limits.header_timeout
-            while not self._lifecycle.draining:
+            while not self._slot.draining:
                 request = await self._receive_request(deadline)
                 if request is None:
                     return
@@ -92,7 +99,7 @@ class H1Connection(Exchange, Upgradable):
         except (ClientGone, StreamTimeout, OSError, FramingError) as exc:
             log.debug("client %s: connection ended: %r", self.client_ip, exc)
         finally:
-            self._lifecycle.unregister(self)
+            self._slot.unregister(self)
             if self.head_sent and self._h11.their_state in (h11.SEND_BODY, h11.ERROR):
                 await self._linger()
             await self._stream.aclose()
@@ -128,7 +135,7 @@ class H1Connection(Exchange, Upgradable):
             pass
 
     def close_if_idle(self) -> None:
-        if self._idle:
+        if self._slot.is_idle:
             with contextlib.suppress(OSError):
                 self._socket.shutdown(socket.SHUT_RD)
 
@@ -141,7 +148,7 @@ class H1Connection(Exchange, Upgradable):
         conn = self._h11
         raw = self._leftover  # what h11 parses, kept for the checks it does not make
         started = False
-        self._idle = True
+        self._slot.idle()  # until a whole head is in: may be closed to make room
         try:
             while True:
                 event = conn.next_event()
@@ -156,7 +163,7 @@ class H1Connection(Exchange, Upgradable):
                 conn.receive_data(data)
                 raw += data
         finally:
-            self._idle = False
+            self._slot.busy()
         if type(event) is not h11.Request:
             return None  # ConnectionClosed
         refused = ambiguity(head_of(raw), event.http_version, event.target, event.headers)
@@ -165,7 +172,7 @@ class H1Connection(Exchange, Upgradable):
         host = b""
         headers: Headers = []
         has_body = upgrade_asked = False
-        keep_alive = event.http_version == b"1.1" and not self._lifecycle.draining
+        keep_alive = event.http_version == b"1.1" and not self._slot.draining
         for name, value in event.headers:
             if name == b"host":
                 host = value
@@ -182,14 +189,14 @@ class H1Connection(Exchange, Upgradable):
             conn.next_event()  # the EndOfMessage of an empty body is already decodable
         upgrade = requested_upgrade(headers) if upgrade_asked else None
         return Request(
-            event.method,
-            event.target,
-            host,
-            headers,
-            event.http_version,
-            has_body,
-            self.client_ip,
-            upgrade,
+            method=event.method,
+            target=event.target,
+            host=host,
+            headers=headers,
+            http_version=event.http_version,
+            has_body=has_body,
+            client_ip=self.client_ip,
+            upgrade=upgrade,
         )
 
     async def _reject(self, exc: h11.RemoteProtocolError) -> None:
@@ -262,7 +269,7 @@ class H1Connection(Exchange, Upgradable):
             head.headers,
             head_request=self.request.method == b"HEAD",
             http11=self.request.http_version == b"1.1",
-            keep_alive=self._keep_alive and not self._lifecycle.draining,
+            keep_alive=self._keep_alive and not self._slot.draining,
         )
         self.head_sent = True
         if body:

@@ -9,7 +9,9 @@ makes a malformed request a stream error, not a connection error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +21,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from proxy.config import Http2Config, LimitsConfig
+from proxy.connections import Slot
 from proxy.h2session import Session, SessionStream, Setting, describe
 from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_headers
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard
@@ -29,9 +32,9 @@ from proxy.http.model import (
     Headers,
     Request,
     ResponseHead,
+    Upgradable,
 )
-from proxy.lifecycle import Lifecycle
-from proxy.netio import ByteStream
+from proxy.netio import NO_DEADLINE, ByteStream
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,17 @@ Handler = Callable[["H2ServerStream"], Awaitable[None]]
 STATUS = {code: str(code).encode("ascii") for code in range(100, 1000)}
 
 
-class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
+class H2ServerStream(SessionStream["H2ServerSession"], Exchange, Upgradable):
     """One request stream: the `Exchange` the forwarding core drives."""
 
-    __slots__ = ("_continue", "_inbox", "head_sent", "info", "request", "scope")
+    __slots__ = ("_continue", "_inbox", "_tunnel", "head_sent", "info", "request", "scope")
 
     def __init__(self, session: H2ServerSession, stream_id: int, request: Request) -> None:
-        super().__init__(session, stream_id, received_end=not request.has_body)
+        # An extended CONNECT (request.upgrade) keeps its input open for the tunnel.
+        received_end = not request.has_body and request.upgrade is None
+        super().__init__(session, stream_id, received_end=received_end)
         self.request = request
+        self._tunnel = False  # carrying an upgraded protocol's bytes (RFC 8441)
         self.info = session.info
         self.head_sent = False
         self.scope = trio.CancelScope()
@@ -81,7 +87,14 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
         return ClientGone(f"stream {self.stream_id}: {exc}")
 
     def _error_stalled(self, timeout: float) -> Exception:
+        self.session.stream_stalled()
         return self._stalled("response body", timeout)
+
+    def _finishing_code(self) -> ErrorCodes | None:
+        if self._tunnel and not (self.reset or self.sent_end):
+            with contextlib.suppress(ClientGone):
+                self._send_end(None)  # the tunnel closed in order: END_STREAM, not an error
+        return super()._finishing_code()
 
     def _unfinished_code(self) -> ErrorCodes:
         # A complete response before the whole request (e.g. 413): the client may stop
@@ -125,12 +138,12 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
         self._continue = False
         self._send_headers([(b":status", STATUS[head.status]), *head.headers], end and not body)
         if body:
-            await self._send_data(body, end, self.session.limits.client_timeout)
+            await self._send_data(body, end, self.session.stall_timeout)
         else:
             self.session.wake_writer()
 
     async def send_data(self, data: bytes) -> None:
-        await self._send_data(data, False, self.session.limits.client_timeout)
+        await self._send_data(data, False, self.session.stall_timeout)
 
     async def send_end(self, trailers: Headers | None = None) -> None:
         self._send_end(trailers)
@@ -138,8 +151,59 @@ class H2ServerStream(SessionStream["H2ServerSession"], Exchange):
     async def abort(self) -> None:
         self._reset(ErrorCodes.INTERNAL_ERROR)
 
+    # -- Upgradable: extended CONNECT (RFC 8441) ----------------------------------------------
+
+    async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
+        """The upstream accepted the upgrade (its 101): the client gets 200, without the
+        HTTP/1.1 upgrade fields, and the stream's DATA carries the protocol from now on."""
+        assert head is not None
+        fields = [field for field in head.headers if field[0] not in _NOT_FOR_CONNECT]
+        self.head_sent = self._tunnel = True
+        self._send_headers([(b":status", STATUS[200]), *fields], False)
+        self.session.wake_writer()
+        return b"", _StreamTunnel(self)
+
+    async def tunnel_receive(self) -> bytes:
+        """The next tunnel bytes; b"" once the client ended or reset the stream. No idle
+        timeout: tunnelled applications (WebSocket) keep their own pings, as over HTTP/1.1."""
+        while not self._inbox:
+            if self.received_end or self.reset:
+                return b""
+            await self._wait_for_input(math.inf)
+        data = self._inbox.popleft()
+        self._consumed(len(data))
+        return data
+
     def _stalled(self, what: str, timeout: float) -> ClientGone:
         return ClientGone(f"stream {self.stream_id}: client stalled the {what} for {timeout:g}s")
+
+
+# What an HTTP/1.1 101 carries that a 200 to extended CONNECT must not (RFC 8441 §5).
+_NOT_FOR_CONNECT = frozenset({b"connection", b"upgrade", b"sec-websocket-accept"})
+
+
+class _StreamTunnel(ByteStream):
+    """An upgraded stream as the byte stream the forwarder's tunnel carries."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: H2ServerStream) -> None:
+        self._stream = stream
+
+    async def receive_some(self, deadline: float = NO_DEADLINE) -> bytes:
+        return await self._stream.tunnel_receive()
+
+    async def wait_readable(self, deadline: float = NO_DEADLINE) -> None:
+        """Nothing to wait for ahead of `receive_some`, which waits itself."""
+
+    async def send_all(self, data: bytes | memoryview, deadline: float = NO_DEADLINE) -> None:
+        try:
+            await self._stream.send_data(bytes(data))
+        except ClientGone as exc:  # the carrying loop ends on OSError
+            raise ConnectionResetError(f"client stream closed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        """The stream ends when its exchange does (END_STREAM, see `_finishing_code`)."""
 
 
 class H2ServerSession(Session[H2ServerStream]):
@@ -155,7 +219,7 @@ class H2ServerSession(Session[H2ServerStream]):
         handler: Handler,
         limits: LimitsConfig,
         http2: Http2Config,
-        lifecycle: Lifecycle,
+        slot: Slot,
     ) -> None:
         super().__init__(
             stream,
@@ -167,6 +231,7 @@ class H2ServerSession(Session[H2ServerStream]):
                 Setting.MAX_FRAME_SIZE: http2.max_frame_size,
                 Setting.MAX_HEADER_LIST_SIZE: http2.max_header_list_size,
                 Setting.ENABLE_PUSH: 0,
+                Setting.ENABLE_CONNECT_PROTOCOL: 1,  # WebSocket over HTTP/2 (RFC 8441)
             },
             connection_window=http2.connection_window_size,
             write_timeout=limits.client_timeout,
@@ -177,10 +242,12 @@ class H2ServerSession(Session[H2ServerStream]):
             peer_goaway_keeps_streams=False,  # the client's GOAWAY ends the connection
         )
         self._handler = handler
-        self._lifecycle = lifecycle
+        self._slot = slot
         self._guard = FloodGuard(http2)
         self.info = info
         self.limits = limits
+        # A response waiting this long for the client's window (or the writer) is reset.
+        self.stall_timeout = min(float(http2.stall_timeout), limits.client_timeout)
         self._priority_of_request: h2.events.PriorityUpdated | None = None
         handlers = self._handlers
         handlers[h2.events.RequestReceived] = self._open_stream
@@ -189,18 +256,20 @@ class H2ServerSession(Session[H2ServerStream]):
         handlers[h2.events.UnknownFrameReceived] = self._on_control_frame
 
     async def serve(self) -> None:
-        self._lifecycle.register(self)
+        self._slot.register(self)
+        self._slot.idle()  # no stream open: may be closed to make room
         try:
-            if self._lifecycle.draining:
+            if self._slot.draining:
                 self.go_away()
             await self._run()
         except Exception:  # a bug must cost this connection, not the process
             log.exception("client %s: HTTP/2 connection failed", self.info.client_ip)
         finally:
-            self._lifecycle.unregister(self)
+            self._slot.unregister(self)
 
     def close_if_idle(self) -> None:
-        """Drain (`Lifecycle`): GOAWAY with the last stream id; in-flight streams finish."""
+        """Drain, or room for new clients (`Slot`): GOAWAY with the last stream id;
+        in-flight streams finish."""
         self.go_away()
 
     # -- engine hooks ----------------------------------------------------------------------
@@ -226,6 +295,20 @@ class H2ServerSession(Session[H2ServerStream]):
             log.warning("client %s: HTTP/2 flood: %s", self.info.client_ip, exc)
             self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, str(exc).encode())
             self.flush()
+
+    def stream_stalled(self) -> None:
+        """A stream's response got no room to send for `stall_timeout` (it is reset). If every
+        other stream waits for room too, the client reads nothing: close the connection now,
+        which ends all their upstream requests, rather than one stream at a time."""
+        if len(self._blocked) + 1 >= self._active:
+            log.info(
+                "client %s: HTTP/2 client read nothing for %gs (%d streams stalled): closing",
+                self.info.client_ip,
+                self.stall_timeout,
+                self._active,
+            )
+            self._peer_gone = True  # no linger: it does not read
+            self._abort()
 
     # -- the flood guard ---------------------------------------------------------------------
 
@@ -271,6 +354,7 @@ class H2ServerSession(Session[H2ServerStream]):
             return
         stream = self._streams[sid] = H2ServerStream(self, sid, request)
         self._active += 1
+        self._slot.busy()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_stream, stream)
 
@@ -301,3 +385,5 @@ class H2ServerSession(Session[H2ServerStream]):
             log.exception("client %s: stream %d failed", self.info.client_ip, stream.stream_id)
         finally:
             self.finish(stream)
+            if not self._active:
+                self._slot.idle()

@@ -28,14 +28,18 @@ class Malformed(Exception):
 
 
 def request_from_headers(
-    headers: Iterable[tuple[bytes, bytes]], end_stream: bool, client_ip: str
+    headers: Iterable[tuple[bytes, bytes]],
+    end_stream: bool,
+    client_ip: str,
+    http_version: bytes = b"2",
 ) -> Request:
-    """The `Request` of a HEADERS block; raises Malformed.
+    """The `Request` of a HEADERS block; raises Malformed. HTTP/3 has the same rules
+    (RFC 9114 §4.3) and passes b"3".
 
     :authority becomes the host (else Host); cookie crumbs are joined with "; " (RFC 9113
     §8.2.3); connection-specific fields are refused (§8.2.2), TE allowed only as "trailers".
     """
-    method = path = authority = host = scheme = None
+    method = path = authority = host = scheme = protocol = None
     fields: Headers = []
     cookies: list[bytes] = []
     regular = False
@@ -52,6 +56,8 @@ def request_from_headers(
                 authority = value
             elif name == b":scheme" and scheme is None:
                 scheme = value
+            elif name == b":protocol" and protocol is None:
+                protocol = value
             else:
                 raise Malformed(f"unexpected or repeated pseudo-header {name!r}")
             continue
@@ -76,6 +82,12 @@ def request_from_headers(
         raise Malformed("content-length promises a body the stream does not have")
     if method is None or not _TOKEN.fullmatch(method):
         raise Malformed("missing or invalid :method")
+    if protocol is not None:
+        # Extended CONNECT (RFC 8441): a WebSocket (or other protocol) over this stream,
+        # forwarded as an HTTP/1.1 Upgrade of a GET for :path.
+        if method != b"CONNECT" or not _TOKEN.fullmatch(protocol) or authority is None:
+            raise Malformed(":protocol without CONNECT, or without :authority")
+        method = b"GET"
     if method == b"CONNECT":
         target = authority  # authority-form, as HTTP/1.1 spells a CONNECT target
     elif scheme is None or path is None or not (path.startswith(b"/") or path == b"*"):
@@ -91,7 +103,16 @@ def request_from_headers(
         raise Malformed("invalid :authority")
     if cookies:
         fields.append((b"cookie", b"; ".join(cookies)))
-    return Request(method, target, host or b"", fields, b"2", not end_stream, client_ip)
+    return Request(
+        method=method,
+        target=target,
+        host=host or b"",
+        headers=fields,
+        http_version=http_version,
+        has_body=not end_stream and protocol is None,  # a tunnel's bytes are no body
+        client_ip=client_ip,
+        upgrade=None if protocol is None else protocol.lower(),
+    )
 
 
 def trailers_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+from proxy.config import Config, HeaderOps
 from proxy.http.model import Headers, Request, UpstreamRequest
 
 # Fields that describe one connection, not the message: HTTP/2 forbids them (RFC 9113
@@ -16,6 +19,10 @@ HOP_BY_HOP = CONNECTION_SPECIFIC | {
     b"trailer",
 }
 VIA_NAME = b"port443"
+_FORWARDING = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+)
+_TOKEN_HOST = re.compile(rb"[A-Za-z0-9.\-]+(?::[0-9]+)?")  # a host needing no quotes
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
@@ -57,18 +64,30 @@ def _via(http_version: bytes) -> bytes:
     return http_version + b" " + VIA_NAME
 
 
-def upstream_request(request: Request) -> UpstreamRequest:
-    """The request to send upstream: hop-by-hop fields dropped, X-Forwarded-* and Via added;
-    Host and Content-Length become the request's authority and body length, for each
-    upstream protocol to frame.
+def _forwarded_node(address: str) -> bytes:
+    """An address as an RFC 7239 node: IPv6 quoted in brackets."""
+    return f'"[{address}]"'.encode() if ":" in address else address.encode("ascii")
 
+
+def upstream_request(request: Request, *, keep_forwarded: bool) -> UpstreamRequest:
+    """The request to send upstream: hop-by-hop fields dropped, X-Forwarded-*, Forwarded
+    (RFC 7239) and Via added; Host and Content-Length become the request's authority and
+    body length, for each upstream protocol to frame.
+
+    `keep_forwarded` (the peer is a trusted proxy): incoming X-Forwarded-For and Forwarded
+    are appended to, X-Forwarded-Proto and -Host kept; otherwise all are replaced.
     Expect is dropped: like nginx and Go, we answer 100-continue ourselves when we start
     reading the body, so backends that ignore Expect cannot stall the upload.
     TE is hop-by-hop, but its "trailers" token goes on as `TE: trailers`: trailers are relayed
     end to end, so the next hop may send them, and gRPC servers require it (the only TE that
     HTTP/2 allows, RFC 9113 §8.2.2; Envoy does the same).
     """
-    forwarded_for = request.client_ip.encode("ascii")
+    peer = request.client_ip
+    forwarded_for = peer.encode("ascii")
+    forwarded = b"for=" + _forwarded_node(peer) + b";proto=https"
+    if _TOKEN_HOST.fullmatch(request.host):
+        forwarded += b";host=" + request.host
+    kept: dict[bytes, bytes] = {}
     via = _via(request.http_version)
     trailers = False
     length: int | None = None
@@ -81,17 +100,23 @@ def upstream_request(request: Request) -> UpstreamRequest:
             continue
         elif name == b"content-length":
             length = int(value)  # digits: both front ends checked it
-        elif name == b"x-forwarded-for":
-            forwarded_for = value + b", " + forwarded_for
         elif name == b"via":
             via = value + b", " + via
-        elif name not in (b"x-forwarded-proto", b"x-forwarded-host", b"expect"):
+        elif name in _FORWARDING:
+            if keep_forwarded:
+                kept[name] = kept[name] + b", " + value if name in kept else value
+        elif name != b"expect":
             out.append((name, value))
     if trailers:
         out.append((b"te", b"trailers"))
+    if b"x-forwarded-for" in kept:
+        forwarded_for = kept[b"x-forwarded-for"] + b", " + forwarded_for
+    if b"forwarded" in kept:
+        forwarded = kept[b"forwarded"] + b", " + forwarded
     out.append((b"x-forwarded-for", forwarded_for))
-    out.append((b"x-forwarded-proto", b"https"))
-    out.append((b"x-forwarded-host", request.host))
+    out.append((b"x-forwarded-proto", kept.get(b"x-forwarded-proto", b"https")))
+    out.append((b"x-forwarded-host", kept.get(b"x-forwarded-host", request.host)))
+    out.append((b"forwarded", forwarded))
     out.append((b"via", via))
     return UpstreamRequest(
         method=request.method,
@@ -104,22 +129,41 @@ def upstream_request(request: Request) -> UpstreamRequest:
     )
 
 
-def client_response_headers(
-    headers: Headers, upstream_version: bytes, hsts: bytes | None
-) -> Headers:
-    """Headers sent to the client: hop-by-hop dropped, Via added, HSTS unless upstream set it."""
+def client_response_headers(headers: Headers, upstream_version: bytes, added: Headers) -> Headers:
+    """Headers sent to the client: hop-by-hop dropped, Via added, and the proxy's own
+    fields (`https_response_fields`) unless the upstream set them."""
     out = without_hop_by_hop(headers)
     via = _via(upstream_version)
-    has_hsts = False
+    present: set[bytes] = set()
     for i, (name, value) in enumerate(out):
         if name == b"via":
             via = value + b", " + via
             out[i] = (b"via", via)
             via = b""
-        elif name == b"strict-transport-security":
-            has_hsts = True
+        present.add(name)
     if via:
         out.append((b"via", via))
-    if hsts is not None and not has_hsts:
-        out.append((b"strict-transport-security", hsts))
+    out.extend(field for field in added if field[0] not in present)
+    return out
+
+
+def https_response_fields(config: Config) -> Headers:
+    """Fields every HTTPS response carries: HSTS when on, and Alt-Svc advertising HTTP/3
+    on the HTTPS port when it is served (RFC 7838; a day, as Caddy and nginx say)."""
+    fields: Headers = []
+    hsts = config.hsts.header_value()
+    if hsts is not None:
+        fields.append((b"strict-transport-security", hsts))
+    if config.listen.http3:
+        fields.append((b"alt-svc", b'h3=":%d"; ma=86400' % config.listen.https))
+    return fields
+
+
+def apply_header_ops(headers: Headers, ops: HeaderOps) -> Headers:
+    """A route's header operations on a header block: remove, then set, then add."""
+    replaced = {name for name, _ in ops.set}
+    gone = replaced.union(ops.remove)
+    out = [(name, value) for name, value in headers if name not in gone]
+    out.extend(ops.set)
+    out.extend(ops.add)
     return out

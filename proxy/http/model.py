@@ -78,6 +78,7 @@ class Outcome:
     request: Request
     info: ConnectionInfo
     listener: str  # "https", "http" (redirects, ACME answers) or "admin"
+    client_ip: str  # the peer, or behind trusted proxies the first untrusted hop
     started: float  # trio.current_time() when handling began
     finished: float
     site: str | None = None  # None: no site serves the Host (or not an HTTPS request)

@@ -2,15 +2,20 @@
 
 The server peeks (MSG_PEEK) at the first bytes of a connection and picks the certificate
 before OpenSSL sees them, so this parser must tell "incomplete" from "not TLS" on any
-prefix: a truncated valid hello always yields None, never an error.
+prefix: a truncated valid hello always yields `Incomplete`, never an error, and says how
+many bytes to wait for, so that the server sleeps until they are there instead of polling.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MAX_RECORD_LENGTH = 2**14  # RFC 8446 5.1: a plaintext record fragment is at most 2^14 bytes
-MAX_HELLO_LENGTH = 2**14  # a ClientHello body larger than one full record is refused
+MAX_HELLO_LENGTH = 2**15
+"""A ClientHello body may span records (post-quantum key shares, many extensions). Peeking
+consumes nothing, so the whole hello must fit in a fresh connection's receive window
+(64 KiB): half of that leaves room, and is twice the largest hello browsers send."""
 MAX_CLIENT_HELLO_BYTES = MAX_HELLO_LENGTH + 512
 """Peeking this many bytes always settles the question: a hello whose records (headers
 included) do not fit is refused, however it is fragmented."""
@@ -22,6 +27,7 @@ _HANDSHAKE_CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _NAME_TYPE_HOST_NAME = 0
+_HTTP_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32} ")  # RFC 9110 token, space
 
 
 @dataclass(frozen=True)
@@ -30,19 +36,33 @@ class ClientHello:
     alpn: tuple[str, ...]  # offered protocols in client order; empty when absent
 
 
+@dataclass(frozen=True)
+class Incomplete:
+    """`data` is a valid beginning; parsing goes on once `needed` bytes are there (always
+    more than were given, and never more than the client's whole hello)."""
+
+    needed: int
+
+
 class ClientHelloError(ValueError):
     """The bytes are not the start of a TLS connection, or the hello is malformed."""
 
 
-def parse_client_hello(data: bytes) -> ClientHello | None:
-    """Parse the ClientHello at the start of `data`; None means "need more bytes"."""
+class PlainHTTPRequest(ClientHelloError):
+    """The bytes start like an HTTP request line: a client speaking HTTP to the TLS port."""
+
+
+def parse_client_hello(data: bytes) -> ClientHello | Incomplete:
+    """Parse the ClientHello at the start of `data`, or say how much more to wait for."""
+    if data[:1] != bytes([_CONTENT_HANDSHAKE]) and _HTTP_METHOD.match(data):
+        raise PlainHTTPRequest("an HTTP request, not TLS")
     message = bytearray()
     pos = 0
     while True:
         header = data[pos : pos + _RECORD_HEADER]
         _check_record_header(header)
         if len(header) < _RECORD_HEADER:
-            return None
+            return Incomplete(pos + _RECORD_HEADER)
         length = int.from_bytes(header[3:5], "big")
         if length == 0 or length > MAX_RECORD_LENGTH:
             raise ClientHelloError(f"bad TLS record length {length}")
@@ -54,7 +74,9 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
         if body_length is not None and len(message) >= _HANDSHAKE_HEADER + body_length:
             body = bytes(message[_HANDSHAKE_HEADER : _HANDSHAKE_HEADER + body_length])
             return _parse_body(body)
-        pos += _RECORD_HEADER + length  # past the end when incomplete: None next round
+        pos += _RECORD_HEADER + length
+        if pos > len(data):  # this record is still arriving
+            return Incomplete(pos)
 
 
 def _check_record_header(header: bytes) -> None:

@@ -1,7 +1,9 @@
 """The one place that decides how TLS is spoken: every SSLContext comes from here.
 
 The policy is Mozilla's "intermediate" profile: TLS 1.2 and 1.3, forward-secret AEAD
-ciphers only, the client's cipher preference, and the X25519/P-256/P-384 groups.
+ciphers only, the client's cipher preference, and the X25519/P-256/P-384 groups, with the
+post-quantum hybrid X25519MLKEM768 first where OpenSSL has it (3.5+), as browsers, Caddy
+and nginx do.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ TLS12_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     )
 )
-GROUPS = "X25519:P-256:P-384"
+CLASSIC_GROUPS = ("X25519", "P-256", "P-384")
+POST_QUANTUM_GROUP = "X25519MLKEM768"
+POST_QUANTUM_OPENSSL = (3, 5)
+
+
+def groups_for(openssl_version: tuple[int, ...]) -> str:
+    """The OpenSSL group list to offer, most preferred first, for that OpenSSL version."""
+    post_quantum = openssl_version[:2] >= POST_QUANTUM_OPENSSL
+    return ":".join((POST_QUANTUM_GROUP, *CLASSIC_GROUPS) if post_quantum else CLASSIC_GROUPS)
+
+
+GROUPS = groups_for(ssl.OPENSSL_VERSION_INFO)
 
 _SSL_CTRL_SET_GROUPS_LIST = 92
 
@@ -80,36 +93,44 @@ def set_groups(ctx: ssl.SSLContext, groups: str) -> None:
 
     `SSLContext.set_groups` only exists from Python 3.15 and `set_ecdh_curve` takes a
     single curve, so older interpreters call SSL_CTX_ctrl(SSL_CTRL_SET_GROUPS_LIST) in the
-    OpenSSL that `_ssl` is linked against. The SSL_CTX pointer is the first field after
-    the object header of CPython's PySSLContext struct.
+    OpenSSL that `_ssl` is linked against.
     """
     native = getattr(ctx, "set_groups", None)
     if native is not None:
         native(groups)
         return
-    ctrl = _ssl_ctx_ctrl()
-    if (
-        ctrl(_ssl_ctx(ctx), _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(groups.encode("ascii")))
-        != 1
-    ):
+    ctrl = _openssl_function("SSL_CTX_ctrl", (ctypes.c_int, ctypes.c_long, ctypes.c_void_p))
+    encoded = ctypes.c_char_p(groups.encode("ascii"))
+    if ctrl(ssl_ctx_address(ctx), _SSL_CTRL_SET_GROUPS_LIST, 0, encoded) != 1:
         raise ssl.SSLError(f"OpenSSL refused the group list {groups!r}")
 
 
-def _ssl_ctx(ctx: ssl.SSLContext) -> int:
-    """The SSL_CTX pointer of `ctx`: the first field after the object header of CPython's
-    PySSLContext struct."""
-    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-    if not ssl_ctx:
-        raise RuntimeError("SSLContext has no SSL_CTX")
-    return ssl_ctx
+def ssl_ctx_address(ctx: ssl.SSLContext) -> int:
+    """The address of the OpenSSL SSL_CTX behind `ctx`: the only use of CPython's private
+    PySSLContext layout (the SSL_CTX pointer is the first field after the object header).
+
+    Checked against `ctx.options`, so a changed layout fails here with a clear message
+    instead of handing OpenSSL a wrong pointer.
+    """
+    address = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    get_options = _openssl_function("SSL_CTX_get_options", (), restype=ctypes.c_uint64)
+    if not address or get_options(address) != ctx.options:
+        raise RuntimeError(
+            "CPython's PySSLContext no longer starts with its SSL_CTX pointer; "
+            "tls/policy.py:ssl_ctx_address needs updating for this Python"
+        )
+    return address
 
 
 @cache
-def _ssl_ctx_ctrl() -> Callable[..., int]:
-    ctrl = ctypes.CDLL(_ssl.__file__).SSL_CTX_ctrl
-    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    ctrl.restype = ctypes.c_long
-    return ctrl
+def _openssl_function(
+    name: str, argtypes: tuple[type[ctypes._SimpleCData[Any]], ...], restype: type = ctypes.c_long
+) -> Callable[..., int]:
+    """`name`(SSL_CTX *, *argtypes) from the OpenSSL library `_ssl` is linked against."""
+    function = getattr(ctypes.CDLL(_ssl.__file__), name)
+    function.argtypes = [ctypes.c_void_p, *argtypes]
+    function.restype = restype
+    return function  # type: ignore[no-any-return]
 
 
 # -- session tickets shared by worker processes -------------------------------------------
@@ -146,7 +167,9 @@ def set_ticket_keys(keys: Sequence[bytes]) -> None:
 def _share_ticket_keys(ctx: ssl.SSLContext) -> None:
     lib = _crypto()
     if (
-        lib.SSL_CTX_callback_ctrl(_ssl_ctx(ctx), _SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB, _ticket_cb)
+        lib.SSL_CTX_callback_ctrl(
+            ssl_ctx_address(ctx), _SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB, _ticket_cb
+        )
         != 1
     ):
         raise ssl.SSLError("OpenSSL refused the session ticket key callback")

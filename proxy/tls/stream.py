@@ -11,12 +11,9 @@ import contextlib
 import socket
 import ssl
 
-import trio
-
 from proxy.netio import (
     NO_DEADLINE,
     RECEIVE_SIZE,
-    StreamTimeout,
     close_socket,
     wait_readable,
     wait_writable,
@@ -118,30 +115,31 @@ class TLSStream:
         close_socket(tls)
 
 
-PARTIAL_HELLO_RETRY = 0.005  # a peeked socket stays readable: poll while a hello trickles in
-
-
 async def peek_client_hello(sock: socket.socket, deadline: float) -> ClientHello:
     """Read SNI and ALPN without consuming anything, so OpenSSL later sees the whole hello.
 
-    Raises ClientHelloError for non-TLS bytes, EOFError if the client leaves first,
+    A peeked socket stays readable, so while a hello is incomplete SO_RCVLOWAT holds back
+    readiness until the bytes the parser needs are there: a stalled hello costs no wake-ups.
+    Raises ClientHelloError for non-TLS bytes, EOFError if the client leaves first (or the
+    kernel wakes us short of those bytes: nothing more can come without reading),
     StreamTimeout past the deadline.
     """
-    seen = -1
-    while True:
-        try:
-            data = sock.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
-        except BlockingIOError:
-            await wait_readable(sock, deadline)
-            continue
-        if not data:
-            raise EOFError("client closed before its ClientHello")
-        hello = parse_client_hello(data)
-        if hello is not None:
-            return hello
-        if len(data) == seen:
-            with trio.move_on_at(deadline):
-                await trio.sleep(PARTIAL_HELLO_RETRY)
+    needed = 1
+    try:
+        while True:
+            try:
+                data = sock.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
+            except BlockingIOError:
+                await wait_readable(sock, deadline)
                 continue
-            raise StreamTimeout
-        seen = len(data)
+            if len(data) < needed:
+                raise EOFError(f"client stopped after {len(data)} bytes of its ClientHello")
+            hello = parse_client_hello(data)
+            if isinstance(hello, ClientHello):
+                return hello
+            needed = hello.needed
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, needed)
+            await wait_readable(sock, deadline)
+    finally:
+        if needed > 1:  # OpenSSL's reads wait for readiness too: back to any byte
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import ssl
 from collections import deque
 from typing import Any
@@ -34,7 +36,7 @@ IDLE_LIFETIME = 60.0  # seconds an idle pooled connection is kept (nginx: keepal
 
 def h1_fields(request: UpstreamRequest) -> Headers:
     """HTTP/1.1 framing: Host first, then the body's length, or chunked when it is unknown,
-    and the Connection/Upgrade pair of a protocol upgrade."""
+    and the Connection/Upgrade pair (and a WebSocket key) of a protocol upgrade."""
     fields: Headers = [(b"host", request.authority), *request.fields]
     if request.body_length is not None:
         fields.append((b"content-length", b"%d" % request.body_length))
@@ -42,6 +44,12 @@ def h1_fields(request: UpstreamRequest) -> Headers:
         fields.append((b"transfer-encoding", b"chunked"))
     if request.upgrade is not None:
         fields += upgrade_headers(request.upgrade)
+        if request.upgrade == b"websocket" and not any(
+            name == b"sec-websocket-key" for name, _ in request.fields
+        ):
+            # From HTTP/2's extended CONNECT, which has no key (RFC 8441 §5): the HTTP/1.1
+            # handshake needs one; its Accept answer is dropped on the way back.
+            fields.append((b"sec-websocket-key", base64.b64encode(os.urandom(16))))
     return fields
 
 

@@ -1,31 +1,30 @@
-"""The choice of upstream for a site, over one pool per upstream.
+"""The pools of one configuration, and its upstream groups over them.
 
 A pool hands out `UpstreamStream`s: a pooled HTTP/1.1 connection or a stream on a shared
-HTTP/2 connection. Round-robin across a site's upstreams, moving on when one cannot connect.
-The scheme picks the pool: http:// HTTP/1.1, h2c:// HTTP/2 with prior knowledge, https://
-TLS with ALPN choosing HTTP/2 or HTTP/1.1 for each new connection.
+HTTP/2 connection. The scheme picks the pool: http:// HTTP/1.1, h2c:// HTTP/2 with prior
+knowledge, https:// TLS with ALPN choosing HTTP/2 or HTTP/1.1 for each new connection. The
+choice among a group's backends is `upstream/group.py`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 
 import trio
 
-from proxy.config import LimitsConfig, SiteConfig, Upstream
-from proxy.netio import StreamTimeout
+from proxy.config import LimitsConfig, SiteConfig, Upstream, UpstreamGroup
 from proxy.upstream.connect import Connector, OtherProtocol
+from proxy.upstream.group import GroupUpstreams
 from proxy.upstream.h1 import H1Pool
 from proxy.upstream.h2 import H2Pool, Spawn
 from proxy.upstream.stream import Pool, UpstreamStream
 
+HealthObserver = Callable[[UpstreamGroup, str, bool], None]  # group, backend URL, up
 
-class UpstreamUnavailable(Exception):
-    """No upstream of the site accepted a connection. `timed_out` picks 504 over 502."""
 
-    def __init__(self, message: str, timed_out: bool) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
+def ignore_health(group: UpstreamGroup, url: str, up: bool) -> None:
+    """No observer: the log line is the only record."""
 
 
 class ALPNPool(Pool):
@@ -70,31 +69,6 @@ def make_pool(upstream: Upstream, limits: LimitsConfig, spawn: Spawn) -> Pool:
     return H1Pool(upstream, limits, connector)
 
 
-class SiteUpstreams:
-    """Round-robin over a site's upstreams, moving on to the next one when a connect fails."""
-
-    def __init__(self, site: SiteConfig, pools: dict[Upstream, Pool]) -> None:
-        self._pools = [pools[u] for u in site.upstreams]
-        self._next = 0
-
-    async def open_stream(self) -> UpstreamStream:
-        pools = self._pools
-        start = self._next
-        self._next = (start + 1) % len(pools)
-        errors: list[str] = []
-        timed_out = False
-        for i in range(len(pools)):
-            pool = pools[(start + i) % len(pools)]
-            try:
-                return await pool.open_stream()
-            except StreamTimeout:
-                timed_out = True
-                errors.append(f"{pool.upstream.url}: connect timed out")
-            except OSError as exc:
-                errors.append(f"{pool.upstream.url}: {exc.strerror or exc}")
-        raise UpstreamUnavailable("; ".join(errors), timed_out)
-
-
 class Upstreams:
     """All pools of one configuration, shared by every connection of the process.
 
@@ -102,26 +76,63 @@ class Upstreams:
     using them: `run` owns them, and must run while requests use these pools.
     """
 
-    def __init__(self, sites: tuple[SiteConfig, ...], limits: LimitsConfig) -> None:
-        pools: dict[Upstream, Pool] = {}
-        for site in sites:
-            for upstream in site.upstreams:
-                if upstream not in pools:
-                    pools[upstream] = make_pool(upstream, limits, self._spawn)
+    def __init__(
+        self,
+        sites: tuple[SiteConfig, ...],
+        limits: LimitsConfig,
+        on_health: HealthObserver = ignore_health,
+    ) -> None:
+        # Pools are per upstream and connect timeout (a group setting), shared by groups.
+        pools: dict[tuple[Upstream, float], Pool] = {}
         self._pools = pools
-        self._sites = {site.name: SiteUpstreams(site, pools) for site in sites}
+        self._by_site: dict[str, GroupUpstreams] = {}
+        self._by_group: dict[int, GroupUpstreams] = {}  # id() of a route's UpstreamGroup
+        for site in sites:
+            groups = site.groups  # the site's own group first, if it has upstreams
+            for group in groups:
+                if id(group) not in self._by_group:
+                    self._by_group[id(group)] = self._runtime(group, limits, on_health)
+            if site.upstreams:
+                self._by_site[site.name] = self._by_group[id(groups[0])]
         self._nursery: trio.Nursery | None = None
         self._closed = trio.Event()
+
+    def _runtime(
+        self, group: UpstreamGroup, limits: LimitsConfig, on_health: HealthObserver
+    ) -> GroupUpstreams:
+        """The group over its pools, created as needed; it keeps `group` alive, so the id()
+        keys stay unique."""
+        timeouts = group.timeouts
+        connect = timeouts.connect or limits.upstream_connect_timeout
+        group_limits = dataclasses.replace(limits, upstream_connect_timeout=connect)
+        members = []
+        for upstream in group.upstreams:
+            key = (upstream, connect)
+            if key not in self._pools:
+                self._pools[key] = make_pool(upstream, group_limits, self._spawn)
+            members.append(self._pools[key])
+        first_byte = timeouts.first_byte or limits.upstream_timeout
+        idle = timeouts.idle or limits.upstream_timeout
+        return GroupUpstreams(group, members, (first_byte, idle), on_health)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the connections' tasks. Returns after close_all(), once they have closed."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            task_status.started()
-            await self._closed.wait()
+            async with trio.open_nursery() as checks:  # ended at close; connections are not
+                for group in self._by_group.values():
+                    checks.start_soon(group.check_health)
+                task_status.started()
+                await self._closed.wait()
+                checks.cancel_scope.cancel()
 
-    def for_site(self, site: SiteConfig) -> SiteUpstreams:
-        return self._sites[site.name]
+    def for_site(self, site: SiteConfig) -> GroupUpstreams:
+        """The site's own group: what a site without routes sends everything to."""
+        return self._by_site[site.name]
+
+    def for_group(self, group: UpstreamGroup) -> GroupUpstreams:
+        """A route's group (the same object the config holds)."""
+        return self._by_group[id(group)]
 
     def close_all(self) -> None:
         """Close idle connections; busy ones close once their requests are done."""

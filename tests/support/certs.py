@@ -1,23 +1,21 @@
 """Helpers for tests of certificates in the real proxy process: start it against an ACME
-CA, watch what fresh TLS handshakes are served and what it logs, run `port443 certs`."""
+CA, watch what fresh TLS handshakes are served, run `port443 certs`."""
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 from cryptography import x509
 
-from tests.pebble import Pebble
-from tests.proxyproc import ROOT, ProxyProcess, run, start_proxy
+from tests.support.openssl import s_client
+from tests.support.pebble import Pebble
+from tests.support.proxy import ProxyProcess, start_proxy
+from tests.support.run import port443
 
 WAIT = 30.0  # seconds for an issuance or renewal that is due
-PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 def acme_toml(pebble: Pebble, *challenges: str) -> str:
@@ -48,15 +46,11 @@ def pebble_root(pebble: Pebble, tmp_path: Path) -> Path:
 
 async def served(proxy: ProxyProcess, host: str, root: Path) -> x509.Certificate | None:
     """The leaf a fresh `openssl s_client` handshake for `host` verifies, or None."""
-    result = await run(
-        "openssl", "s_client", "-connect", f"127.0.0.1:{proxy.https_port}",
-        "-servername", host, "-verify_hostname", host, "-CAfile", str(root),
+    handshake = await s_client(
+        proxy.https_port, "-servername", host, "-verify_hostname", host, "-CAfile", str(root),
         "-verify_return_error", timeout=15,
     )  # fmt: skip
-    pem = PEM.search(result.stdout)
-    if result.returncode != 0 or pem is None:
-        return None
-    return x509.load_pem_x509_certificate(pem[0])
+    return handshake.certificate()
 
 
 async def wait_served(
@@ -73,23 +67,7 @@ async def wait_served(
     return cert
 
 
-async def wait_log(
-    proxy: ProxyProcess, pattern: str, timeout: float = WAIT, since: int = 0
-) -> re.Match[str]:
-    """The first match of `pattern` in the log from offset `since` on, once it appears."""
-    with trio.fail_after(timeout):
-        while (match := re.compile(pattern).search(proxy.log(), since)) is None:
-            await trio.sleep(0.05)
-    return match
-
-
 def port443_certs(config: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "certs", "-c", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = port443("certs", "-c", str(config))
     assert result.returncode == 0, result.stderr
     return result.stdout

@@ -7,7 +7,6 @@ condition on the responses collected so far. Received DATA is acknowledged at on
 from __future__ import annotations
 
 import contextlib
-import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -17,7 +16,8 @@ import h2.events
 import h2.settings
 import trio
 
-from tests.proxyproc import ProxyProcess
+from tests.support.proxy import ProxyProcess
+from tests.support.tls import tls_stream
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -159,11 +159,7 @@ async def h2_client(
     proxy: ProxyProcess, settings: dict[int, int] | None = None
 ) -> AsyncIterator[H2Client]:
     """A connection through the proxy's TLS port (ALPN h2), after the server's SETTINGS."""
-    context = ssl.create_default_context(cafile=proxy.root_ca)
-    context.set_alpn_protocols(["h2"])
-    tcp = await trio.open_tcp_stream("127.0.0.1", proxy.https_port)
-    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
-    await stream.do_handshake()
+    stream = await tls_stream(proxy, "h2")
     assert stream.selected_alpn_protocol() == "h2"
     authority = f"localhost:{proxy.https_port}".encode()
     async with h2_session(stream, authority, settings) as client:

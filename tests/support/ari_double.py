@@ -21,7 +21,7 @@ import h11
 import requests
 import trio
 
-from tests.pebble import Pebble
+from tests.support.pebble import Pebble
 
 # Recorded from https://acme-v02.api.letsencrypt.org (GET renewalInfo/<CertID>); the
 # double substitutes the window's start and end.

@@ -1,4 +1,4 @@
-"""`python -m tests.quick_backoff run -c FILE`: the real proxy, but its retry backoff starts
+"""`python -m tests.support.quick_backoff run -c FILE`: the real proxy, but its retry backoff starts
 at 1 second instead of 1 minute, so that a test can watch failures, backoff and recovery.
 Nothing else differs from `python -m proxy`."""
 

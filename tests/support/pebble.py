@@ -22,7 +22,8 @@ from pathlib import Path
 
 import trustme
 
-from tests.proxyproc import free_port
+from tests.support.net import free_dns_port, free_port
+from tests.support.slow import require_slow
 
 START_TIMEOUT = 15.0
 
@@ -61,19 +62,6 @@ class Pebble:
         return _get(self._process, self._roots_url, context, deadline)
 
 
-def free_dns_port() -> int:
-    """A loopback port free for both TCP and UDP right now, as a DNS server needs."""
-    while True:
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
 @contextmanager
 def run_pebble(
     workdir: Path,
@@ -83,8 +71,14 @@ def run_pebble(
     env: Mapping[str, str] | None = None,
     validity_seconds: int | None = None,
     eab_keys: Mapping[str, str] | None = None,
+    dns_server: str | None = None,
 ) -> Iterator[Pebble]:
-    """Run Pebble until the block ends; `env` adds PEBBLE_* settings (e.g. nonce rejection)."""
+    """Run Pebble until the block ends; `env` adds PEBBLE_* settings (e.g. nonce rejection).
+
+    `dns_server` ("IP:port") is where Pebble resolves instead of pebble-challtestsrv: a real
+    authoritative server for DNS-01 (`resolve` then has no effect on validation).
+    """
+    require_slow("starts Pebble")
     workdir.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
     leaf = ca.issue_cert("127.0.0.1", "localhost")
@@ -119,7 +113,8 @@ def run_pebble(
         *("-management", f"127.0.0.1:{dns_management_port}"),
         *("-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""),
     ]
-    pebble = ["pebble", "-config", str(config_path), "-dnsserver", f"127.0.0.1:{dns_port}"]
+    resolver = dns_server or f"127.0.0.1:{dns_port}"
+    pebble = ["pebble", "-config", str(config_path), "-dnsserver", resolver]
     pebble_env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", **(env or {})}
     dns_proc = _Process(dns, workdir / "challtestsrv.log", os.environ)
     pebble_proc = _Process(pebble, workdir / "pebble.log", pebble_env)

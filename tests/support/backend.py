@@ -215,7 +215,7 @@ async def _connection(stream: trio.SocketStream, backend: Backend) -> None:
 async def serve_backend(
     backend: Backend, *, task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    tcp = await trio.open_tcp_listeners(backend.port, host="127.0.0.1")  # 0: any free port
     backend.port = tcp[0].socket.getsockname()[1]
     context = backend.ssl_context
     listeners = tcp if context is None else [trio.SSLListener(t, context) for t in tcp]

@@ -1,0 +1,250 @@
+"""Abusive clients against a real port443 process, and what a concurrent normal client sees.
+
+    .venv/bin/python bench/abuse.py [--attackers 1000] [--window 6]
+
+For each attack: a normal client makes one request per new TLS connection in a loop (its p50,
+p99 and failures before and during the attack), the proxy's CPU share during it, and its RSS
+before, during and after (3 s after the attackers left). Loopback only; every loop is bounded
+by a count and a time. Attacks:
+  slow-head      TLS handshakes done, then a request head trickled a byte a second
+  partial-hello  60 bytes of a ClientHello, then nothing
+  idle-at-limit  max_connections = attackers / 2, attackers idle TCP connections
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Proxy:
+    process: subprocess.Popen[bytes]
+    port: int
+    root_ca: Path
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.root_ca))
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+
+@contextlib.contextmanager
+def running(work: Path, limits: str) -> Iterator[Proxy]:
+    backend_port, https = free_port(), free_port()
+    config = work / "port443.toml"
+    config.write_text(
+        f'log_level = "warning"\n[listen]\naddress = "127.0.0.1"\nhttp = 0\nhttps = {https}\n'
+        f'[certs]\ndir = "{work / "certs"}"\n[admin]\nenabled = false\n'
+        f"[access_log]\nenabled = false\n[limits]\n{limits}\n"
+        f'[[sites]]\nhosts = ["localhost"]\nupstreams = ["http://127.0.0.1:{backend_port}"]\n'
+    )
+    log = (work / "proxy.log").open("wb")
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "proxy.demo", "--port", str(backend_port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "-c", str(config)], cwd=ROOT, stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", https)):
+                break
+            time.sleep(0.1)
+        yield Proxy(proxy, https, work / "certs" / "local" / "root.pem")
+    finally:
+        for process in (proxy, backend):
+            process.terminate()
+            process.wait(15)
+        log.close()
+
+
+@dataclass
+class Latencies:
+    values: list[float] = field(default_factory=list)
+    failures: int = 0
+
+    def percentile(self, q: float) -> float | None:
+        ordered = sorted(self.values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+    def summary(self) -> str:
+        p50, p99 = self.percentile(0.5), self.percentile(0.99)
+        if p50 is None or p99 is None:
+            return f"no answers, {self.failures} failures"
+        return (
+            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+            f"({len(self.values)} requests, {self.failures} failures)"
+        )
+
+
+def probe(proxy: Proxy, seconds: float) -> Latencies:
+    """A normal client: a new TLS connection and one request at a time, for `seconds`."""
+    out = Latencies()
+    context = proxy.context()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        start = time.monotonic()
+        try:
+            raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(REQUEST)
+                if not tls.recv(65536).startswith(b"HTTP/1.1 200"):
+                    raise OSError("not a 200")
+            out.values.append(time.monotonic() - start)
+        except OSError:
+            out.failures += 1
+        time.sleep(0.02)
+    return out
+
+
+def client_hello() -> bytes:
+    outgoing = ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(
+        ssl.MemoryBIO(), outgoing, server_hostname="localhost"
+    )
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+Attack = Callable[[Proxy, int, threading.Event], None]
+
+
+def _hold(socks: list[socket.socket], stop: threading.Event, tick: Callable[[], None]) -> None:
+    try:
+        while not stop.wait(1.0):
+            tick()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def slow_head(proxy: Proxy, count: int, stop: threading.Event) -> None:
+    context = proxy.context()
+    socks: list[socket.socket] = []
+    for _ in range(count):
+        if stop.is_set():
+            break
+        with contextlib.suppress(OSError):
+            tls = context.wrap_socket(
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=5),
+                server_hostname="localhost",
+            )
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+            tls.setblocking(False)
+            socks.append(tls)
+
+    def trickle() -> None:
+        for sock in socks:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                sock.send(b"x")
+
+    _hold(socks, stop, trickle)
+
+
+def partial_hello(proxy: Proxy, count: int, stop: threading.Event) -> None:
+    head = client_hello()[:60]
+    socks = []
+    for _ in range(count):
+        with contextlib.suppress(OSError):
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            sock.sendall(head)
+            socks.append(sock)
+    _hold(socks, stop, lambda: None)
+
+
+def idle(proxy: Proxy, count: int, stop: threading.Event) -> None:
+    socks = []
+    for _ in range(count):
+        with contextlib.suppress(OSError):
+            socks.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+    _hold(socks, stop, lambda: None)
+
+
+def measure(name: str, attack: Attack, limits: str, count: int, window: float) -> None:
+    with (
+        tempfile.TemporaryDirectory(prefix="port443-abuse-") as tmp,
+        running(Path(tmp), limits) as proxy,
+    ):
+        pid = proxy.process.pid
+        probe(proxy, 1.0)  # warm-up: certificate, pools
+        before = probe(proxy, window)
+        rss_before = rss_mib(pid)
+        stop = threading.Event()
+        attacker = threading.Thread(target=attack, args=(proxy, count, stop))
+        attacker.start()
+        time.sleep(2.0)  # the attackers connect
+        cpu, wall = cpu_seconds(pid), time.monotonic()
+        during = probe(proxy, window)
+        cpu_share = (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
+        rss_during = rss_mib(pid)
+        stop.set()
+        attacker.join()
+        time.sleep(3.0)
+        rss_after = rss_mib(pid)
+        print(f"{name} ({count} attackers; {limits.strip() or 'default limits'}):")
+        print(f"  normal client before: {before.summary()}")
+        print(f"  normal client during: {during.summary()}")
+        print(
+            f"  proxy CPU during: {cpu_share * 100:.0f}%; RSS before {rss_before:.0f} MiB, "
+            f"during {rss_during:.0f} MiB, after {rss_after:.0f} MiB",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attackers", type=int, default=1000)
+    parser.add_argument("--window", type=float, default=6.0, help="seconds per probe phase")
+    parser.add_argument("--only", choices=("slow-head", "partial-hello", "idle-at-limit"))
+    args = parser.parse_args()
+    attacks: list[tuple[str, Attack, str]] = [
+        ("slow-head", slow_head, ""),
+        ("partial-hello", partial_hello, ""),
+        ("idle-at-limit", idle, f"max_connections = {args.attackers // 2}\n"),
+    ]
+    for name, attack, limits in attacks:
+        if args.only in (None, name):
+            measure(name, attack, limits, args.attackers, args.window)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Per-client limits: open connections and a request rate (token bucket) per client address.
+
+Both are off unless configured (`[limits] max_connections_per_ip`, `requests_per_second_per_ip`)
+and count per process (each worker keeps its own). An IPv6 client counts by its /64, the
+smallest network one subscriber is given, or one host could pose as 2^64 clients.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from proxy.config import LimitsConfig
+from proxy.http.model import Request
+from proxy.lograte import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+MAX_BUCKETS = 65536  # clients whose request rate is tracked; the least recently seen go first
+
+
+def client_key(ip: str) -> str:
+    """The address a client is counted by: IPv4 as it is, IPv6 by its /64."""
+    if ":" not in ip:
+        return ip
+    try:
+        network = ipaddress.IPv6Network((ip.partition("%")[0], 64), strict=False)
+    except ValueError:
+        return ip
+    return str(network)
+
+
+def request_client(request: Request) -> str:
+    """The client a request counts against: the one place to decide it. Behind a load
+    balancer, `trusted_proxies` (routing issue) will pick the forwarded address here."""
+    return client_key(request.client_ip)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float  # time.monotonic() when `tokens` was computed
+
+
+class ClientLimits:
+    """Connections per client and requests per second per client, for one process."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self._connections: dict[str, int] = {}  # only clients with a connection open
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently seen first
+        self.refused_connections = 0
+        self.refused_requests = 0
+        self._log_connections = RateLimitedLog(log, logging.WARNING)
+        self._log_requests = RateLimitedLog(log, logging.WARNING)
+        self.configure(limits)
+
+    def configure(self, limits: LimitsConfig) -> None:
+        """New limits (reload); open connections and buckets carry over."""
+        self._max_connections = limits.max_connections_per_ip
+        self._rate = limits.requests_per_second_per_ip
+        self._burst = float(limits.request_burst_per_ip)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def connection_opened(self, key: str) -> bool:
+        """Count a new connection of `key`; False (not counted) when it is one too many."""
+        count = self._connections.get(key, 0)
+        if self._max_connections and count >= self._max_connections:
+            self.refused_connections += 1
+            self._log_connections(
+                "client %s: more than %d connections: refused", key, self._max_connections
+            )
+            return False
+        self._connections[key] = count + 1
+        return True
+
+    def connection_closed(self, key: str) -> None:
+        count = self._connections.pop(key) - 1
+        if count:
+            self._connections[key] = count
+
+    # -- requests --------------------------------------------------------------------------
+
+    def retry_after(self, request: Request) -> int | None:
+        """None when the request may go ahead (taking a token), else the seconds until the
+        client's bucket holds one again (for 429's Retry-After)."""
+        rate = self._rate
+        if not rate:
+            return None
+        key = request_client(request)
+        now = time.monotonic()
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = _Bucket(self._burst, now)
+            if len(buckets) > MAX_BUCKETS:
+                buckets.popitem(last=False)
+        else:
+            buckets.move_to_end(key)
+            bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * rate)
+            bucket.at = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return None
+        self.refused_requests += 1
+        self._log_requests("client %s: more than %g requests per second: 429", key, rate)
+        return max(1, math.ceil((1 - bucket.tokens) / rate))

@@ -1,0 +1,336 @@
+"""HTTP/3's UDP endpoint: QUIC connections (aioquic, sans-IO) driven by trio.
+
+One task per UDP socket reads datagrams and hands each to its connection by destination
+connection id. A new connection starts with a client Initial: its datagrams are held until
+the ClientHello is whole (`proxy.tls.quic_hello`), whose server name picks the certificate
+through the CertManager (the same rule as TCP, new certificates for new handshakes); only
+then is a `QuicConnection` made, and fed what was held. Each connection is one task in the
+server's `connections` nursery, counted by the `Lifecycle`, running aioquic's timer and its
+HTTP/3 session's request tasks. Sending is synchronous: a datagram the socket cannot take
+now is dropped, and QUIC's loss recovery resends it.
+
+No session tickets are issued, so there is no resumption and no 0-RTT (no replays). Address
+migration is not followed across worker processes: SO_REUSEPORT hashes the new address to
+any worker, which does not know the connection id and drops the packets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+from aioquic.buffer import Buffer
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.events import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ConnectionTerminated,
+    HandshakeCompleted,
+)
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+
+from proxy.certs.manager import CertManager
+from proxy.certs.store import StoredCert
+from proxy.config import LimitsConfig
+from proxy.connections import ConnectionRegistry, Slot
+from proxy.http.h3 import H3Session, Handler
+from proxy.http.model import ConnectionInfo
+from proxy.metrics import Metrics
+from proxy.tls.clienthello import ClientHello
+from proxy.tls.quic_hello import CONNECTION_ID_LENGTH, HelloReader, InitialError
+
+log = logging.getLogger(__name__)
+
+MAX_HELD_DATAGRAMS = 8  # of one client's first flight, before its ClientHello is whole
+RECEIVE_BATCH = 64  # datagrams read per wake-up before letting other tasks run
+MAX_DATAGRAM = 65535
+SUPPORTED_VERSIONS = QuicConfiguration().supported_versions
+
+
+def bind_udp(address: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket on the HTTPS port; SO_REUSEPORT as the TCP listeners."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class QuicEndpoint:
+    """One UDP socket: routes datagrams to connections, starts new ones from Initials."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        certs: Callable[[], CertManager],
+        limits: Callable[[], LimitsConfig],
+        handler: Handler,
+        registry: ConnectionRegistry,
+        metrics: Metrics,
+        connections: trio.Nursery,
+    ) -> None:
+        self.sock = sock
+        self.certs = certs
+        self.limits = limits
+        self.handler = handler
+        self.registry = registry
+        self.metrics = metrics
+        self._connections = connections
+        self.by_cid: dict[bytes, QuicPeer] = {}
+        self._configurations: dict[Path, tuple[int, QuicConfiguration]] = {}
+
+    async def serve(self) -> None:
+        """Read until cancelled (after the drain: connections need their datagrams)."""
+        sock = self.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(RECEIVE_BATCH):
+                try:
+                    data, addr = sock.recvfrom(MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # an ICMP error reported on the socket
+                    log.debug("UDP receive: %s", exc)
+                    continue
+                self._datagram(data, addr)
+            await trio.lowlevel.checkpoint()
+
+    def send(self, data: bytes, addr: NetworkAddress) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as exc:  # a full socket buffer: QUIC resends what was lost
+            log.debug("UDP send to %s: %s", addr, exc)
+
+    def _datagram(self, data: bytes, addr: NetworkAddress) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
+        except ValueError:
+            return  # not QUIC: nothing to answer
+        peer = self.by_cid.get(header.destination_cid)
+        if peer is not None:
+            peer.receive(data, addr)
+            return
+        # Only a full-size Initial (RFC 9000 §14.1) starts anything: no amplification.
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            return
+        if header.version not in SUPPORTED_VERSIONS:
+            self.send(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=SUPPORTED_VERSIONS,
+                ),
+                addr,
+            )
+            return
+        registry = self.registry
+        if registry.draining or registry.full:
+            return
+        assert header.version is not None
+        slot = registry.admit()
+        slot.busy()  # a QUIC connection is not one of the idle TCP ones closed to make room
+        peer = QuicPeer(self, slot, header.destination_cid, header.version, addr)
+        self.by_cid[header.destination_cid] = peer
+        self._connections.start_soon(peer.run)
+        peer.receive(data, addr)
+
+    async def configuration(self, cert: StoredCert) -> QuicConfiguration:
+        """The server configuration for a certificate, built once per certificate serial."""
+        cached = self._configurations.get(cert.chain_path)
+        if cached is not None and cached[0] == cert.serial:
+            return cached[1]
+        configuration = QuicConfiguration(
+            is_client=False,
+            alpn_protocols=H3_ALPN,
+            idle_timeout=self.limits().keepalive_timeout,
+            connection_id_length=CONNECTION_ID_LENGTH,
+        )
+        await trio.to_thread.run_sync(configuration.load_cert_chain, cert.chain_path, cert.key_path)
+        self._configurations[cert.chain_path] = (cert.serial, configuration)
+        return configuration
+
+
+class QuicPeer:
+    """One QUIC connection: from the first Initial until it is terminated."""
+
+    def __init__(
+        self,
+        endpoint: QuicEndpoint,
+        slot: Slot,
+        original_cid: bytes,
+        version: int,
+        addr: NetworkAddress,
+    ) -> None:
+        self._endpoint = endpoint
+        self._slot = slot
+        self._original_cid = original_cid
+        self._client_ip = str(addr[0])
+        self._reader: HelloReader | None = HelloReader(original_cid, version)
+        self._held: list[tuple[bytes, NetworkAddress]] = []
+        self._hello: ClientHello | None = None
+        self._hello_done = trio.Event()
+        self._quic: QuicConnection | None = None
+        self._session: H3Session | None = None
+        self._acknowledged = trio.Event()
+        self._timer = trio.CancelScope()
+        self._handshake_done = False
+        self._terminated = False
+        self._refused = False
+
+    # -- datagrams in ---------------------------------------------------------------------
+
+    def receive(self, data: bytes, addr: NetworkAddress) -> None:
+        if self._quic is not None:
+            self._quic.receive_datagram(data, addr, trio.current_time())
+            self._process()
+            return
+        if self._refused or len(self._held) >= MAX_HELD_DATAGRAMS:
+            return
+        self._held.append((data, addr))  # until the connection exists, then replayed
+        if self._reader is None:
+            return  # the hello is whole: waiting for its certificate
+        try:
+            hello = self._reader.feed(data)
+        except InitialError as exc:
+            log.debug("client %s: QUIC Initial refused: %s", self._client_ip, exc)
+            self._give_up()
+            return
+        if hello is not None:
+            self._hello = hello
+            self._reader = None
+            self._hello_done.set()
+
+    def _give_up(self) -> None:
+        self._refused = True
+        self._reader = None
+        self._held.clear()
+        self._hello_done.set()
+
+    # -- the connection's task ------------------------------------------------------------
+
+    async def run(self) -> None:
+        endpoint = self._endpoint
+        self._slot.register(self)
+        try:
+            limits = endpoint.limits()
+            with trio.move_on_after(limits.header_timeout):
+                await self._hello_done.wait()
+            if self._hello is not None:
+                await self._serve(self._hello, limits)
+        except Exception:  # a bug must cost this connection, not the process
+            log.exception("client %s: QUIC connection failed", self._client_ip)
+        finally:
+            for cid in [cid for cid, peer in endpoint.by_cid.items() if peer is self]:
+                del endpoint.by_cid[cid]
+            self._slot.unregister(self)
+            self._slot.release()
+
+    async def _serve(self, hello: ClientHello, limits: LimitsConfig) -> None:
+        endpoint = self._endpoint
+        cert = endpoint.certs().certificate_for(hello.server_name)
+        if cert is None:
+            log.info(
+                "client %s: QUIC: no certificate for SNI %s", self._client_ip, hello.server_name
+            )
+            return
+        configuration = await endpoint.configuration(cert)
+        quic = QuicConnection(
+            configuration=configuration, original_destination_connection_id=self._original_cid
+        )
+        endpoint.by_cid[quic.host_cid] = self
+        info = ConnectionInfo(client_ip=self._client_ip, tls_version="TLSv1.3", alpn="h3")
+        async with trio.open_nursery() as nursery:
+            self._session = H3Session(self, quic, info, endpoint.handler, limits, nursery)
+            self._quic = quic
+            nursery.start_soon(self._handshake_deadline, limits.header_timeout)
+            held, self._held = self._held, []
+            for data, addr in held:
+                self.receive(data, addr)
+            await self._run_timers(quic)
+            nursery.cancel_scope.cancel()
+
+    async def _handshake_deadline(self, timeout: float) -> None:
+        await trio.sleep(timeout)
+        if not self._handshake_done and self._quic is not None:
+            log.info("client %s: QUIC handshake timed out", self._client_ip)
+            self._quic.close(reason_phrase="handshake timeout")
+            self.transmit()
+
+    async def _run_timers(self, quic: QuicConnection) -> None:
+        """aioquic's timer (loss detection, idle timeout, closing): until terminated."""
+        while not self._terminated:
+            timer = quic.get_timer()
+            with trio.CancelScope(deadline=math.inf if timer is None else timer) as self._timer:
+                await trio.sleep_forever()
+            timer = quic.get_timer()
+            now = trio.current_time()
+            if not self._terminated and timer is not None and now >= timer:
+                quic.handle_timer(now)
+                self._process()
+
+    def _process(self) -> None:
+        """Hand aioquic's events to the session, then send what they produced."""
+        quic, session = self._quic, self._session
+        assert quic is not None and session is not None
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, ConnectionIdIssued):
+                self._endpoint.by_cid[event.connection_id] = self
+            elif isinstance(event, ConnectionIdRetired):
+                self._endpoint.by_cid.pop(event.connection_id, None)
+            elif isinstance(event, HandshakeCompleted):
+                self._handshake_done = True
+                self._endpoint.metrics.tls_handshake_completed(session.info)
+            elif isinstance(event, ConnectionTerminated):
+                self._terminated = True
+                log.debug("client %s: QUIC connection closed: %r", self._client_ip, event)
+            session.quic_event(event)
+        self._acknowledged.set()
+        self._acknowledged = trio.Event()
+        self.transmit()
+
+    # -- Transport (for the session) ------------------------------------------------------
+
+    def transmit(self) -> None:
+        quic = self._quic
+        if quic is None:
+            return
+        for data, addr in quic.datagrams_to_send(trio.current_time()):
+            self._endpoint.send(data, addr)
+        timer = quic.get_timer()
+        self._timer.deadline = (
+            -math.inf if self._terminated else (math.inf if timer is None else timer)
+        )
+
+    async def acknowledged(self) -> None:
+        await self._acknowledged.wait()
+
+    # -- Drainable ------------------------------------------------------------------------
+
+    def close_if_idle(self) -> None:
+        """Drain: GOAWAY; in-flight requests finish, then the connection closes."""
+        if self._session is not None and self._handshake_done:
+            self._session.go_away()
+        elif self._quic is not None:
+            self._quic.close()
+            self.transmit()
+        else:
+            self._give_up()

@@ -1,0 +1,1 @@
+"""Per-request decisions inside a site: which route, and who the client is."""

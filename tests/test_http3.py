@@ -1,0 +1,123 @@
+"""HTTP/3 through the real proxy process: aioquic's client over UDP on loopback, in front
+of the real HTTP/1.1 backend; and the Alt-Svc advertisement on HTTP/1.1 and HTTP/2."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.support.backend import Backend
+from tests.support.curl import curl
+from tests.support.h3client import h3_client
+from tests.support.proxy import RSS_GROWTH_LIMIT_KIB, ProxyProcess, sites_toml, start_proxy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def proxy3(tmp_path: Path, backend: Backend) -> AsyncIterator[ProxyProcess]:
+    """The proxy with HTTP/3 on, in front of `backend` for localhost."""
+    running = await start_proxy(tmp_path, sites_toml((["localhost"], [backend.url])), http3=True)
+    yield running
+    await running.terminate()
+
+
+async def test_get_over_http3(proxy3: ProxyProcess, backend: Backend) -> None:
+    authority = f"localhost:{proxy3.https_port}".encode()
+    async with h3_client(proxy3.https_port, "localhost", proxy3.root_ca) as client:
+        response = await client.request(b"GET", b"/bytes/100000", authority)
+    assert response.status == 200
+    assert len(response.body) == 100000
+    assert backend.requests[-1]["headers"]["via"] == "3 port443"  # type: ignore[index]
+
+
+async def test_large_bodies_both_ways_under_an_rss_bound(proxy3: ProxyProcess) -> None:
+    """4 MiB up (hashed by the backend) and 4 MiB down: streamed, not buffered whole."""
+    size = 4 << 20
+    body = os.urandom(size)
+    authority = f"localhost:{proxy3.https_port}".encode()
+    baseline = proxy3.rss_kib()
+    async with h3_client(proxy3.https_port, "localhost", proxy3.root_ca) as client:
+        with trio.fail_after(60):
+            upload = await client.request(b"POST", b"/upload", authority, body=body)
+            download = await client.request(b"GET", f"/bytes/{size}".encode(), authority)
+    assert upload.status == 200
+    assert json.loads(upload.body) == {"length": size, "sha256": hashlib.sha256(body).hexdigest()}
+    assert download.status == 200
+    assert len(download.body) == size
+    assert proxy3.rss_kib() - baseline < RSS_GROWTH_LIMIT_KIB
+
+
+async def test_trailers_relayed_both_ways(proxy3: ProxyProcess) -> None:
+    authority = f"localhost:{proxy3.https_port}".encode()
+    async with h3_client(proxy3.https_port, "localhost", proxy3.root_ca) as client:
+        response = await client.request(
+            b"POST",
+            b"/trailers",
+            authority,
+            body=b"abc",
+            headers=[(b"te", b"trailers")],
+            trailers=[(b"x-sum", b"42")],
+        )
+    assert response.status == 200
+    assert json.loads(response.body)["length"] == 3
+    assert response.trailers is not None
+    assert (b"x-trailer", b"done") in response.trailers
+    assert (b"x-echo-x-sum", b"42") in response.trailers
+
+
+async def test_certificate_per_sni(tmp_path: Path, backend: Backend) -> None:
+    """The client verifies the certificate against the name it sent: each site's is served;
+    a name no site has is refused."""
+    sites = sites_toml((["a.test"], [backend.url]), (["b.test"], [backend.url]))
+    proxy = await start_proxy(tmp_path, sites, http3=True)
+    try:
+        for name in ("a.test", "b.test"):
+            authority = f"{name}:{proxy.https_port}".encode()
+            async with h3_client(proxy.https_port, name, proxy.root_ca) as client:
+                response = await client.request(b"GET", b"/", authority)
+            assert response.status == 200
+        async with h3_client(proxy.https_port, "c.test", proxy.root_ca, handshake=False) as c:
+            await trio.sleep(1)
+            assert not c.handshake.is_set()
+        assert "QUIC: no certificate for SNI c.test" in proxy.log()
+    finally:
+        await proxy.terminate()
+
+
+async def test_alt_svc_on_http1_and_http2(proxy3: ProxyProcess) -> None:
+    expected = f'alt-svc: h3=":{proxy3.https_port}"; ma=86400'
+    for version in ("--http1.1", "--http2"):
+        reply = await curl(version, *proxy3.curl_args("/"))
+        assert reply.header("alt-svc") == expected.partition(": ")[2], reply
+
+
+async def test_no_alt_svc_when_http3_is_off(proxy: ProxyProcess) -> None:
+    reply = await curl(*proxy.curl_args("/"))
+    assert reply.status == 200 and reply.header("alt-svc") is None
+
+
+async def test_garbage_datagrams_leave_a_client_unharmed(proxy3: ProxyProcess) -> None:
+    """A burst of junk (random bytes, fake full-size Initials) while a client downloads."""
+    authority = f"localhost:{proxy3.https_port}".encode()
+    async with h3_client(proxy3.https_port, "localhost", proxy3.root_ca) as client:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
+            junk.connect(("127.0.0.1", proxy3.https_port))
+            for i in range(2000):
+                size = 1200 + i % 200 if i % 2 else 1 + i % 100
+                first = bytes([0xC0]) + b"\x00\x00\x00\x01" if i % 4 == 1 else b""
+                with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                    junk.send(first + os.urandom(size))
+        with trio.fail_after(30):
+            response = await client.request(b"GET", b"/bytes/1000000", authority)
+    assert response.status == 200
+    assert len(response.body) == 1000000
+    assert "Traceback" not in proxy3.log()
