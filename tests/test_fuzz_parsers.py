@@ -13,7 +13,7 @@ import pytest
 from hypothesis import strategies as st
 
 from proxy.cli import main
-from proxy.tls.clienthello import ClientHello, ClientHelloError, parse_client_hello
+from proxy.tls.clienthello import ClientHello, ClientHelloError, Incomplete, parse_client_hello
 from tests.support.fuzzing import fuzz_bytes, run_budget
 from tests.support.run import ROOT, port443
 from tests.support.tls_hello import big_hello, python_hello, split_records
@@ -27,7 +27,7 @@ TLS_TOKENS: tuple[bytes, ...] = (
 )  # fmt: skip
 
 
-def parse(data: bytes) -> ClientHello | type[ClientHelloError] | None:
+def parse(data: bytes) -> ClientHello | Incomplete | type[ClientHelloError]:
     """The parser's verdict; any exception but ClientHelloError fails the example."""
     try:
         return parse_client_hello(data)
@@ -36,12 +36,16 @@ def parse(data: bytes) -> ClientHello | type[ClientHelloError] | None:
 
 
 def check_hello_verdicts(data: bytes) -> None:
-    """A prefix of the input is undecided (None) or already has the input's verdict: a
-    hello cut short is never refused, and what was refused stays refused."""
+    """A prefix of the input is undecided or already has the input's verdict: a hello cut
+    short is never refused, and what was refused stays refused; undecided, it asks for more
+    bytes than it has."""
     verdict = parse(data)
     for end in sorted({len(data) // 2, len(data) * 7 // 8, max(len(data) - 1, 0)}):
         prefix = parse(data[:end])
-        assert prefix is None or prefix == verdict, (end, prefix, verdict)
+        if isinstance(prefix, Incomplete):
+            assert prefix.needed > end, (end, prefix)
+        else:
+            assert prefix == verdict, (end, prefix, verdict)
 
 
 @pytest.mark.slow
