@@ -39,6 +39,7 @@ from tests.support.h2client import h2_client
 from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
 from tests.support.rawbackend import Answer, RawBackend
 from tests.support.tls import client_context
+from tests.support.tls_hello import big_hello, python_hello, split_records
 
 CORPUS = Path(__file__).parent / "corpus"
 SECONDS = 8  # CI budget per target
@@ -218,6 +219,41 @@ async def test_fuzz_h1_front_end(backend_proxy: ProxyProcess) -> None:
         assert response == b"" or response.startswith(b"HTTP/1.1 "), response[:300]
 
     tried = await fuzz_proxy(proxy, example, fuzz_bytes(h1_seeds()), partial(echo_health, proxy))
+    assert tried >= 50
+
+
+# -- the TLS front door: the ClientHello as the server peeks at it ---------------------------
+
+
+async def tcp_exchange(proxy: ProxyProcess, data: bytes) -> bytes:
+    """`data` on a plain TCP connection to the HTTPS port, then EOF; what comes back until
+    the proxy closes (a handshake, an alert, a 400 for plain HTTP, or nothing)."""
+    received = bytearray()
+    with trio.fail_after(EXAMPLE_TIMEOUT):
+        tcp = await trio.open_tcp_stream("127.0.0.1", proxy.https_port)
+        async with tcp:
+            try:
+                await tcp.send_all(data)
+                await tcp.send_eof()
+                while chunk := await tcp.receive_some(65536):
+                    received += chunk
+            except trio.BrokenResourceError:
+                pass  # reset: closed with our bytes unread
+    return bytes(received)
+
+
+@pytest.mark.slow
+async def test_fuzz_client_hello_on_the_wire(backend_proxy: ProxyProcess) -> None:
+    """Mutated hellos, one or several records, as the server peeks at them before OpenSSL
+    takes over; what OpenSSL then makes of them is its business."""
+    hellos = [python_hello("localhost", ["h2", "http/1.1"]), python_hello(None), big_hello(90)]
+    seeds = [*hellos, split_records(hellos[0], 64), b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"]
+    strategy = fuzz_bytes(seeds, (b"\x16\x03\x01", b"\x00\x00", b"\xff\xff", b"\x40\x00"), 600)
+
+    async def example(data: bytes) -> None:
+        await tcp_exchange(backend_proxy, data)
+
+    tried = await fuzz_proxy(backend_proxy, example, strategy, partial(echo_health, backend_proxy))
     assert tried >= 50
 
 
