@@ -87,6 +87,13 @@ def _goaway_keeps_streams() -> type[h2.connection.H2ConnectionStateMachine]:
     return GoawayKeepsStreams
 
 
+def describe(exc: h2.exceptions.ProtocolError) -> str:
+    """An h2 error for a log line: the stream errors carry only the stream id as message."""
+    if isinstance(exc, h2.exceptions.NoSuchStreamError):
+        return f"{type(exc).__name__} on stream {exc.stream_id}"
+    return str(exc)
+
+
 # -- the writer ----------------------------------------------------------------------------
 
 
@@ -353,7 +360,6 @@ class Session(Generic[StreamT]):
         self._closing = False  # no new streams; the session ends once `_active` is 0
         self._blocked: dict[int, trio.Event] = {}  # streams waiting for room to send DATA
         self._room = trio.lowlevel.ParkingLot()  # the reader, waiting for the writer's progress
-        self._rescued = b""  # output taken out of h2 before a GOAWAY could drop it
         self._goaway = b""  # our graceful GOAWAY, sent after h2's output (see go_away)
         self.goaway_last_id: int | None = None  # set once that GOAWAY is queued
         self._writer = CoalescingWriter(stream, write_timeout, self._take_output, self._sent)
@@ -374,6 +380,9 @@ class Session(Generic[StreamT]):
         conn.initiate_connection()
         if connection_window > DEFAULT_WINDOW:
             conn.increment_flow_control_window(connection_window - DEFAULT_WINDOW)
+        # Output taken out of h2 before a GOAWAY could drop it. The preface is taken at once:
+        # a GOAWAY in the peer's first read would drop it, and SETTINGS must come first.
+        self._rescued = conn.data_to_send()
 
     # -- role hooks ------------------------------------------------------------------------
 

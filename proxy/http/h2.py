@@ -22,7 +22,7 @@ from h2.errors import ErrorCodes
 
 from proxy.config import Http2Config, LimitsConfig
 from proxy.connections import Slot
-from proxy.h2session import Session, SessionStream, Setting
+from proxy.h2session import Session, SessionStream, Setting, describe
 from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_headers
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard
 from proxy.http.model import (
@@ -282,7 +282,7 @@ class H2ServerSession(Session[H2ServerStream]):
             log.debug("client %s: h2 connection ended: %r", self.info.client_ip, exc)
 
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
-        log.info("client %s: HTTP/2 protocol error: %s", self.info.client_ip, exc)
+        log.info("client %s: HTTP/2 protocol error: %s", self.info.client_ip, describe(exc))
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> bool:
         log.debug("client %s: %r", self.info.client_ip, event)
@@ -379,7 +379,8 @@ class H2ServerSession(Session[H2ServerStream]):
                     with stream.scope:
                         await self._handler(stream)
             except* ClientGone as gone:  # may come out of the handler's own nursery
-                log.debug("client %s: stream %d: %r", self.info.client_ip, stream.stream_id, gone)
+                why = "; ".join(map(str, gone.exceptions))
+                log.debug("client %s: stream %d: %s", self.info.client_ip, stream.stream_id, why)
         except Exception:
             log.exception("client %s: stream %d failed", self.info.client_ip, stream.stream_id)
         finally:

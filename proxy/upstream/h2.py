@@ -24,7 +24,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from proxy.config import LimitsConfig, Upstream
-from proxy.h2session import Session, SessionStream, Setting
+from proxy.h2session import Session, SessionStream, Setting, describe
 from proxy.http.model import Headers, ResponseHead, UpstreamRequest
 from proxy.netio import StreamTimeout, close_socket
 from proxy.upstream.connect import Connector, OtherProtocol, Transport
@@ -213,7 +213,7 @@ class H2UpstreamSession(Session[H2UpstreamStream]):
         streams it takes. Raises OSError (closed, or not HTTP/2) or StreamTimeout."""
         conn = self.h2
         stream = self._transport.stream
-        await stream.send_all(conn.data_to_send(), deadline)
+        await stream.send_all(self._take_output(), deadline)
         settled = False
         while not settled:
             data = await stream.receive_some(deadline)
@@ -276,7 +276,7 @@ class H2UpstreamSession(Session[H2UpstreamStream]):
             self._fail(UpstreamClosed(f"{self.url}: {exc}"))
 
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
-        self._fail(UpstreamClosed(f"HTTP/2 protocol error from {self.url}: {exc}"))
+        self._fail(UpstreamClosed(f"HTTP/2 protocol error from {self.url}: {describe(exc)}"))
 
     def _goodbye(self) -> None:
         self._refusing = True

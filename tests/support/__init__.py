@@ -16,6 +16,8 @@
 - `pebble.py`, `ari_double.py`, `certs.py`: a real Pebble ACME CA, an ARI/profiles double
   in front of it, and the proxy against them; `quick_backoff.py` runs the proxy with a
   1-second renewal backoff.
+- `fuzzing.py`: hypothesis on a time budget with fixed seeds (`PORT443_FUZZ_SECONDS` for
+  longer), and mutations of real protocol bytes.
 
 The slow mark: a test that starts the proxy as a server process, Pebble, or a container image
 build is marked `slow` (`pytestmark = pytest.mark.slow` for a file where every test does).
