@@ -101,6 +101,25 @@ async def wait_writable(sock: socket.socket, deadline: float) -> None:
     await _wait(sock, deadline, readable=False)
 
 
+def bind_reusable(address: str, port: int, kind: socket.SocketKind) -> socket.socket:
+    """A non-blocking socket bound to `address`:`port` (TCP or UDP). SO_REUSEPORT lets worker
+    processes share the port; IPv6 sockets are v6-only so "0.0.0.0" and "::" can be listed
+    side by side."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def close_socket(sock: socket.socket) -> None:
     """Close a socket other tasks may be waiting on, waking them first (trio requires it)."""
     if sock.fileno() != -1:

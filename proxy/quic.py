@@ -46,6 +46,7 @@ from proxy.connections import ConnectionRegistry, Slot
 from proxy.http.h3 import H3Session, Handler
 from proxy.http.model import ConnectionInfo
 from proxy.metrics import Metrics
+from proxy.netio import bind_reusable
 from proxy.tls.clienthello import ClientHello
 from proxy.tls.quic_hello import CONNECTION_ID_LENGTH, HelloReader, InitialError
 
@@ -59,19 +60,7 @@ SUPPORTED_VERSIONS = QuicConfiguration().supported_versions
 
 def bind_udp(address: str, port: int) -> socket.socket:
     """A non-blocking UDP socket on the HTTPS port; SO_REUSEPORT as the TCP listeners."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address, port))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return bind_reusable(address, port, socket.SOCK_DGRAM)
 
 
 class QuicEndpoint:

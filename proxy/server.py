@@ -31,7 +31,7 @@ from proxy.http.h2 import H2ServerSession
 from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome, plain_response
 from proxy.lograte import RateLimitedLog
 from proxy.metrics import Metrics
-from proxy.netio import SocketStream, StreamTimeout, close_socket
+from proxy.netio import SocketStream, StreamTimeout, bind_reusable, close_socket
 from proxy.quic import QuicEndpoint, bind_udp
 from proxy.tls.clienthello import ClientHello, ClientHelloError, PlainHTTPRequest
 from proxy.tls.stream import TLSStream, peek_client_hello
@@ -58,18 +58,10 @@ class BoundAddress:
 
 
 def bind_listener(address: str, port: int) -> socket.socket:
-    """A non-blocking listening socket. SO_REUSEPORT lets worker processes share the port;
-    IPv6 sockets are v6-only so "0.0.0.0" and "::" can be listed side by side."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """A non-blocking listening TCP socket (see `bind_reusable`)."""
+    sock = bind_reusable(address, port, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address, port))
         sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
