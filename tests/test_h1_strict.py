@@ -9,6 +9,21 @@ from proxy.http.h1_strict import ambiguity, has_bare_lf, head_of
 HOST = (b"host", b"a.test")
 
 
+def check(
+    head: bytes, version: bytes, target: bytes, fields: list[tuple[bytes, bytes]]
+) -> str | None:
+    """`ambiguity` with the facts the front end gathers from these parsed fields."""
+    names = {name for name, _ in fields}
+    return ambiguity(
+        head,
+        version,
+        target,
+        host=dict(fields).get(b"host"),
+        has_length=b"content-length" in names,
+        has_transfer_encoding=b"transfer-encoding" in names,
+    )
+
+
 def test_head_of_stops_at_the_blank_line() -> None:
     assert (
         head_of(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody\n") == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -33,7 +48,7 @@ def test_head_of_stops_at_the_blank_line() -> None:
 def test_unambiguous_heads_pass(
     head: bytes, version: bytes, target: bytes, fields: list[tuple[bytes, bytes]]
 ) -> None:
-    assert ambiguity(head, version, target, fields) is None
+    assert check(head, version, target, fields) is None
 
 
 @pytest.mark.parametrize(
@@ -62,5 +77,5 @@ def test_unambiguous_heads_pass(
 def test_ambiguous_heads_are_refused(
     head: bytes, version: bytes, target: bytes, fields: list[tuple[bytes, bytes]], reason: str
 ) -> None:
-    refused = ambiguity(head, version, target, fields)
+    refused = check(head, version, target, fields)
     assert refused is not None and reason in refused

@@ -99,11 +99,8 @@ class Forwarder(RequestHandler):
             )
             return
         outcome.site = site.name
-        if not site.routes:
-            await self._forward_or_fail(exchange, self._upstreams.for_site(site), None, outcome)
-            return
-        route = match_route(site.routes, request)
-        if route is None:
+        route = match_route(site.routes, request) if site.routes else None
+        if route is None:  # no routes, or none matched: the site's own upstreams
             if site.upstreams:
                 await self._forward_or_fail(exchange, self._upstreams.for_site(site), None, outcome)
             else:

@@ -166,24 +166,34 @@ class H1Connection(Exchange, Upgradable):
             self._slot.busy()
         if type(event) is not h11.Request:
             return None  # ConnectionClosed
-        refused = ambiguity(head_of(raw), event.http_version, event.target, event.headers)
-        if refused is not None:
-            raise h11.RemoteProtocolError(refused, error_status_hint=400)
-        host = b""
+        host: bytes | None = None
         headers: Headers = []
-        has_body = upgrade_asked = False
+        has_body = has_length = has_te = upgrade_asked = False
         keep_alive = event.http_version == b"1.1" and not self._slot.draining
         for name, value in event.headers:
             if name == b"host":
                 host = value
             else:
-                if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-                    has_body = True
+                if name == b"transfer-encoding":
+                    has_body = has_te = True
+                elif name == b"content-length":
+                    has_length = True
+                    has_body = has_body or value != b"0"
                 elif name == b"upgrade":
                     upgrade_asked = True
                 elif name == b"connection" and b"close" in value.lower():
                     keep_alive = False
                 headers.append((name, value))
+        refused = ambiguity(
+            head_of(raw),
+            event.http_version,
+            event.target,
+            host=host,
+            has_length=has_length,
+            has_transfer_encoding=has_te,
+        )
+        if refused is not None:
+            raise h11.RemoteProtocolError(refused, error_status_hint=400)
         self._keep_alive = keep_alive
         if not has_body:
             conn.next_event()  # the EndOfMessage of an empty body is already decodable
@@ -191,7 +201,7 @@ class H1Connection(Exchange, Upgradable):
         return Request(
             method=event.method,
             target=event.target,
-            host=host,
+            host=host or b"",
             headers=headers,
             http_version=event.http_version,
             has_body=has_body,

@@ -11,7 +11,6 @@ the reason to refuse out.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _OBS_FOLD = re.compile(rb"\n[ \t]")
@@ -31,23 +30,22 @@ def head_of(raw: bytes) -> bytes:
 
 
 def ambiguity(
-    head: bytes, version: bytes, target: bytes, fields: Iterable[tuple[bytes, bytes]]
+    head: bytes,
+    version: bytes,
+    target: bytes,
+    *,
+    host: bytes | None,
+    has_length: bool,
+    has_transfer_encoding: bool,
 ) -> str | None:
-    """Why this request must be refused, or None. `fields` are h11's parsed headers."""
+    """Why this request must be refused, or None. The fields' facts come from h11's parsed
+    headers, as the front end's one pass over them found them."""
     if has_bare_lf(head):
         return "bare LF line ending"
     if _OBS_FOLD.search(head):
         return "obs-fold header continuation line"
-    host = length = chunked = None
-    for name, value in fields:
-        if name == b"host":
-            host = value
-        elif name == b"content-length":
-            length = value
-        elif name == b"transfer-encoding":
-            chunked = value
-    if chunked is not None:
-        if length is not None:
+    if has_transfer_encoding:
+        if has_length:
             return "both Content-Length and Transfer-Encoding"
         if version != b"1.1":
             return "Transfer-Encoding in an HTTP/1.0 request"
