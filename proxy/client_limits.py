@@ -15,7 +15,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from proxy.config import LimitsConfig
-from proxy.http.model import Request
 from proxy.lograte import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -32,12 +31,6 @@ def client_key(ip: str) -> str:
     except ValueError:
         return ip
     return str(network)
-
-
-def request_client(request: Request) -> str:
-    """The client a request counts against: the one place to decide it. Behind a load
-    balancer, `trusted_proxies` (routing issue) will pick the forwarded address here."""
-    return client_key(request.client_ip)
 
 
 @dataclass(slots=True)
@@ -85,13 +78,14 @@ class ClientLimits:
 
     # -- requests --------------------------------------------------------------------------
 
-    def retry_after(self, request: Request) -> int | None:
-        """None when the request may go ahead (taking a token), else the seconds until the
-        client's bucket holds one again (for 429's Retry-After)."""
+    def retry_after(self, client_ip: str) -> int | None:
+        """None when a request of `client_ip` may go ahead (taking a token), else the seconds
+        until the client's bucket holds one again (for 429's Retry-After). `client_ip` is
+        the request's client as `trusted_proxies` identify it (`Forwarder.identify`)."""
         rate = self._rate
         if not rate:
             return None
-        key = request_client(request)
+        key = client_key(client_ip)
         now = time.monotonic()
         buckets = self._buckets
         bucket = buckets.get(key)

@@ -248,14 +248,16 @@ class Server:
         return self.config.limits
 
     async def _forward(self, exchange: Exchange, outcome: Outcome) -> None:
-        retry_after = self.client_limits.retry_after(exchange.request)
+        forwarder = self._current.forwarder
+        forwarder.identify(exchange.request, outcome)
+        retry_after = self.client_limits.retry_after(outcome.client_ip)
         if retry_after is not None:
             head, body = plain_response(
                 429, "Too Many Requests", (b"retry-after", str(retry_after).encode("ascii"))
             )
             await respond(exchange, outcome, head, body)
             return
-        await self._current.forwarder(exchange, outcome)
+        await forwarder(exchange, outcome)
 
     async def _redirect(self, exchange: Exchange, outcome: Outcome) -> None:
         await self._current.redirector(exchange, outcome)

@@ -4,6 +4,7 @@ over their per-address limits, and file descriptors running out."""
 from __future__ import annotations
 
 import resource
+import signal
 import socket
 import ssl
 from collections.abc import Iterator
@@ -165,6 +166,31 @@ async def test_request_rate_per_client_gets_429_with_retry_after(
         samples = parse_metrics(await metrics(proxy))
         assert sample(samples, "port443_client_limit_refusals_total", kind="request") >= 3
         assert "more than 0.5 requests per second: 429" in proxy.log()
+    finally:
+        await proxy.terminate()
+
+
+async def test_behind_trusted_proxies_the_rate_counts_the_forwarded_client(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Every request comes from the load balancer (loopback, trusted): each client it
+    forwards for has its own bucket, and the log names that client."""
+    proxy = await start_proxy(
+        tmp_path,
+        "[limits]\nrequests_per_second_per_ip = 0.5\nrequest_burst_per_ip = 2\n"
+        + sites_toml((["localhost"], [backend.url])),
+    )
+    try:
+        config = tmp_path / "port443.toml"  # a top-level key goes before the base's tables
+        config.write_text('trusted_proxies = ["127.0.0.0/8"]\n' + config.read_text())
+        proxy.process.send_signal(signal.SIGHUP)
+        await proxy.wait_log("trusted_proxies changed")
+        # Three requests on one connection, every body to /dev/null: the burst allows two.
+        more = ("-o", "/dev/null", proxy.url("/echo"))
+        first = await status_of(proxy, "-H", "X-Forwarded-For: 198.51.100.1", *more, *more)
+        second = await status_of(proxy, "-H", "X-Forwarded-For: 198.51.100.2", *more, *more)
+        assert first == second == ["200", "200", "429"], (first, second)
+        assert "client 198.51.100.1: more than 0.5 requests per second: 429" in proxy.log()
     finally:
         await proxy.terminate()
 

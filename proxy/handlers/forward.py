@@ -26,6 +26,7 @@ from proxy.http.model import (
     Exchange,
     MalformedBody,
     Outcome,
+    Request,
     ResponseHead,
     Upgradable,
     UpstreamRequest,
@@ -89,6 +90,13 @@ class Forwarder(RequestHandler):
         self._added = https_response_fields(config)  # HSTS, Alt-Svc
         default = config.tls.default_site
         self._default_site = config.site_for_host(default) if default else None
+
+    def identify(self, request: Request, outcome: Outcome) -> None:
+        """Who the client is, once per request, for the logs, the metrics, hashing and the
+        per-client rate: the peer, or behind trusted proxies the first untrusted hop."""
+        trusted = self._trusted
+        if trusted and is_trusted(request.client_ip, trusted):
+            outcome.client_ip = client_address(request.client_ip, request.headers, trusted)
 
     async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
         request = exchange.request
@@ -168,8 +176,6 @@ class Forwarder(RequestHandler):
         request = exchange.request
         trusted = self._trusted
         keep = bool(trusted) and is_trusted(request.client_ip, trusted)
-        if keep:  # behind a trusted proxy: the client is the first untrusted hop
-            outcome.client_ip = client_address(request.client_ip, request.headers, trusted)
         outgoing = upstream_request(request, keep_forwarded=keep)
         response_ops = None
         if route is not None:
