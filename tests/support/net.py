@@ -3,6 +3,7 @@ listens on a port or accepted a connection."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -12,9 +13,21 @@ _LISTEN = "0A"  # the TCP state in /proc/net/tcp
 
 def free_port() -> int:
     """A loopback TCP port nobody is bound to right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, *, besides: tuple[int, ...] = ()) -> list[int]:
+    """`count` distinct loopback TCP ports nobody is bound to right now, none of `besides`:
+    all held at once while chosen, so two calls' worth cannot come back the same."""
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+            if port not in besides:
+                ports.append(port)
+        return ports
 
 
 def free_dns_port() -> int:

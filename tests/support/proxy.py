@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from tests.support.curl import Reply, curl
-from tests.support.net import free_port
+from tests.support.net import free_ports
 from tests.support.run import ROOT, wait_listening
 from tests.support.slow import require_slow
 
@@ -206,8 +206,10 @@ async def start_proxy(
     `module` is what `python -m` runs; `http3` also serves HTTP/3 on the HTTPS port's UDP.
     """
     require_slow("starts a proxy process")
-    http_port, https_port = ports or (free_port() if http else 0, free_port())
-    admin_port = free_port() if admin else None
+    # Chosen together: ports picked one at a time may come back the same (admin = https).
+    fresh = free_ports(3, besides=ports or ())
+    http_port, https_port = ports or (fresh[0] if http else 0, fresh[1])
+    admin_port = fresh[2] if admin else None
     config = write_config(
         directory,
         body,
