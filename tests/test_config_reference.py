@@ -33,16 +33,16 @@ def _shape(key: KeyPath) -> str:
 
 
 def accepted_keys(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
-    accepted: dict[str, set[str]] = {"": set(config_load._TOP_KEYS)}
-    original = config_load._Reader._table
+    accepted: dict[str, set[str]] = {"": set(config_load.TOP_KEYS)}
+    original = config_load.ConfigReader._table
 
     def recording(
-        self: config_load._Reader, value: object, key: KeyPath, known: Collection[str]
+        self: config_load.ConfigReader, value: object, key: KeyPath, known: Collection[str]
     ) -> config_load.Table | None:
         accepted.setdefault(_shape(key), set()).update(known)
         return original(self, value, key, known)
 
-    monkeypatch.setattr(config_load._Reader, "_table", recording)
+    monkeypatch.setattr(config_load.ConfigReader, "_table", recording)
     config_load.parse_config(MINIMAL + NESTED, Path("minimal.toml"))
     # Tables themselves are keys of their parent, not settings: keep only leaf keys.
     accepted[""] -= {name.removesuffix("[]") for name in accepted if name}
