@@ -1,5 +1,6 @@
 """Command line: `port443 run` serves, `check` validates a configuration, `reload` applies it,
-`certs` lists certificates, `doctor` checks what going live needs."""
+`certs` lists certificates, `doctor` checks what going live needs; `proxy --from --to` serves
+one site without a file."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import proxy
 from proxy.certs.report import certificates_table
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
+from proxy.config_load.flags import FLAGS_PATH, QuickStart, quick_start_config
 from proxy.doctor import run_doctor
 from proxy.handlers.admin import ProcessView
 from proxy.pidfile import read_pid, remove_pid, write_pid
@@ -47,7 +49,62 @@ def _parser() -> argparse.ArgumentParser:
             default=DEFAULT_CONFIG,
             help=f"TOML file (default {DEFAULT_CONFIG})",
         )
+    _quick_start_parser(commands)
     return parser
+
+
+def _quick_start_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    quick = commands.add_parser(
+        "proxy",
+        help="serve one site without a config file: --from HOST --to BACKEND",
+        description="Reverse-proxy HTTPS for one host name to its backends, with the config "
+        "file's defaults: the local CA for localhost, .local/.internal names and IP "
+        "addresses, ACME (Let's Encrypt) for public names.",
+    )
+    quick.add_argument(
+        "--from",
+        dest="origin",
+        required=True,
+        metavar="HOST",
+        help="the name served: host, host:port or https://host[:port] (its port: the HTTPS one)",
+    )
+    quick.add_argument(
+        "--to",
+        dest="backends",
+        required=True,
+        action="append",
+        metavar="BACKEND",
+        help="a backend: host:port (HTTP/1.1), or an http://, h2c:// or https:// URL; "
+        "repeat for several, used as one group (round robin, failover)",
+    )
+    quick.add_argument("--https-port", type=int, help="default 443 (or --from's port)")
+    quick.add_argument("--http-port", type=int, help="redirects to HTTPS, ACME; 0: off; default 80")
+    quick.add_argument("--address", help="the IP address to listen on (default 0.0.0.0)")
+    quick.add_argument("--certs-dir", type=Path, help="the certificate store (default certs)")
+    quick.add_argument("--email", help="ACME account contact (public names)")
+    quick.add_argument(
+        "--internal-certs", action="store_true", help="the local CA even for a public name"
+    )
+    quick.add_argument("--debug", action="store_true", help="log at debug level")
+
+
+def _quick_start(args: argparse.Namespace) -> Config | None:
+    flags = QuickStart(
+        origin=args.origin,
+        backends=tuple(args.backends),
+        https_port=args.https_port,
+        http_port=args.http_port,
+        address=args.address,
+        certs_dir=args.certs_dir,
+        internal_certs=args.internal_certs,
+        email=args.email,
+        debug=args.debug,
+    )
+    try:
+        return quick_start_config(flags)
+    except ConfigError as exc:
+        print(f"port443: invalid flags:\n{exc}", file=sys.stderr)
+        return None
 
 
 def _load(path: Path) -> Config | None:
@@ -106,6 +163,9 @@ async def _supervise(config: Config) -> None:
 async def _reload(server: Server) -> None:
     """SIGHUP: re-read the file the server was started with; keep the old config if broken."""
     path = server.config.path
+    if path == FLAGS_PATH:
+        log.warning("reload: the configuration came from flags, there is no file to re-read")
+        return
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -147,7 +207,7 @@ async def _handle_signals(server: Server, stop_now: trio.CancelScope) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = _load(args.config)
+    config = _quick_start(args) if args.command == "proxy" else _load(args.config)
     if config is None:
         return 1
     if args.command == "certs":

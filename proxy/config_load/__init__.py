@@ -61,15 +61,18 @@ def parse_config(text: str, path: Path) -> Config:
         match = _TOML_ERROR_LINE.search(str(exc))
         line = match.group(1) if match else max(1, len(text.splitlines()))
         raise ConfigError([f"{path}:{line}: invalid TOML: {exc}"]) from None
-    reader = ConfigReader(path, KeyLocator(text))
-    config = reader.config(data)
-    if reader.problems:
-        raise ConfigError(reader.problems)
-    return config
+    return ConfigReader(path, KeyLocator(text)).checked(data)
 
 
 class ConfigReader(SiteSections, CertSections, ServerSections):
     """Every section reader together; `config` builds the whole model."""
+
+    def checked(self, data: Table) -> Config:
+        """The model built from `data`, or ConfigError listing every problem found."""
+        config = self.config(data)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return config
 
     def config(self, data: Table) -> Config:
         """The model built from `data`; meaningless if any problem was found."""

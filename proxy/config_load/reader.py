@@ -41,8 +41,13 @@ class Reader:
 
     def _problem(self, key: KeyPath, message: str) -> None:
         line = self._locator.line(key)
+        self._problems.append((line or math.inf, f"{self._where(key, line)}: {message}"))
+
+    def _where(self, key: KeyPath, line: int | None) -> str:
+        """Where a problem is, as its message starts: file, line and key path. A reader of
+        values from elsewhere (command-line flags) names their origin instead."""
         where = f"{self._path}:{line}" if line else str(self._path)
-        self._problems.append((line or math.inf, f"{where}: {dotted(key)}: {message}"))
+        return f"{where}: {dotted(key)}"
 
     def _section(self, root: Table, name: str, known: Collection[str]) -> Table:
         """The top-level table `name`; empty when absent or not a table."""

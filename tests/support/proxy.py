@@ -219,10 +219,30 @@ async def start_proxy(
         issuer=issuer,
         http3=http3,
     )
+    return await launch_proxy(
+        directory,
+        ["-m", module, "run", "-c", str(config)],
+        http_port=http_port,
+        https_port=https_port,
+        admin_port=admin_port,
+    )
+
+
+async def launch_proxy(
+    directory: Path,
+    argv: list[str],
+    *,
+    http_port: int,
+    https_port: int,
+    admin_port: int | None = None,
+) -> ProxyProcess:
+    """Run `python ARGV` (a proxy configured to serve these ports, certificates under
+    `directory`/certs, log in `directory`/proxy.log) until it listens on each port."""
+    require_slow("starts a proxy process")
     log_path = directory / "proxy.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", module, "run", "-c", str(config)],
+            [sys.executable, *argv],
             cwd=ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
