@@ -196,6 +196,8 @@ class UpstreamGroup:
     timeouts: GroupTimeouts = field(default_factory=GroupTimeouts)
     retries: int = 2  # further attempts on other backends when that is safe
     retry_deadline: float = 10.0  # no new attempt after this many seconds
+    retry_buffer: int = 64 * 1024  # request body bytes kept to send again; larger: no retry
+    retry_non_idempotent: bool = False  # also resend POST, PATCH ... the upstream may have seen
 
 
 @dataclass(frozen=True)

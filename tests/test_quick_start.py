@@ -23,7 +23,7 @@ from tests.support.run import port443
 def problems(**flags: object) -> list[str]:
     options: dict[str, object] = {"origin": "localhost", "backends": ("127.0.0.1:8000",)}
     with pytest.raises(ConfigError) as error:
-        quick_start_config(QuickStart(**(options | flags)))  # type: ignore[arg-type]
+        quick_start_config(QuickStart(**(options | flags)))
     return error.value.problems
 
 

@@ -21,11 +21,12 @@ from proxy.toml_lines import KeyPath
 UPSTREAM_TLS_KEYS = ("upstream_ca", "upstream_server_name")
 _GROUP_KEYS = (
     "backends", "policy", "hash_key", "health", "timeouts", "retries", "retry_deadline",
-    *UPSTREAM_TLS_KEYS,
+    "retry_buffer", "retry_non_idempotent", *UPSTREAM_TLS_KEYS,
 )  # fmt: skip
 _NAMED_GROUP_KEYS = ("name", *_GROUP_KEYS)
 _HEALTH_TYPES = get_type_hints(HealthConfig)
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(GroupTimeouts))
+_MAX_RETRY_BUFFER = 16 * 1024 * 1024  # per request in flight: memory, not a disk spool
 
 
 class GroupSections(Reader):
@@ -95,6 +96,16 @@ class GroupSections(Reader):
             retries=self._value(table, key, "retries", default.retries, convert.integer(0)),
             retry_deadline=self._value(
                 table, key, "retry_deadline", default.retry_deadline, convert.positive_number
+            ),
+            retry_buffer=self._value(
+                table,
+                key,
+                "retry_buffer",
+                default.retry_buffer,
+                convert.integer_between(0, _MAX_RETRY_BUFFER),
+            ),
+            retry_non_idempotent=self._value(
+                table, key, "retry_non_idempotent", default.retry_non_idempotent, convert.boolean
             ),
         )
 

@@ -13,6 +13,7 @@ import trio
 
 from proxy.config import Config, HeaderOps, Redirect, Respond, Route
 from proxy.handlers.observed import RequestHandler, respond
+from proxy.handlers.resend import ReplayBuffer, Resend, after_failure
 from proxy.http.headers import (
     apply_header_ops,
     client_response_headers,
@@ -42,16 +43,12 @@ from proxy.upstream.stream import (
     BodyEnd,
     UnforwardableRequest,
     UpstreamClosed,
-    UpstreamProtocolError,
     UpstreamRefused,
     UpstreamStream,
     UpstreamTimeout,
 )
 
 log = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 3  # sends of one request that upstreams refused unprocessed
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))  # RFC 9110
 
 
 def host_without_port(host: bytes) -> str:
@@ -187,6 +184,7 @@ class Forwarder(RequestHandler):
         key = None
         if settings.policy == "consistent_hash":
             key = request_key(settings.hash_key, request, outcome.client_ip)
+        replay = ReplayBuffer(exchange, outcome, settings.retry_buffer)
         tried: set[int] = set()  # backends that failed this request
         refusals = retries = 0
         attempt = 0
@@ -196,37 +194,32 @@ class Forwarder(RequestHandler):
             outcome.upstream = upstream.url
             failed = True  # whether the attempt counts against the backend's health
             try:
-                await self._exchange(exchange, upstream, outgoing, outcome, group, response_ops)
+                await self._exchange(
+                    exchange, upstream, outgoing, outcome, group, response_ops, replay
+                )
             except UpstreamClosed as exc:
                 await upstream.aclose()
-                # One retry policy. Resend on another connection what the upstream refused
-                # unprocessed (HTTP/2 GOAWAY: busy upstreams may refuse a few in a row) or,
-                # once, as nginx does, a body-less request on a pooled connection the
-                # upstream may have closed as we reused it: neither is the backend's fault.
-                # Else another backend, if the request is safe to send again.
-                if isinstance(exc, UpstreamRefused):
+                resend = after_failure(
+                    exc,
+                    method=request.method,
+                    replay=replay,
+                    group=settings,
+                    refusals=refusals,
+                    stale=attempt == 1 and upstream.reused,
+                )
+                if resend is Resend.AGAIN:
                     failed = False
-                    refusals += 1
-                    retry = refusals < MAX_ATTEMPTS
-                elif (
-                    attempt == 1
-                    and upstream.reused
-                    and not request.has_body
-                    and not isinstance(exc, UpstreamProtocolError)
-                ):
-                    failed = False
-                    retry = True
-                else:
+                    refusals += isinstance(exc, UpstreamRefused)
+                elif resend is Resend.ELSEWHERE:
                     tried.add(index)
                     retries += 1
-                    retry = (
+                    if not (
                         retries <= settings.retries
-                        and not isinstance(exc, UpstreamProtocolError)
-                        and (request.method in IDEMPOTENT or outcome.bytes_in == 0)
                         and trio.current_time() < outcome.started + settings.retry_deadline
                         and group.has_candidate(tried)
-                    )
-                if not retry or exchange.head_sent:
+                    ):
+                        resend = Resend.NO
+                if resend is Resend.NO or exchange.head_sent:
                     raise
                 log.info("group %s: retrying on another connection: %s", settings.name, exc)
             except BaseException as exc:
@@ -248,15 +241,16 @@ class Forwarder(RequestHandler):
         outcome: Outcome,
         group: GroupUpstreams,
         response_ops: HeaderOps | None,
+        replay: ReplayBuffer,
     ) -> None:
         await upstream.send_head(outgoing, group.idle)
         if not outgoing.has_body:
-            await self._relay_response(exchange, upstream, outcome, group, response_ops)
+            await self._relay_response(exchange, upstream, outcome, group, response_ops, replay)
             return
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_request_body, exchange, upstream, outcome, group.idle)
-                await self._relay_response(exchange, upstream, outcome, group, response_ops)
+                nursery.start_soon(self._pump_request_body, replay, upstream, group.idle)
+                await self._relay_response(exchange, upstream, outcome, group, response_ops, replay)
                 # An upstream may answer before reading the whole body (e.g. 413): the rest
                 # of the upload is then abandoned, and the front end does not reuse the
                 # connection.
@@ -265,13 +259,10 @@ class Forwarder(RequestHandler):
             raise _decisive(group_error) from None
 
     async def _pump_request_body(
-        self, exchange: Exchange, upstream: UpstreamStream, outcome: Outcome, timeout: float
+        self, replay: ReplayBuffer, upstream: UpstreamStream, timeout: float
     ) -> None:
         try:
-            while data := await exchange.receive_data():
-                outcome.bytes_in += len(data)
-                await upstream.send_data(data, timeout)
-            await upstream.send_end(exchange.request_trailers, timeout)
+            await replay.send(upstream, timeout)
         except (UpstreamClosed, UpstreamTimeout) as exc:
             # The upstream stopped reading; its response (if any) still decides the outcome.
             log.debug("upstream %s stopped taking the request body: %s", upstream.url, exc)
@@ -283,8 +274,10 @@ class Forwarder(RequestHandler):
         outcome: Outcome,
         group: GroupUpstreams,
         response_ops: HeaderOps | None,
+        replay: ReplayBuffer,
     ) -> None:
         first = await upstream.next_event(group.first_byte)
+        replay.answer_started()  # from here on, the response is the client's: no retry
         while isinstance(first, ResponseHead) and first.status < 200:
             if first.status == 101:
                 await self._switch_protocols(exchange, upstream, first, outcome)
