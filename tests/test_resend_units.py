@@ -3,9 +3,12 @@ failure allows which next attempt, and what a second attempt sends."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from proxy.config import Upstream, UpstreamGroup
+from proxy.config_load import ConfigError, parse_config
 from proxy.handlers.resend import ReplayBuffer, Resend, after_failure
 from proxy.http.model import ConnectionInfo, Headers, Outcome, Request
 from proxy.upstream.stream import UpstreamClosed, UpstreamProtocolError, UpstreamRefused
@@ -143,3 +146,17 @@ async def test_never_after_an_answer_a_protocol_error_or_an_unkept_body() -> Non
     await big.send(Recorder(), 1.0)
     assert verdict(UpstreamClosed("reset"), b"PUT", replay=big) is Resend.NO
     assert verdict(UpstreamRefused("GOAWAY"), b"PUT", replay=big) is Resend.NO
+
+
+def test_the_group_keys_are_read_and_bounded(tmp_path: Path) -> None:
+    site = '[[sites]]\nhosts = ["a.test"]\nupstreams = { backends = ["http://b:1"], %s }\n'
+    group = (
+        parse_config(site % "retry_buffer = 0, retry_non_idempotent = true", tmp_path / "c.toml")
+        .sites[0]
+        .own_group
+    )
+    assert (group.retry_buffer, group.retry_non_idempotent) == (0, True)
+    assert GROUP.retry_buffer == 65536 and not GROUP.retry_non_idempotent
+    with pytest.raises(ConfigError) as error:
+        parse_config(site % "retry_buffer = 16777217", tmp_path / "c.toml")
+    assert "retry_buffer: must be an integer from 0 to 16777216" in str(error.value)
