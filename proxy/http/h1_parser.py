@@ -19,6 +19,7 @@ import httptools
 from proxy.http.model import Headers
 
 _HEAD_END = b"\r\n\r\n"
+_LINE_ENDS = (b"\r", b"\n")
 
 
 class NeedData:
@@ -101,7 +102,7 @@ class H1Parser:
         )
         self._pending = pending  # received, not yet fed to llhttp
         self._events: list[Event] = []
-        self._head = bytearray()  # the head so far, as fed
+        self._head: bytes | bytearray = b""  # the head so far, as fed
         self._head_done = False
         self._url: list[bytes] = []
         self._status = b""
@@ -163,16 +164,24 @@ class H1Parser:
         """Feed the pending bytes up to the head's blank line; False when none were there."""
         pending = self._pending
         head = self._head
-        if not head:  # empty lines before a request line are ignored (RFC 9112 §2.2)
-            pending = pending.lstrip(b"\r\n")
+        if not head and pending[:1] in _LINE_ENDS:  # empty lines before a request line
+            pending = pending.lstrip(b"\r\n")  # are ignored (RFC 9112 §2.2)
         if not pending:
             self._pending = pending
             return False
-        start = max(0, len(head) - 3)  # the blank line may straddle two reads
-        end = (bytes(head[start:]) + pending).find(_HEAD_END)
-        take = len(pending) if end < 0 else end + len(_HEAD_END) - (len(head) - start)
+        if head:  # the blank line may straddle two reads
+            tail = bytes(head[-3:])
+            found = (tail + pending).find(_HEAD_END)
+            end = -1 if found < 0 else found + len(_HEAD_END) - len(tail)
+        else:
+            found = pending.find(_HEAD_END)
+            end = -1 if found < 0 else found + len(_HEAD_END)
+        take = len(pending) if end < 0 else end
         chunk, self._pending = pending[:take], pending[take:]
-        head += chunk
+        if isinstance(head, bytearray) and head:
+            head += chunk
+        else:  # a head that came in one read is kept as it came, no copy
+            self._head = head = chunk if end >= 0 else bytearray(chunk)
         try:
             self._parser.feed_data(chunk)
         except httptools.HttpParserUpgrade:
@@ -236,7 +245,7 @@ class H1Parser:
         head = MessageHead(method, target, status, version, headers, bytes(self._head))
         self._events.append(head)
         if 100 <= status < 200:  # interim: the final response's head follows
-            self._head, self._headers, self._status = bytearray(), [], b""
+            self._head, self._headers, self._status = b"", [], b""
             return
         self._head_done = True
         self._framing = self._body_framing(status, headers)
