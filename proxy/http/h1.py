@@ -1,9 +1,10 @@
-"""HTTP/1.1 front end: h11 parses requests from a byte stream, one task per connection.
+"""HTTP/1.1 front end: requests parsed from a byte stream (`h1_parser`), one task per
+connection.
 
 The connection object is also the `Exchange` of the request in progress (HTTP/1.1 has one
-at a time), so a keep-alive request costs no task and no extra objects beyond h11's own.
-Responses are written by `h1_writer` (their fields are validated already); h11 parses each
-request, and a fresh h11 connection takes over the bytes that follow a completed exchange.
+at a time), so a keep-alive request costs no task and no extra objects beyond the parser's.
+Responses are written by `h1_writer` (their fields are validated already); a fresh parser
+takes over the bytes that follow a completed exchange (pipelining).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-import h11
 import trio
 
 from proxy.config import LimitsConfig
 from proxy.connections import Slot
-from proxy.http.h1_strict import ambiguity, has_bare_lf, head_of
-from proxy.http.h1_writer import FramingError, ResponseWriter, informational
-from proxy.http.h11_internals import declared_chunk_size
+from proxy.http.h1_parser import NEED_DATA, H1Parser, MessageEnd, MessageHead, ParseError
+from proxy.http.h1_strict import ambiguity
+from proxy.http.h1_writer import REASONS, FramingError, ResponseWriter, informational
 from proxy.http.headers import requested_upgrade
 from proxy.http.model import (
     CONNECTION_CLOSE,
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[["H1Connection"], Awaitable[None]]
 LINGER_SECONDS = 2.0
-MAX_CHUNK_SIZE = 2**63 - 1  # no real body is larger; a size beyond is an attack on parsers
 
 
 class H1Connection(Exchange, Upgradable):
@@ -60,11 +59,11 @@ class H1Connection(Exchange, Upgradable):
         self._handler = handler
         self._limits = limits
         self._slot = slot
-        self._h11 = self._new_parser()
+        self._parser = self._new_parser()
         self._writer = ResponseWriter()
-        self._leftover = b""  # bytes after the last request, handed to the new parser
         self._keep_alive = True  # what the request in progress allows
         self._continued = False  # 100 Continue sent for the request in progress
+        self._expects_continue = False  # the request in progress asked for 100 Continue
         self.info = info
         self.client_ip = client_ip = info.client_ip
         # The exchange in progress:
@@ -94,33 +93,30 @@ class H1Connection(Exchange, Upgradable):
                 if not self._next_cycle():
                     return
                 deadline = trio.current_time() + self._limits.keepalive_timeout
-        except h11.RemoteProtocolError as exc:
+        except ParseError as exc:
             await self._reject(exc)
         except (ClientGone, StreamTimeout, OSError, FramingError) as exc:
             log.debug("client %s: connection ended: %r", self.client_ip, exc)
         finally:
             self._slot.unregister(self)
-            if self.head_sent and self._h11.their_state in (h11.SEND_BODY, h11.ERROR):
+            if self.head_sent and not self._parser.complete:
                 await self._linger()
             await self._stream.aclose()
 
-    def _new_parser(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
+    def _new_parser(self, pending: bytes = b"") -> H1Parser:
+        return H1Parser(request=True, max_head_bytes=self._limits.max_header_bytes, pending=pending)
 
     def _next_cycle(self) -> bool:
         """Get ready for the next request if both sides finished cleanly and the connection
-        may stay open; h11 only parsed, so a new parser takes over what the client sent
-        after this request (pipelining)."""
-        writer = self._writer
-        if not (writer.complete and writer.keep_alive and self._h11.their_state is h11.DONE):
+        may stay open; a new parser takes over what the client sent after this request
+        (pipelining). Bytes that followed a chunked body in one read are not kept apart from
+        it by the parser (`overrun`): the connection closes, as pipelining allows."""
+        writer, parser = self._writer, self._parser
+        if not (writer.complete and writer.keep_alive and parser.complete) or parser.overrun:
             return False
-        leftover, closed = self._h11.trailing_data
-        self._h11 = parser = self._new_parser()
-        self._leftover = leftover
-        if leftover:
-            parser.receive_data(leftover)
-        if closed:
-            parser.receive_data(b"")
+        self._parser = self._new_parser(parser.trailing_data)
+        if parser.closed:
+            self._parser.receive_data(b"")
         return True
 
     async def _linger(self) -> None:
@@ -145,14 +141,13 @@ class H1Connection(Exchange, Upgradable):
         Until the first byte the keep-alive deadline applies; from then on the whole head
         must arrive within header_timeout (slow-loris clients are cut off).
         """
-        conn = self._h11
-        raw = self._leftover  # what h11 parses, kept for the checks it does not make
+        parser = self._parser
         started = False
         self._slot.idle()  # until a whole head is in: may be closed to make room
         try:
             while True:
-                event = conn.next_event()
-                if event is not h11.NEED_DATA:
+                event = parser.next_event()
+                if event is not NEED_DATA:
                     break
                 if not started:
                     await self._stream.wait_readable(deadline)
@@ -160,63 +155,72 @@ class H1Connection(Exchange, Upgradable):
                 if not started and data:
                     started = True
                     deadline = min(deadline, trio.current_time() + self._limits.header_timeout)
-                conn.receive_data(data)
-                raw += data
+                parser.receive_data(data)
         finally:
             self._slot.busy()
-        if type(event) is not h11.Request:
-            return None  # ConnectionClosed
+        if type(event) is not MessageHead:
+            return None  # closed, maybe mid-head: nobody is left to answer
+        version = event.http_version
+        if version != b"1.1" and version != b"1.0":
+            raise ParseError(f"HTTP version {version.decode()} is not supported", 505)
         host: bytes | None = None
         headers: Headers = []
-        has_body = has_length = has_te = upgrade_asked = False
-        keep_alive = event.http_version == b"1.1" and not self._slot.draining
+        has_body = has_te = upgrade_asked = expects_continue = False
+        keep_alive = version == b"1.1" and not self._slot.draining
         for name, value in event.headers:
             if name == b"host":
+                if host is not None:
+                    raise ParseError("more than one Host header")
                 host = value
             else:
                 if name == b"transfer-encoding":
+                    if b"," in value:  # codings applied before chunked (RFC 9112 §6.1)
+                        raise ParseError(f"transfer coding {value!r} is not implemented", 501)
                     has_body = has_te = True
                 elif name == b"content-length":
-                    has_length = True
                     has_body = has_body or value != b"0"
                 elif name == b"upgrade":
                     upgrade_asked = True
                 elif name == b"connection" and b"close" in value.lower():
                     keep_alive = False
+                elif name == b"expect" and value.lower() == b"100-continue":
+                    expects_continue = True
                 headers.append((name, value))
+        if host is None and version == b"1.1":
+            raise ParseError("an HTTP/1.1 request without Host")
         refused = ambiguity(
-            head_of(raw),
-            event.http_version,
+            event.raw,
+            version,
             event.target,
             host=host,
-            has_length=has_length,
             has_transfer_encoding=has_te,
         )
         if refused is not None:
-            raise h11.RemoteProtocolError(refused, error_status_hint=400)
+            raise ParseError(refused)
         self._keep_alive = keep_alive
+        self._expects_continue = expects_continue and has_body and version == b"1.1"
         if not has_body:
-            conn.next_event()  # the EndOfMessage of an empty body is already decodable
+            parser.next_event()  # the MessageEnd of an empty body is already there
         upgrade = requested_upgrade(headers) if upgrade_asked else None
         return Request(
             method=event.method,
             target=event.target,
             host=host or b"",
             headers=headers,
-            http_version=event.http_version,
+            http_version=version,
             has_body=has_body,
             client_ip=self.client_ip,
             upgrade=upgrade,
         )
 
-    async def _reject(self, exc: h11.RemoteProtocolError) -> None:
-        """Answer a malformed request (400, 431 for an oversized head) if the state allows."""
-        status = exc.error_status_hint
+    async def _reject(self, exc: ParseError) -> None:
+        """Answer a malformed request (400, 431 for an oversized head, 505 for a version)
+        if the state allows."""
+        status = exc.status
         log.info("client %s: bad request (%d): %s", self.client_ip, status, exc)
         if self.head_sent:
             return
-        reason = "Request Header Fields Too Large" if status == 431 else "Bad Request"
-        head, body = plain_response(status, reason, CONNECTION_CLOSE)
+        head, body = plain_response(status, REASONS[status].decode(), CONNECTION_CLOSE)
         with contextlib.suppress(ClientGone, FramingError):
             await self.send_head(head, body, end=True)
 
@@ -230,31 +234,25 @@ class H1Connection(Exchange, Upgradable):
         return self._trailers
 
     async def receive_data(self) -> bytes:
-        conn = self._h11
-        if not self._continued and not self.head_sent and conn.they_are_waiting_for_100_continue:
+        parser = self._parser
+        if self._expects_continue and not self._continued and not self.head_sent:
             self._continued = True
             await self._send(informational(100, []))
         while True:
             try:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    if has_bare_lf(conn.trailing_data[0]):
-                        # h11 waits for a CRLF where a bare LF ended a chunk line: the
-                        # framing is broken, and nothing the client sends will mend it.
-                        raise MalformedBody("bare LF in the chunked framing")
-                    conn.receive_data(await self._stream.receive_some(self._client_deadline()))
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    parser.receive_data(await self._stream.receive_some(self._client_deadline()))
                     continue
-            except h11.RemoteProtocolError as exc:
+            except ParseError as exc:
                 raise MalformedBody(f"malformed request body: {exc}") from exc
             except (OSError, StreamTimeout) as exc:
                 # A cut-off body ends the exchange, never the process.
                 raise ClientGone(f"reading request body: {exc!r}") from exc
-            if type(event) is h11.Data:
-                if event.chunk_start and declared_chunk_size(conn, event) > MAX_CHUNK_SIZE:
-                    raise MalformedBody("chunk size beyond 2^63")
-                return bytes(event.data)
-            if type(event) is h11.EndOfMessage:
-                self._trailers = list(event.headers) or None
+            if type(event) is bytes:
+                return event
+            if type(event) is MessageEnd:
+                self._trailers = event.trailers
                 return b""
             raise ClientGone(f"client closed mid-body ({event!r})")
 
@@ -265,12 +263,12 @@ class H1Connection(Exchange, Upgradable):
 
     async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
         """Send the 101, and hand over the connection with any bytes the client already
-        sent in the new protocol (h11 holds them, paused after the Upgrade request). The
+        sent in the new protocol (the parser stopped after the Upgrade request). The
         connection ends when the tunnel does."""
         assert head is not None
         await self._send(informational(head.status, head.headers))
         self.head_sent = True
-        return self._h11.trailing_data[0], self._stream
+        return self._parser.trailing_data, self._stream
 
     async def send_head(self, head: ResponseHead, body: bytes, end: bool) -> None:
         writer = self._writer

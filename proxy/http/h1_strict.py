@@ -1,32 +1,19 @@
-"""What h11 tolerates in a request head and a proxy must refuse (request smuggling).
+"""What the HTTP/1.1 parser accepts in a request head and a proxy still refuses.
 
-h11 parses leniently where RFC 9112 lets a lone recipient be lenient: it unfolds obs-fold
-lines, accepts bare LF line endings, lets Transfer-Encoding win over Content-Length and
-normalises "CHUNKED" or " \\tchunked" to chunked. A proxy forwards to a server that may read
-the same bytes differently, so each of these is refused with 400 before any byte goes
-upstream (James Kettle, "HTTP/1.1 must die", 2025). Sans-IO: the raw head and h11's event in,
-the reason to refuse out.
+llhttp (`h1_parser`) already refuses bare LF, obs-fold, whitespace before a colon, Content-Length
+with Transfer-Encoding and malformed lengths. It takes a Transfer-Encoding of "CHUNKED", or
+with whitespace around it, as chunked, and an absolute-form target beside any Host. A proxy
+forwards to a server that may read the same bytes differently, so each of these is refused
+with 400 before any byte goes upstream (James Kettle, "HTTP/1.1 must die", 2025). Sans-IO:
+the raw head and the parsed facts in, the reason to refuse out.
 """
 
 from __future__ import annotations
 
 import re
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_OBS_FOLD = re.compile(rb"\n[ \t]")
 _TRANSFER_ENCODING = re.compile(rb"\ntransfer-encoding:([^\r\n]*)", re.IGNORECASE)
-_HEAD_END = re.compile(rb"\n\r?\n")
 _ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)
-
-
-def has_bare_lf(data: bytes) -> bool:
-    return _BARE_LF.search(data) is not None
-
-
-def head_of(raw: bytes) -> bytes:
-    """The request head at the start of `raw`, up to its blank line as h11 finds it."""
-    end = _HEAD_END.search(raw)
-    return raw if end is None else raw[: end.end()]
 
 
 def ambiguity(
@@ -35,18 +22,11 @@ def ambiguity(
     target: bytes,
     *,
     host: bytes | None,
-    has_length: bool,
     has_transfer_encoding: bool,
 ) -> str | None:
-    """Why this request must be refused, or None. The fields' facts come from h11's parsed
+    """Why this request must be refused, or None. The fields' facts come from the parsed
     headers, as the front end's one pass over them found them."""
-    if has_bare_lf(head):
-        return "bare LF line ending"
-    if _OBS_FOLD.search(head):
-        return "obs-fold header continuation line"
     if has_transfer_encoding:
-        if has_length:
-            return "both Content-Length and Transfer-Encoding"
         if version != b"1.1":
             return "Transfer-Encoding in an HTTP/1.0 request"
         for value in _TRANSFER_ENCODING.findall(head):

@@ -1,4 +1,5 @@
-"""HTTP/1.1 upstream connections (h11, client role) and their keep-alive pool."""
+"""HTTP/1.1 upstream connections (requests written by `h1_writer`, responses parsed by
+`h1_parser`) and their keep-alive pool."""
 
 from __future__ import annotations
 
@@ -7,13 +8,12 @@ import logging
 import os
 import ssl
 from collections import deque
-from typing import Any
 
-import h11
 import trio
 
 from proxy.config import LimitsConfig, Upstream
-from proxy.http.h11_internals import trusted_request
+from proxy.http.h1_parser import NEED_DATA, H1Parser, MessageEnd, MessageHead, ParseError
+from proxy.http.h1_writer import FramingError, RequestWriter
 from proxy.http.headers import upgrade_headers
 from proxy.http.model import Headers, ResponseHead, Upgradable, UpstreamRequest
 from proxy.netio import ByteStream, StreamTimeout, close_socket
@@ -58,10 +58,13 @@ class H1UpstreamConnection(UpstreamStream, Upgradable):
     at a time, and goes back to its pool when that exchange completes cleanly."""
 
     __slots__ = (
-        "_h11",
+        "_keep_alive",
+        "_max_head",
+        "_parser",
         "_pool",
         "_received",
         "_waited",
+        "_writer",
         "idle_since",
         "reused",
         "socket",
@@ -74,7 +77,10 @@ class H1UpstreamConnection(UpstreamStream, Upgradable):
         self.socket = transport.socket
         self.url = pool.upstream.url
         self._pool = pool
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+        self._max_head = max_head_bytes
+        self._parser = H1Parser(request=False, max_head_bytes=max_head_bytes)
+        self._writer = RequestWriter()
+        self._keep_alive = False  # what the response in progress allows
         self._waited = False
         self._received = False  # any response byte since the request went out
         self.reused = False
@@ -88,37 +94,42 @@ class H1UpstreamConnection(UpstreamStream, Upgradable):
         except OSError as exc:
             raise UpstreamClosed(f"sending to {self.url}: {exc}") from exc
 
-    def _unforwardable(self, exc: h11.LocalProtocolError) -> UnforwardableRequest:
-        """h11 refusing to send a request means the client asked for what HTTP/1.1 cannot
-        say and its front end let it through: the client's fault."""
+    def _unforwardable(self, exc: FramingError) -> UnforwardableRequest:
+        """A body that does not match the request's declared length is the client's doing
+        (its front end checks lengths as the data comes): the client's fault."""
         return UnforwardableRequest(f"cannot forward to {self.url}: {exc}")
 
-    def _encode(self, event: h11.Data | h11.EndOfMessage) -> bytes:
-        try:
-            return self._h11.send(event) or b""
-        except h11.LocalProtocolError as exc:
-            raise self._unforwardable(exc) from exc
-
     async def send_head(self, request: UpstreamRequest, timeout: float) -> None:
-        conn = self._h11
-        head = trusted_request(request.method, request.target, h1_fields(request))
-        try:
-            data = conn.send(head) or b""
-            if not request.has_body:  # head and end of message in one write
-                data += conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError as exc:
-            raise self._unforwardable(exc) from exc
+        self._writer = writer = RequestWriter()
+        data = writer.head(
+            request.method,
+            request.target,
+            h1_fields(request),
+            body_length=request.body_length,
+            has_body=request.has_body,
+        )
+        if not request.has_body:  # head and end of message in one write
+            data += writer.end()
+        self._parser.bodiless_response = request.method == b"HEAD"
         self._waited = self._received = False
         await self._send(data, timeout)
 
     async def send_data(self, data: bytes, timeout: float) -> None:
-        await self._send(self._encode(h11.Data(data=data)), timeout)
+        try:
+            framed = self._writer.data(data)
+        except FramingError as exc:
+            raise self._unforwardable(exc) from exc
+        await self._send(framed, timeout)
 
     async def send_end(self, trailers: Headers | None, timeout: float) -> None:
-        await self._send(self._encode(h11.EndOfMessage(headers=trailers or [])), timeout)
+        try:
+            framed = self._writer.end(trailers)
+        except FramingError as exc:
+            raise self._unforwardable(exc) from exc
+        await self._send(framed, timeout)
 
     async def next_event(self, timeout: float) -> UpstreamEvent:
-        conn = self._h11
+        parser = self._parser
         try:
             while True:
                 event = self._next_decoded()
@@ -134,7 +145,7 @@ class H1UpstreamConnection(UpstreamStream, Upgradable):
                     # close crossed our request (a plain UpstreamClosed may be resent).
                     raise UpstreamClosed(f"{self.url} closed the connection without responding")
                 self._received = True
-                conn.receive_data(data)
+                parser.receive_data(data)
         except StreamTimeout as exc:
             raise UpstreamTimeout(f"no response from {self.url} within {timeout:g}s") from exc
         except OSError as exc:
@@ -144,46 +155,48 @@ class H1UpstreamConnection(UpstreamStream, Upgradable):
         return self._next_decoded()
 
     def _next_decoded(self) -> UpstreamEvent | None:
-        """h11's next event as an UpstreamEvent; None when more input is needed.
+        """The parser's next event as an UpstreamEvent; None when more input is needed.
 
-        Whatever h11 refuses in a response is the upstream's fault (502), never the client's.
+        Whatever the parser refuses in a response is the upstream's fault (502), never the
+        client's.
         """
         try:
-            event: Any = self._h11.next_event()  # compared by type, fastest: no narrowing
-        except h11.RemoteProtocolError as exc:
+            event = self._parser.next_event()
+        except ParseError as exc:
             raise UpstreamProtocolError(f"{self.url} sent a malformed response: {exc}") from exc
-        kind = type(event)
-        if kind is h11.Data:
-            return bytes(event.data)
-        if kind is h11.Response or kind is h11.InformationalResponse:
+        if type(event) is bytes:
+            return event
+        if type(event) is MessageHead:
             return self._checked_head(event)
-        if kind is h11.EndOfMessage:
-            return BodyEnd(list(event.headers) or None)
-        if event is h11.NEED_DATA:
+        if type(event) is MessageEnd:
+            return BodyEnd(event.trailers)
+        if event is NEED_DATA:
             return None
         raise UpstreamClosed(f"{self.url} closed the connection mid-response")
 
-    def _checked_head(self, event: h11.Response | h11.InformationalResponse) -> ResponseHead:
-        """The response head, unless its framing is ambiguous. h11 lets Transfer-Encoding
-        win over Content-Length and accepts any HTTP/x.y; a proxy must not guess (RFC 9112
-        §6.3): such a response closes the connection, as nginx does."""
-        if event.http_version not in (b"1.1", b"1.0"):
-            raise UpstreamProtocolError(
-                f"{self.url} answered with HTTP version {event.http_version!r}"
-            )
-        headers = list(event.headers)
-        names = {name for name, _ in headers}
-        if b"transfer-encoding" in names and b"content-length" in names:
-            raise UpstreamProtocolError(
-                f"{self.url} sent both Content-Length and Transfer-Encoding"
-            )
-        return ResponseHead(event.status_code, headers, event.http_version)
+    def _checked_head(self, head: MessageHead) -> ResponseHead:
+        """The response head, unless its framing is one a proxy must not guess at (RFC 9112
+        §6.3): such a response closes the connection, as nginx does. The parser already
+        refused Content-Length with Transfer-Encoding and any coding but a final chunked."""
+        version = head.http_version
+        if version != b"1.1" and version != b"1.0":
+            raise UpstreamProtocolError(f"{self.url} answered with HTTP version {version!r}")
+        keep_alive = version == b"1.1"
+        for name, value in head.headers:
+            if name == b"transfer-encoding" and value != b"chunked":
+                raise UpstreamProtocolError(
+                    f"{self.url} sent Transfer-Encoding {value!r}, not exactly chunked"
+                )
+            if name == b"connection" and b"close" in value.lower():
+                keep_alive = False
+        self._keep_alive = keep_alive
+        return ResponseHead(head.status, head.headers, version)
 
     async def switch_protocols(self, head: ResponseHead | None) -> tuple[bytes, ByteStream]:
         """After the upstream's 101: the raw connection and the bytes read past its head.
-        The connection is never pooled again (h11 stays in SWITCHED_PROTOCOL)."""
+        The connection is never pooled again (the parser stopped at the 101)."""
         del head  # the upstream sent it; nothing to send from this side
-        return self._h11.trailing_data[0], self.stream
+        return self._parser.trailing_data, self.stream
 
     def release(self) -> None:
         self._pool.release(self)
@@ -195,17 +208,20 @@ class H1UpstreamConnection(UpstreamStream, Upgradable):
         """Both sides finished cleanly and nothing is left unread: bytes past the end of a
         response (more than its Content-Length) would otherwise be taken as the next
         request's response, possibly another client's."""
-        leftover, closed = self._h11.trailing_data
-        if leftover:
+        parser = self._parser
+        leftover = parser.trailing_data
+        if leftover or parser.overrun:
             log.warning(
-                "%s sent %d bytes past the end of its response; connection not kept",
+                "%s sent %s bytes past the end of its response; connection not kept",
                 self.url,
-                len(leftover),
+                len(leftover) or "more",
             )
-        conn = self._h11
-        if leftover or closed or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return False
-        conn.start_next_cycle()
+        if not (parser.complete and self._writer.complete and self._keep_alive):
+            return False
+        if parser.closed or parser.upgraded:
+            return False
+        self._parser = H1Parser(request=False, max_head_bytes=self._max_head)
         return True
 
     def is_stale(self) -> bool:
