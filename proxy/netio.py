@@ -134,7 +134,8 @@ async def peek_until(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, needed)
             await wait_readable(sock, deadline)
     finally:
-        if needed > 1:  # later reads wait for readiness too: back to any byte
+        # Later reads wait for readiness too: back to any byte (unless a timeout closed it).
+        if needed > 1 and sock.fileno() != -1:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
