@@ -367,6 +367,9 @@ class Server:
                 bound = [BoundAddress(kind, *sock.getsockname()[:2]) for sock, kind in listeners]
                 for b in bound:
                     log.info("listening for %s on %s port %d", b.kind, b.host, b.port)
+                if self._proxy_gate is not None:
+                    sources = ", ".join(map(str, self.config.listen.proxy_protocol_from))
+                    log.info("PROXY protocol header required from %s", sources)
                 async with trio.open_nursery() as connections:
                     self._serve_http3(connections, listeners)
                     async with trio.open_nursery() as acceptors:

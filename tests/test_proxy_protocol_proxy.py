@@ -170,6 +170,7 @@ async def test_hand_built_headers(proxied: ProxyProcess) -> None:
     await proxied.terminate()
     assert logged_clients(proxied) == ["198.51.100.7", "2001:db8::7", "127.0.0.1"]
     assert logged_clients(proxied, "http") == ["203.0.113.5"]
+    assert "PROXY protocol header required from 127.0.0.1/32" in proxied.log()
 
 
 def closed_by_proxy(sock: socket.socket) -> bool:
