@@ -39,6 +39,9 @@ class ListenConfig:
     http: int = 80  # 0 disables the redirector
     https: int = 443
     http3: bool = False  # also serve HTTP/3 (QUIC) on UDP at the https port
+    # A PROXY protocol header (v1 or v2) is required from these peers, refused from others.
+    proxy_protocol: bool = False
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,14 @@ class Metrics:
             ["version", "alpn"],
             registry=registry,
         )
+        self._proxy_rejections = Counter(
+            "port443_proxy_protocol_rejections",
+            "Connections closed over their PROXY protocol header ([listen] proxy_protocol), "
+            "by reason: missing, malformed, truncated, timeout, untrusted (from a peer not "
+            "in proxy_protocol_from).",
+            ["reason"],
+            registry=registry,
+        )
         Gauge(
             "port443_open_connections",
             "Client connections open now (HTTPS and HTTP listeners).",
@@ -157,6 +165,9 @@ class Metrics:
 
     def tls_handshake_failed(self, exc: BaseException) -> None:
         self._handshake_failures.labels(handshake_failure_reason(exc)).inc()
+
+    def proxy_protocol_rejected(self, reason: str) -> None:
+        self._proxy_rejections.labels(reason).inc()
 
     def record(self, outcome: Outcome) -> None:
         # Children are cached per label values: labels() costs a lock and validation per

@@ -10,7 +10,8 @@ from __future__ import annotations
 import errno
 import math
 import socket
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -99,6 +100,43 @@ async def wait_readable(sock: socket.socket, deadline: float) -> None:
 async def wait_writable(sock: socket.socket, deadline: float) -> None:
     """Wait until `sock` is writable; StreamTimeout past `deadline`, as wait_readable."""
     await _wait(sock, deadline, readable=False)
+
+
+Parsed = TypeVar("Parsed")
+
+
+async def peek_until(
+    sock: socket.socket, deadline: float, limit: int, parse: Callable[[bytes], Parsed | int]
+) -> Parsed:
+    """What `parse` makes of the first bytes of `sock`, peeked without consuming them (up to
+    `limit`); `parse` returns its result, or how many bytes it needs in all (an int).
+
+    A peeked socket stays readable, so while the bytes are short SO_RCVLOWAT holds back
+    readiness until the bytes `parse` needs are there: a stalled peer costs no wake-ups.
+    Raises what `parse` raises, EOFError if the peer leaves first (or the kernel wakes us
+    short of those bytes: nothing more can come without reading), StreamTimeout past the
+    deadline.
+    """
+    needed = 1
+    try:
+        while True:
+            try:
+                data = sock.recv(limit, socket.MSG_PEEK)
+            except BlockingIOError:
+                await wait_readable(sock, deadline)
+                continue
+            if len(data) < needed:
+                raise EOFError(f"peer stopped after {len(data)} bytes")
+            result = parse(data)
+            if not isinstance(result, int):
+                return result
+            needed = result
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, needed)
+            await wait_readable(sock, deadline)
+    finally:
+        # Later reads wait for readiness too: back to any byte (unless a timeout closed it).
+        if needed > 1 and sock.fileno() != -1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 def bind_reusable(address: str, port: int, kind: socket.SocketKind) -> socket.socket:

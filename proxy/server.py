@@ -32,6 +32,7 @@ from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome, plain_
 from proxy.lograte import RateLimitedLog
 from proxy.metrics import Metrics
 from proxy.netio import SocketStream, StreamTimeout, bind_reusable, close_socket
+from proxy.proxy_gate import ProxyProtocolGate, Rejected
 from proxy.quic import QuicEndpoint, bind_udp
 from proxy.tls.clienthello import ClientHello, ClientHelloError, PlainHTTPRequest
 from proxy.tls.stream import TLSStream, peek_client_hello
@@ -133,10 +134,11 @@ async def accept_loop(
     serve: ConnectionHandler,
     connections: trio.Nursery,
     admission: Admission,
+    gate: ProxyProtocolGate | None = None,
 ) -> None:
     """Accept while there is room: when a client waits at the limit or the descriptor
     reserve, idle connections make room first; a client over its own connection limit is
-    closed at once."""
+    closed at once (behind a PROXY header: once the header named it)."""
     registry, reserve, clients = admission.registry, admission.reserve, admission.clients
     while True:
         await trio.lowlevel.wait_readable(listener)
@@ -153,7 +155,12 @@ async def accept_loop(
                 await trio.sleep(0.1)
                 break
             client_ip = address[0]
-            if clients is not None and not clients.connection_opened(client_key(client_ip)):
+            proxied = gate is not None and gate.expects(client_ip)
+            if (
+                not proxied
+                and clients is not None
+                and not clients.connection_opened(client_key(client_ip))
+            ):
                 sock.close()
                 continue
             if reserve is not None:
@@ -161,14 +168,35 @@ async def accept_loop(
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             slot = registry.admit()
-            connections.start_soon(_run_connection, admission, slot, serve, sock, client_ip)
+            connections.start_soon(
+                _run_connection, admission, slot, serve, sock, client_ip, gate, proxied
+            )
 
 
 async def _run_connection(
-    admission: Admission, slot: Slot, serve: ConnectionHandler, sock: socket.socket, client_ip: str
+    admission: Admission,
+    slot: Slot,
+    serve: ConnectionHandler,
+    sock: socket.socket,
+    client_ip: str,
+    gate: ProxyProtocolGate | None,
+    proxied: bool,
 ) -> None:
+    """Serve one connection; behind a PROXY header, its client is the one the header names,
+    counted against max_connections_per_ip only from then on (not as the balancer)."""
+    clients = admission.clients
+    counted = not proxied  # at accept
     try:
+        if gate is not None:
+            client_ip = await _proxied_client(gate, slot, sock, client_ip, proxied)
+            if not counted:
+                if clients is not None and not clients.connection_opened(client_key(client_ip)):
+                    close_socket(sock)
+                    return
+                counted = True
         await serve(sock, client_ip, slot)
+    except Rejected:
+        return  # reported and closed
     except Exception:
         # A bug in one connection's handling must not take the listener and every other
         # connection down with it: log it loudly and keep serving.
@@ -176,14 +204,33 @@ async def _run_connection(
         close_socket(sock)
     finally:
         slot.release()
-        if admission.clients is not None:
-            admission.clients.connection_closed(client_key(client_ip))
+        if counted and clients is not None:
+            clients.connection_closed(client_key(client_ip))
+
+
+async def _proxied_client(
+    gate: ProxyProtocolGate, slot: Slot, sock: socket.socket, peer: str, proxied: bool
+) -> str:
+    """The client the PROXY header names (see ProxyProtocolGate); while it arrives the
+    connection is idle: closed to make room or on drain, quietly."""
+    opening = _Handshaking(sock)
+    slot.register(opening)
+    try:
+        return await gate.client_address(sock, peer, expected=proxied)
+    except Rejected as exc:
+        if not opening.closed:
+            gate.report(peer, exc)
+        close_socket(sock)
+        raise
+    finally:
+        slot.unregister(opening)
 
 
 class _Handshaking(Drainable):
-    """A client connection until its TLS handshake is done: idle, so it may be closed to
-    make room (or on drain). Shutting the socket wakes the peek or handshake waiting on it
-    with an end of file; `sock` follows the connection from the raw socket to the TLS one."""
+    """A client connection until its PROXY header is read or its TLS handshake is done:
+    idle, so it may be closed to make room (or on drain). Shutting the socket wakes the
+    peek or handshake waiting on it with an end of file; `sock` follows the connection from
+    the raw socket to the TLS one."""
 
     __slots__ = ("closed", "sock")
 
@@ -235,6 +282,16 @@ class Server:
         self._http_handler = Observed(self._redirect, "http", observers)
         self._current = Generation(config, ALPN, self.metrics.backend_health)
         self._shutdown = trio.Event()
+        listen = config.listen  # bound once: a reload does not change it
+        self._proxy_gate = (
+            ProxyProtocolGate(
+                listen.proxy_protocol_from,
+                timeout=lambda: self.config.limits.header_timeout,
+                rejected=self.metrics.proxy_protocol_rejected,
+            )
+            if listen.proxy_protocol
+            else None
+        )
 
     @property
     def config(self) -> Config:
@@ -310,13 +367,21 @@ class Server:
                 bound = [BoundAddress(kind, *sock.getsockname()[:2]) for sock, kind in listeners]
                 for b in bound:
                     log.info("listening for %s on %s port %d", b.kind, b.host, b.port)
+                if self._proxy_gate is not None:
+                    sources = ", ".join(map(str, self.config.listen.proxy_protocol_from))
+                    log.info("PROXY protocol header required from %s", sources)
                 async with trio.open_nursery() as connections:
                     self._serve_http3(connections, listeners)
                     async with trio.open_nursery() as acceptors:
                         for sock, kind in listeners:
                             serve = self._serve_tls if kind == "https" else self._serve_redirect
                             acceptors.start_soon(
-                                accept_loop, sock, serve, connections, self.admission
+                                accept_loop,
+                                sock,
+                                serve,
+                                connections,
+                                self.admission,
+                                self._proxy_gate,
                             )
                         self.listening = True
                         task_status.started(bound)

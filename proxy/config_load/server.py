@@ -25,7 +25,7 @@ from proxy.config_load.reader import Reader, Table
 from proxy.toml_lines import KeyPath
 
 _SERVER_KEYS = ("workers",)
-_LISTEN_KEYS = ("address", "http", "https", "http3")
+_LISTEN_KEYS = ("address", "http", "https", "http3", "proxy_protocol", "proxy_protocol_from")
 _HSTS_KEYS = tuple(f.name for f in dataclasses.fields(HSTSConfig))
 _LIMITS_TYPES = get_type_hints(LimitsConfig)
 _TLS_KEYS = ("default_site",)
@@ -68,7 +68,26 @@ class ServerSections(Reader):
         if http == https:
             self._problem((*key, "http"), f"must differ from listen.https (both are {https})")
         http3 = self._value(table, key, "http3", default.http3, convert.boolean)
-        return ListenConfig(addresses=addresses, http=http, https=https, http3=http3)
+        proxy_protocol = self._value(
+            table, key, "proxy_protocol", default.proxy_protocol, convert.boolean
+        )
+        proxy_from = self._value(
+            table, key, "proxy_protocol_from", default.proxy_protocol_from, convert.networks
+        )
+        if proxy_protocol and not proxy_from:
+            self._problem(
+                (*key, "proxy_protocol"),
+                "needs proxy_protocol_from, the balancers that send it "
+                '(["0.0.0.0/0", "::/0"] for any peer)',
+            )
+        return ListenConfig(
+            addresses=addresses,
+            http=http,
+            https=https,
+            http3=http3,
+            proxy_protocol=proxy_protocol,
+            proxy_protocol_from=proxy_from,
+        )
 
     def _hsts(self, root: Table) -> HSTSConfig:
         key: KeyPath = ("hsts",)

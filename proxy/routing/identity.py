@@ -2,6 +2,8 @@
 
 Computed once per request by the forwarder (`client_address`); the X-Forwarded-For chain
 it reads is the one `http/headers.upstream_request` keeps and appends to for the same peers.
+Behind a PROXY protocol header the peer already is the address the header names
+(`proxy_gate.py`): the balancer never appears here.
 """
 
 from __future__ import annotations

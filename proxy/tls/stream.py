@@ -15,10 +15,16 @@ from proxy.netio import (
     NO_DEADLINE,
     RECEIVE_SIZE,
     close_socket,
+    peek_until,
     wait_readable,
     wait_writable,
 )
-from proxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
+from proxy.tls.clienthello import (
+    MAX_CLIENT_HELLO_BYTES,
+    ClientHello,
+    Incomplete,
+    parse_client_hello,
+)
 
 
 class TLSStream:
@@ -118,28 +124,12 @@ class TLSStream:
 async def peek_client_hello(sock: socket.socket, deadline: float) -> ClientHello:
     """Read SNI and ALPN without consuming anything, so OpenSSL later sees the whole hello.
 
-    A peeked socket stays readable, so while a hello is incomplete SO_RCVLOWAT holds back
-    readiness until the bytes the parser needs are there: a stalled hello costs no wake-ups.
-    Raises ClientHelloError for non-TLS bytes, EOFError if the client leaves first (or the
-    kernel wakes us short of those bytes: nothing more can come without reading),
-    StreamTimeout past the deadline.
+    Raises ClientHelloError for non-TLS bytes, EOFError if the client leaves first,
+    StreamTimeout past the deadline (see `peek_until`: a stalled hello costs no wake-ups).
     """
-    needed = 1
-    try:
-        while True:
-            try:
-                data = sock.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
-            except BlockingIOError:
-                await wait_readable(sock, deadline)
-                continue
-            if len(data) < needed:
-                raise EOFError(f"client stopped after {len(data)} bytes of its ClientHello")
-            hello = parse_client_hello(data)
-            if isinstance(hello, ClientHello):
-                return hello
-            needed = hello.needed
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, needed)
-            await wait_readable(sock, deadline)
-    finally:
-        if needed > 1:  # OpenSSL's reads wait for readiness too: back to any byte
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    return await peek_until(sock, deadline, MAX_CLIENT_HELLO_BYTES, _hello_or_needed)
+
+
+def _hello_or_needed(data: bytes) -> ClientHello | int:
+    hello = parse_client_hello(data)
+    return hello.needed if isinstance(hello, Incomplete) else hello

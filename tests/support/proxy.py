@@ -174,14 +174,16 @@ def write_config(
     admin_port: int | None = None,
     issuer: str = "local",
     http3: bool = False,
+    listen: str = "",
 ) -> Path:
-    """The admin listener is off unless asked for: its default port is a fixed one."""
+    """The admin listener is off unless asked for: its default port is a fixed one.
+    `listen`: more lines of the [listen] table."""
     certs = directory / "certs"
     config = directory / "port443.toml"
     admin = f"port = {admin_port}" if admin_port else "enabled = false"
     config.write_text(
         f'log_level = "debug"\n[listen]\naddress = "127.0.0.1"\n'
-        f"http = {http_port}\nhttps = {https_port}\nhttp3 = {str(http3).lower()}\n"
+        f"http = {http_port}\nhttps = {https_port}\nhttp3 = {str(http3).lower()}\n{listen}\n"
         f'[certs]\ndir = "{certs}"\nissuer = "{issuer}"\n[admin]\n{admin}\n' + body
     )
     return config
@@ -197,13 +199,15 @@ async def start_proxy(
     ports: tuple[int, int] | None = None,
     module: str = "proxy",
     http3: bool = False,
+    listen: str = "",
 ) -> ProxyProcess:
     """Start the proxy with `body` appended to a base config; return once the process itself
     listens on each of its ports (a connect could reach another process sharing a port with
     SO_REUSEPORT).
 
     `ports` = (http, https) instead of free ones (an ACME CA must know where to validate);
-    `module` is what `python -m` runs; `http3` also serves HTTP/3 on the HTTPS port's UDP.
+    `module` is what `python -m` runs; `http3` also serves HTTP/3 on the HTTPS port's UDP;
+    `listen`: more lines of the [listen] table.
     """
     require_slow("starts a proxy process")
     # Chosen together: ports picked one at a time may come back the same (admin = https).
@@ -216,6 +220,7 @@ async def start_proxy(
         http_port=http_port,
         https_port=https_port,
         admin_port=admin_port,
+        listen=listen,
         issuer=issuer,
         http3=http3,
     )
