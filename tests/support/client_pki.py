@@ -90,14 +90,15 @@ class ClientCA:
         key_path.write_bytes(_pem_key(key))
         return ClientCert(cert=cert, key=key_path, certificate=certificate)
 
-    def crl(self, *revoked: ClientCert) -> Path:
-        """`crl.pem`: this CA's CRL listing `revoked`, valid for a day."""
+    def crl(self, *revoked: ClientCert, next_update: datetime | None = None) -> Path:
+        """`crl.pem`: this CA's CRL listing `revoked`, valid for a day (or until
+        `next_update`)."""
         now = datetime.now(UTC)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.name)
-            .last_update(now - timedelta(minutes=5))
-            .next_update(now + timedelta(days=1))
+            .last_update(now - timedelta(hours=2))
+            .next_update(next_update or now + timedelta(days=1))
         )
         for client in revoked:
             builder = builder.add_revoked_certificate(
