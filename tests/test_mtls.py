@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from tests.support.backend import Backend
 from tests.support.client_pki import ClientCA, ClientCert
 from tests.support.curl import Reply, curl
+from tests.support.h3client import h3_client
 from tests.support.openssl import s_client
 from tests.support.proxy import ProxyProcess, start_proxy
 
@@ -68,7 +69,7 @@ hosts = ["localhost"]
 upstreams = ["{backend.url}"]
 client_cert_headers = {HEADERS}
 """
-    running = await start_proxy(tmp_path, body, http=False)
+    running = await start_proxy(tmp_path, body, http=False, http3=True)
     yield running
     await running.terminate()
 
@@ -190,3 +191,15 @@ async def test_a_connection_for_other_client_auth_gets_421(
         assert same.status == 200
     assert all(request["target"] == "/echo" for request in backend.requests)
     assert len(backend.requests) == len(PROTOCOLS)
+
+
+async def test_http3_carries_no_client_certificate_so_mtls_sites_answer_421(
+    proxy: ProxyProcess, backend: Backend
+) -> None:
+    forged = [(b"x-client-subject", b"CN=admin")]
+    for host, status in (("secure.localhost", 421), ("partial.localhost", 421), ("localhost", 200)):
+        authority = f"{host}:{proxy.https_port}".encode()
+        async with h3_client(proxy.https_port, host, proxy.root_ca) as client:
+            response = await client.request(b"GET", b"/echo", authority, headers=forged)
+        assert response.status == status, host
+    assert len(backend.requests) == 1 and last_fields(backend) == []
