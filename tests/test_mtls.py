@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -203,3 +204,15 @@ async def test_http3_carries_no_client_certificate_so_mtls_sites_answer_421(
             response = await client.request(b"GET", b"/echo", authority, headers=forged)
         assert response.status == status, host
     assert len(backend.requests) == 1 and last_fields(backend) == []
+
+
+async def test_a_new_crl_takes_effect_on_reload(
+    proxy: ProxyProcess, backend: Backend, clients: Clients
+) -> None:
+    assert (await get(proxy, "secure.localhost", "/echo", client=clients.alice)).status == 200
+    clients.ca.crl(clients.revoked, clients.alice)  # rewrites the site's client_crl
+    proxy.process.send_signal(signal.SIGHUP)
+    await proxy.wait_log("reloaded")
+    refused = await get(proxy, "secure.localhost", "/echo", client=clients.alice)
+    assert refused.status == 0 and refused.returncode != 0, refused
+    assert len(backend.requests) == 1

@@ -80,7 +80,11 @@ class TLSStream:
         if error is not None:
             log.debug("client certificate not verified: %s", error)
             return None
-        return ClientCertificate.from_der(der)
+        try:
+            return ClientCertificate.from_der(der)
+        except ValueError as exc:  # OpenSSL accepted what `cryptography` cannot read
+            log.info("client certificate verified but unreadable, taken as none: %s", exc)
+            return None
 
     async def do_handshake(self, deadline: float = NO_DEADLINE) -> None:
         """Complete the handshake; ssl.SSLError on a failed one, StreamTimeout if too slow."""
