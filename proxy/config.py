@@ -20,6 +20,7 @@ ChallengeType = Literal["http-01", "tls-alpn-01", "dns-01"]
 DnsProvider = Literal["rfc2136"]
 TsigAlgorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1"]
 KeyType = Literal["ecdsa-p256", "rsa-2048"]
+ClientAuthMode = Literal["require", "request"]
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -241,6 +242,31 @@ class Route:
     rewrite: str | None = None  # replaces the matched prefix or path
     request_headers: HeaderOps = field(default_factory=HeaderOps)
     response_headers: HeaderOps = field(default_factory=HeaderOps)
+    client_cert_required: bool = False  # without a verified client certificate: 403
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """A site's client certificates (mTLS): verified against `ca`, the leaf checked against
+    `crl` when given. "require": the handshake fails without a valid one; "request": it is
+    asked for, and a missing or invalid one leaves the connection without client identity."""
+
+    ca: Path
+    mode: ClientAuthMode = "require"
+    crl: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClientCertHeaders:
+    """Request fields that carry a verified client certificate upstream; clients' own copies
+    of them are always removed (None: that field is not sent)."""
+
+    subject: bytes | None = None  # RFC 4514 distinguished name
+    fingerprint: bytes | None = None  # SHA-256 of the DER certificate, lower-case hex
+
+    @property
+    def names(self) -> tuple[bytes, ...]:
+        return tuple(name for name in (self.subject, self.fingerprint) if name is not None)
 
 
 @dataclass(frozen=True)
@@ -253,6 +279,8 @@ class SiteConfig:
     challenge: ChallengeType | None = None  # overrides acme.challenges for this site
     group: UpstreamGroup | None = None  # `upstreams` with their policy; None: round robin
     routes: tuple[Route, ...] = ()  # none: every request goes to the site's own group
+    client_auth: ClientAuth | None = None  # client certificates (mTLS); None: not asked for
+    client_cert_headers: ClientCertHeaders = field(default_factory=ClientCertHeaders)
 
     @property
     def own_group(self) -> UpstreamGroup:

@@ -459,7 +459,11 @@ class Server:
             await stream.aclose()  # the handshake itself was the TLS-ALPN-01 answer
             return
         info = ConnectionInfo(
-            client_ip=client_ip, tls_version=stream.version, alpn=stream.alpn_protocol
+            client_ip=client_ip,
+            tls_version=stream.version,
+            alpn=stream.alpn_protocol,
+            client_auth=stream.client_auth,
+            client_cert=stream.client_certificate,
         )
         self.metrics.tls_handshake_completed(info)
         if stream.alpn_protocol == "h2":

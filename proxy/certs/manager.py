@@ -383,7 +383,7 @@ class CertManager:
         if current is not None and current.serial == cert.serial:
             return
         context = await trio.to_thread.run_sync(
-            server_context, cert.chain_path, cert.key_path, self._alpn
+            server_context, cert.chain_path, cert.key_path, self._alpn, site.client_auth
         )
         for host in site.hosts:
             self._contexts[host.lower()] = context  # atomic swap per name

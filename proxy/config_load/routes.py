@@ -23,6 +23,7 @@ from proxy.toml_lines import KeyPath
 _ROUTE_KEYS = (
     "path_prefix", "path", "methods", "header", "strip_prefix", "rewrite",
     "upstreams", "redirect", "status", "respond", "request_headers", "response_headers",
+    "client_cert",
 )  # fmt: skip
 _ACTIONS = ("upstreams", "redirect", "respond")
 _HEADER_MATCH_KEYS = ("name", "value")
@@ -90,6 +91,9 @@ class RouteSections(GroupSections):
             self._problem(
                 (*key, "strip_prefix" if strip else "rewrite"), "needs path_prefix or path"
             )
+        client_cert = self._value(table, key, "client_cert", None, convert.choice(("required",)))
+        if client_cert is not None and "client_ca" not in site:
+            self._problem((*key, "client_cert"), "needs client_ca on the site")
         if action is None:
             return None
         return Route(
@@ -102,6 +106,7 @@ class RouteSections(GroupSections):
             rewrite=rewrite,
             request_headers=self._header_ops(table, key, "request_headers"),
             response_headers=self._header_ops(table, key, "response_headers"),
+            client_cert_required=client_cert is not None,
         )
 
     def _respond(self, table: Table, key: KeyPath) -> Respond:

@@ -1,13 +1,22 @@
-"""`[[sites]]`: hosts, certificate source and challenge, routes or upstreams."""
+"""`[[sites]]`: hosts, certificate source and challenge, client certificates, routes or
+upstreams."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import get_args
+from typing import TypeVar, get_args
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from proxy.config import (
     ChallengeType,
+    ClientAuth,
+    ClientAuthMode,
+    ClientCertHeaders,
     Issuer,
     SiteConfig,
     UpstreamGroup,
@@ -21,7 +30,14 @@ from proxy.toml_lines import KeyPath
 
 _SITE_KEYS = (
     "hosts", "upstreams", "cert", "key", "issuer", "challenge", *UPSTREAM_TLS_KEYS, "routes",
+    "client_ca", "client_auth", "client_crl", "client_cert_headers",
 )  # fmt: skip
+_CLIENT_CERT_HEADER_KEYS = tuple(f.name for f in dataclasses.fields(ClientCertHeaders))
+_CRL_SIGNING_KEYS = (
+    rsa.RSAPublicKey, ec.EllipticCurvePublicKey, dsa.DSAPublicKey,
+    ed25519.Ed25519PublicKey, ed448.Ed448PublicKey,
+)  # fmt: skip
+T = TypeVar("T")
 
 
 class SiteSections(RouteSections):
@@ -74,6 +90,8 @@ class SiteSections(RouteSections):
                     group=group,
                     routes=routes,
                     challenge=challenge,
+                    client_auth=self._client_auth(table, site_key),
+                    client_cert_headers=self._client_cert_headers(table, site_key),
                 )
             )
         return tuple(sites)
@@ -105,3 +123,64 @@ class SiteSections(RouteSections):
         elif path is not None and not path.is_file():
             self._problem(key, f"file not found: {path}")
         return path
+
+    def _client_auth(self, table: Table, site_key: KeyPath) -> ClientAuth | None:
+        """The site's client certificates, with the CA bundle and CRL read as OpenSSL will
+        need them: a CRL must come from a CA of the bundle and be current, or OpenSSL
+        would refuse every certificate."""
+        modes: tuple[ClientAuthMode, ...] = get_args(ClientAuthMode)
+        mode = self._value(table, site_key, "client_auth", modes[0], convert.choice(modes))
+        if "client_ca" not in table:
+            for name in ("client_auth", "client_crl"):
+                if name in table:
+                    self._problem((*site_key, name), "needs client_ca (the CA bundle)")
+            return None
+        ca_key, crl_key = (*site_key, "client_ca"), (*site_key, "client_crl")
+        ca = self._value(table, site_key, "client_ca", None, convert.path)
+        crl = self._value(table, site_key, "client_crl", None, convert.path)
+        cas = _read_pem(ca, x509.load_pem_x509_certificates) if ca else None
+        if isinstance(cas, str):
+            self._problem(ca_key, cas)
+        revocations = _read_pem(crl, x509.load_pem_x509_crl) if crl else None
+        if isinstance(revocations, str):
+            self._problem(crl_key, revocations)
+        elif revocations is not None and isinstance(cas, list):
+            if not any(_signed_by(revocations, authority) for authority in cas):
+                self._problem(crl_key, f"not signed by a CA in {ca}")
+            elif (next_update := revocations.next_update_utc) and next_update < _now():
+                self._problem(crl_key, f"expired at {next_update} (its next update)")
+        return ClientAuth(ca=ca, mode=mode, crl=crl) if ca is not None else None
+
+    def _client_cert_headers(self, table: Table, site_key: KeyPath) -> ClientCertHeaders:
+        key = (*site_key, "client_cert_headers")
+        inner = self._table(table.get("client_cert_headers", {}), key, _CLIENT_CERT_HEADER_KEYS)
+        names = {
+            name: self._value(inner or {}, key, name, None, convert.field_name)
+            for name in _CLIENT_CERT_HEADER_KEYS
+        }
+        if names["subject"] is not None and names["subject"] == names["fingerprint"]:
+            self._problem((*key, "fingerprint"), "must differ from subject")
+        return ClientCertHeaders(**names)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _read_pem(path: Path, load: Callable[[bytes], T]) -> T | str:
+    """The PEM file at `path` parsed by `load`, or what is wrong with it."""
+    try:
+        return load(path.read_bytes())
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    except ValueError as exc:
+        return f"no valid PEM in {path}: {exc}"
+
+
+def _signed_by(crl: x509.CertificateRevocationList, authority: x509.Certificate) -> bool:
+    key = authority.public_key()
+    return (
+        crl.issuer == authority.subject
+        and isinstance(key, _CRL_SIGNING_KEYS)
+        and crl.is_signature_valid(key)
+    )

@@ -21,6 +21,7 @@ from proxy.http.headers import (
     requested_upgrade,
     upgrade_headers,
     upstream_request,
+    with_client_certificate,
 )
 from proxy.http.model import (
     ClientGone,
@@ -104,12 +105,27 @@ class Forwarder(RequestHandler):
             )
             return
         outcome.site = site.name
+        info = exchange.info
+        if site.client_auth != info.client_auth:
+            # A connection serves any name its certificate covers (HTTP/2 coalescing; and
+            # HTTP/3 carries no client certificates): the client must connect to this one.
+            await self._respond(
+                exchange, outcome, 421, "Misdirected Request: connect to this host by name"
+            )
+            return
+        if site.client_cert_headers.names:  # before routing: header matchers see the truth
+            request.headers = with_client_certificate(
+                request.headers, site.client_cert_headers, info.client_cert
+            )
         route = match_route(site.routes, request) if site.routes else None
         if route is None:  # no routes, or none matched: the site's own upstreams
             if site.upstreams:
                 await self._forward_or_fail(exchange, self._upstreams.for_site(site), None, outcome)
             else:
                 await self._respond(exchange, outcome, 404, "Not Found: no route for this path")
+            return
+        if route.client_cert_required and info.client_cert is None:
+            await self._respond(exchange, outcome, 403, "Forbidden: a client certificate is needed")
             return
         action = route.action
         if isinstance(action, Redirect):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from proxy.config import Config, HeaderOps
+from proxy.config import ClientCertHeaders, Config, HeaderOps
 from proxy.http.model import Headers, Request, UpstreamRequest
+from proxy.tls.client_cert import ClientCertificate
 
 # Fields that describe one connection, not the message: HTTP/2 forbids them (RFC 9113
 # §8.2.2), and each upstream protocol writes its own framing.
@@ -157,6 +158,22 @@ def https_response_fields(config: Config) -> Headers:
     if config.listen.http3:
         fields.append((b"alt-svc", b'h3=":%d"; ma=86400' % config.listen.https))
     return fields
+
+
+def with_client_certificate(
+    headers: Headers, names: ClientCertHeaders, cert: ClientCertificate | None
+) -> Headers:
+    """`headers` without any field a site names for client certificates, plus those fields
+    for `cert` (a verified certificate) if there is one: an upstream trusting them must
+    never see a copy a client wrote itself."""
+    named = names.names
+    out = [(name, value) for name, value in headers if name not in named]
+    if cert is not None:
+        if names.subject is not None:
+            out.append((names.subject, cert.subject.encode("ascii")))
+        if names.fingerprint is not None:
+            out.append((names.fingerprint, cert.fingerprint.encode("ascii")))
+    return out
 
 
 def apply_header_ops(headers: Headers, ops: HeaderOps) -> Headers:

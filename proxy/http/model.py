@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from proxy.config import ClientAuth
 from proxy.netio import ByteStream
+from proxy.tls.client_cert import ClientCertificate
 
 Headers = list[tuple[bytes, bytes]]  # lower-case names
 
@@ -64,11 +66,14 @@ class ResponseHead:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
-    """What the access log and metrics say about the client connection."""
+    """What the access log and metrics say about the client connection, and who the client
+    proved to be with a certificate."""
 
     client_ip: str
     tls_version: str | None  # "TLSv1.3"; None on plain HTTP
     alpn: str | None  # "h2", "http/1.1"
+    client_auth: ClientAuth | None = None  # the client-certificate settings of the handshake
+    client_cert: ClientCertificate | None = None  # the client's certificate, if it verified
 
 
 @dataclass(slots=True, kw_only=True)

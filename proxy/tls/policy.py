@@ -3,19 +3,22 @@
 The policy is Mozilla's "intermediate" profile: TLS 1.2 and 1.3, forward-secret AEAD
 ciphers only, the client's cipher preference, and the X25519/P-256/P-384 groups, with the
 post-quantum hybrid X25519MLKEM768 first where OpenSSL has it (3.5+), as browsers, Caddy
-and nginx do.
+and nginx do. A site's context may also verify client certificates (mTLS).
 """
 
 from __future__ import annotations
 
 import _ssl
 import ctypes
+import hashlib
 import secrets
 import ssl
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from proxy.config import ClientAuth
 
 TLS12_CIPHERS = ":".join(
     (
@@ -43,9 +46,18 @@ GROUPS = groups_for(ssl.OPENSSL_VERSION_INFO)
 _SSL_CTRL_SET_GROUPS_LIST = 92
 
 
-def server_context(chain: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext:
-    """A server context for one certificate chain and key, offering `alpn` in that order."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+class ServerContext(ssl.SSLContext):
+    """A site's server context, knowing which client certificates it verifies."""
+
+    client_auth: ClientAuth | None = None  # None: it asks for none
+
+
+def server_context(
+    chain: Path, key: Path, alpn: Sequence[str], client_auth: ClientAuth | None = None
+) -> ServerContext:
+    """A server context for one certificate chain and key, offering `alpn` in that order,
+    verifying client certificates per `client_auth` when given."""
+    ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites keep OpenSSL's defaults, all AEAD
@@ -59,7 +71,79 @@ def server_context(chain: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContex
     ctx.load_cert_chain(chain, key)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
+    if client_auth is not None:
+        _verify_clients(ctx, client_auth)
     return ctx
+
+
+# -- client certificates ------------------------------------------------------------------
+
+_SSL_VERIFY_PEER = 1
+_X509_V_OK = 0
+
+
+def _verify_clients(ctx: ServerContext, client_auth: ClientAuth) -> None:
+    """Ask for client certificates and verify them against the site's CA (and CRL).
+
+    "require": OpenSSL ends a handshake without a valid certificate with its own alert:
+    certificate_required (TLS 1.3) or handshake_failure (TLS 1.2) when none was sent;
+    unknown_ca, certificate_revoked, certificate_expired, ... for a bad one. "request": a
+    verify callback accepts any certificate so that the handshake completes, and the verdict
+    is read afterwards (`verification_error`), as nginx's `ssl_verify_client optional` does.
+    The CA names go into the CertificateRequest, so browsers offer only fitting
+    certificates. Sessions are bound to these settings (the session id context is a hash of
+    the mode, CA and CRL): session-ticket keys are shared by every context, and a ticket
+    from a site without client certificates, or with another CA, must not resume here.
+    """
+    lib = _crypto()
+    address = ssl_ctx_address(ctx)
+    ctx.load_verify_locations(cafile=client_auth.ca)
+    names = lib.SSL_load_client_CA_file(str(client_auth.ca).encode())
+    if not names:
+        raise ssl.SSLError(f"no CA certificate in {client_auth.ca}")
+    lib.SSL_CTX_set_client_CA_list(address, names)  # the context owns the list now
+    binding = hashlib.sha256(client_auth.mode.encode() + client_auth.ca.read_bytes())
+    if client_auth.crl is not None:
+        ctx.load_verify_locations(cafile=client_auth.crl)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        binding.update(client_auth.crl.read_bytes())
+    if client_auth.mode == "require":
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        lib.SSL_CTX_set_verify(address, _SSL_VERIFY_PEER, _accept_any)
+    sid_ctx = binding.digest()  # 32 bytes: OpenSSL's maximum
+    if lib.SSL_CTX_set_session_id_context(address, sid_ctx, len(sid_ctx)) != 1:
+        raise ssl.SSLError("OpenSSL refused the session id context")
+    ctx.client_auth = client_auth
+
+
+def verification_error(tls: ssl.SSLSocket | ssl.SSLObject) -> str | None:
+    """Why the peer's certificate did not verify (OpenSSL's words), None if it did or none
+    was verified. Python's `ssl` does not expose SSL_get_verify_result, so the SSL object
+    is found through CPython's PySSLSocket layout (the SSL pointer follows the header and
+    the socket reference), checked against the context's SSL_CTX before use."""
+    lib = _crypto()
+    sslobj = getattr(tls, "_sslobj", None)
+    if sslobj is None:
+        return None
+    address = ctypes.c_void_p.from_address(
+        id(sslobj) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
+    ).value
+    if not address or lib.SSL_get_SSL_CTX(address) != ssl_ctx_address(tls.context):
+        raise RuntimeError(
+            "CPython's PySSLSocket no longer holds its SSL pointer after the socket "
+            "reference; tls/policy.py:verification_error needs updating for this Python"
+        )
+    result = lib.SSL_get_verify_result(address)
+    if result == _X509_V_OK:
+        return None
+    reason: bytes = lib.X509_verify_cert_error_string(result)
+    return reason.decode("ascii", "replace")
+
+
+_VERIFY_CB_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+_accept_any = _VERIFY_CB_TYPE(lambda _ok, _store: 1)  # one object for the process: kept alive
 
 
 def client_context(ca: Path | None, alpn: Sequence[str]) -> ssl.SSLContext:
@@ -230,6 +314,13 @@ def _crypto() -> ctypes.CDLL:
         "EVP_DecryptInit_ex": ([p, p, p, ctypes.c_char_p, p], i),
         "EVP_sha256": ([], p),
         "EVP_aes_256_cbc": ([], p),
+        "SSL_CTX_set_verify": ([p, i, p], None),
+        "SSL_CTX_set_session_id_context": ([p, ctypes.c_char_p, ctypes.c_uint], i),
+        "SSL_load_client_CA_file": ([ctypes.c_char_p], p),
+        "SSL_CTX_set_client_CA_list": ([p, p], None),
+        "SSL_get_SSL_CTX": ([p], p),
+        "SSL_get_verify_result": ([p], ctypes.c_long),
+        "X509_verify_cert_error_string": ([ctypes.c_long], ctypes.c_char_p),
     }
     for function, (argtypes, restype) in signatures.items():
         getattr(lib, function).argtypes = argtypes

@@ -8,9 +8,11 @@ signals into trio readiness waits. This is several times cheaper per request tha
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 
+from proxy.config import ClientAuth
 from proxy.netio import (
     NO_DEADLINE,
     RECEIVE_SIZE,
@@ -19,12 +21,16 @@ from proxy.netio import (
     wait_readable,
     wait_writable,
 )
+from proxy.tls.client_cert import ClientCertificate
 from proxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
     Incomplete,
     parse_client_hello,
 )
+from proxy.tls.policy import ServerContext, verification_error
+
+log = logging.getLogger(__name__)
 
 
 class TLSStream:
@@ -62,6 +68,29 @@ class TLSStream:
     @property
     def version(self) -> str | None:
         return self._ssl.version()
+
+    @property
+    def client_auth(self) -> ClientAuth | None:
+        """The client-certificate settings the handshake ran under (None: none asked for)."""
+        context = self._ssl.context
+        return context.client_auth if isinstance(context, ServerContext) else None
+
+    @property
+    def client_certificate(self) -> ClientCertificate | None:
+        """The peer's certificate once the handshake is done, if it sent one that verified
+        (a site that only requests certificates lets an unverified one through)."""
+        der = self._ssl.getpeercert(binary_form=True)
+        if der is None:
+            return None
+        error = verification_error(self._ssl)
+        if error is not None:
+            log.debug("client certificate not verified: %s", error)
+            return None
+        try:
+            return ClientCertificate.from_der(der)
+        except ValueError as exc:  # OpenSSL accepted what `cryptography` cannot read
+            log.info("client certificate verified but unreadable, taken as none: %s", exc)
+            return None
 
     async def do_handshake(self, deadline: float = NO_DEADLINE) -> None:
         """Complete the handshake; ssl.SSLError on a failed one, StreamTimeout if too slow."""

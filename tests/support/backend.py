@@ -82,7 +82,10 @@ async def _respond(
 ) -> None:
     path = request.target.decode()
     headers = {k.decode(): v.decode(errors="replace") for k, v in request.headers}  # obs-text
-    backend.requests.append({"method": request.method.decode(), "target": path, "headers": headers})
+    fields = [(k.decode(), v.decode(errors="replace")) for k, v in request.headers]  # repeats too
+    backend.requests.append(
+        {"method": request.method.decode(), "target": path, "headers": headers, "fields": fields}
+    )
     ok = 200
     if path.startswith("/bytes/") or path.startswith("/chunked/"):
         await _read_body(stream, conn)
