@@ -2,7 +2,8 @@
 
 Keys, all under `prefix`: `cert:<name>` (a hash: chain, encrypted key, meta, version,
 token), `status:<name>` (the renewal plan), `lock:<name>` (`<instance>|<token>|<since>`,
-with a lease), `fence:<name>` (the last token handed out) and `challenge:<kind>:<id>`.
+with a lease), `fence:<name>` (the last token handed out), `challenge:<kind>:<id>` and
+`account:<CA>` (the encrypted account.json every instance uses at that CA).
 
 One lock per certificate decides who orders it. Taking the lock draws a fencing token
 from `fence:<name>`; a write succeeds only while that counter still equals the writer's
@@ -35,7 +36,7 @@ import redis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from proxy.certs.store import CertStore, StoredCert
+from proxy.certs.store import CertStore, StorageUnreachable, StoredCert
 from proxy.config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_FIRST_WINS = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX') then return ARGV[1] end
+return redis.call('get', KEYS[1])
 """
 _FENCED_WRITE = """
 if redis.call('get', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -107,6 +116,18 @@ class KeyCipher:
             raise KeyDecryptionError(f"{name}: the encryption key does not open it") from exc
 
 
+def redis_client(storage: StorageConfig, timeout: float) -> redis.Redis:
+    """A client for `[storage]`'s Redis; every round trip gives up after `timeout` s."""
+    if storage.url is None:
+        raise ValueError('storage: backend = "redis" needs url')
+    return redis.Redis.from_url(
+        storage.url,
+        password=storage.password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+
+
 class RedisStore:
     """The `CertificateStorage` several instances share; `cache` is this instance's copy."""
 
@@ -118,14 +139,7 @@ class RedisStore:
         client: redis.Redis | None = None,
         instance: str | None = None,
     ) -> None:
-        if storage.url is None:
-            raise ValueError('storage: backend = "redis" needs url')
-        self._client = client or redis.Redis.from_url(
-            storage.url,
-            password=storage.password,
-            socket_timeout=_TIMEOUT,
-            socket_connect_timeout=_TIMEOUT,
-        )
+        self._client = client or redis_client(storage, _TIMEOUT)
         self._prefix = storage.prefix
         self._ttl_ms = int(storage.lock_ttl * 1000)
         self._cipher = KeyCipher.from_config(storage)
@@ -136,6 +150,8 @@ class RedisStore:
         self._acquire = self._client.register_script(_ACQUIRE)
         self._extend = self._client.register_script(_EXTEND)
         self._fenced_write = self._client.register_script(_FENCED_WRITE)
+        self._release = self._client.register_script(_RELEASE)
+        self._first_wins = self._client.register_script(_FIRST_WINS)
         self.unreachable_since: datetime | None = None  # metrics and the log say so
 
     def _key(self, *parts: str) -> str:
@@ -272,6 +288,39 @@ class RedisStore:
         self._cache.write_status(name, data)
         with contextlib.suppress(redis.RedisError):  # advice: the next save catches up
             self._call("status", lambda: self._client.set(self._key("status", name), data))
+
+    def release(self, name: str) -> None:
+        """Free the lock of `name` if this instance still holds it: the next claimant need
+        not wait for the lease to run out."""
+        value = self._held.pop(name, None)
+        if value is not None:
+            release = partial(self._release, keys=[self._key("lock", name)], args=[value])
+            with contextlib.suppress(redis.RedisError):  # then the lease runs out
+                self._call("release", release)
+
+    def names(self) -> list[str]:
+        """RedisError propagates: a listing is all or nothing."""
+        return self._listing("cert")
+
+    def account(self, ident: str, proposed: bytes) -> bytes:
+        """One script: store the (encrypted) proposal unless an account is there already."""
+        bound = f"account:{ident}"
+        keys, args = [self._key("account", ident)], [self._cipher.encrypt(bound, proposed)]
+        try:
+            stored = self._call("account", lambda: self._first_wins(keys=keys, args=args))
+        except redis.RedisError as exc:
+            raise StorageUnreachable(f"storage: Redis unreachable: {exc}") from exc
+        return self._cipher.decrypt(bound, cast(bytes, stored))
+
+    def account_ids(self) -> list[str]:
+        return self._listing("account")
+
+    def _listing(self, kind: str) -> list[str]:
+        """What follows `<prefix><kind>:` in every such key (SCAN, glob characters escaped)."""
+        head = self._key(kind, "")
+        pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in head) + "*"
+        keys = self._call(kind, lambda: list(self._client.scan_iter(match=pattern)))
+        return sorted(cast(bytes, key).decode()[len(head) :] for key in keys)
 
     # -- shared view and challenges -------------------------------------------------------
 
