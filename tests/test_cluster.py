@@ -137,3 +137,5 @@ async def test_a_killed_lock_holder_is_replaced_within_the_lock_ttl(
         assert cert.serial_number == first.serial_number
         logs = proxies["b"].log() + proxies["c"].log()
         assert "taking over its orders and renewals" in logs
+    pebble_log = (tmp_path / "pebble-0" / "pebble.log").read_text()
+    assert "There are now 2 accounts" not in pebble_log  # the successor used a's account
