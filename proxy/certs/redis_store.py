@@ -146,6 +146,9 @@ class RedisStore:
         self._cache = cache
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
         self._held: dict[str, str] = {}  # name -> our lock value (its token inside)
+        # name -> the fencing token of our last lock, kept when the lease is lost: whether
+        # a write may still land is for the fence in Redis to say, nothing else
+        self._tokens: dict[str, str] = {}
         self._versions: dict[str, object] = {}  # name -> last version read from Redis
         self._acquire = self._client.register_script(_ACQUIRE)
         self._extend = self._client.register_script(_EXTEND)
@@ -209,13 +212,14 @@ class RedisStore:
     def write(
         self, name: str, fullchain_pem: bytes, key_pem: bytes, meta: dict[str, object]
     ) -> None:
-        """Store a new certificate if this instance still holds its lock (fencing token);
-        LockLost otherwise, RedisError when Redis does not answer."""
+        """Store a new certificate unless another instance has taken its lock since this
+        one took it (the fencing token decides; a lease that ran out while nobody took
+        over still lets the result in). LockLost when refused, RedisError when Redis
+        does not answer."""
         self._cache.path(name)
-        held = self._held.get(name)
-        if held is None:
-            raise LockLost(f"{name}: this instance does not hold the renewal lock")
-        token = held.split("|")[1]
+        token = self._tokens.get(name)
+        if token is None:
+            raise LockLost(f"{name}: this instance never held the renewal lock")
         version = uuid.uuid4().hex
         sealed = self._cipher.encrypt(name, key_pem)
         meta_json = json.dumps(meta, sort_keys=True)
@@ -224,6 +228,7 @@ class RedisStore:
         written = self._call("write", lambda: self._fenced_write(keys=keys, args=args))
         if not written:
             self._held.pop(name, None)
+            self._tokens.pop(name, None)
             raise LockLost(f"{name}: another instance took the renewal lock; not overwriting")
         self._cache.write(name, fullchain_pem, key_pem, {**meta, "store_version": version})
         self._versions[name] = version
@@ -258,7 +263,8 @@ class RedisStore:
             return held is not None  # keep trying as holder; the fenced write decides
         if not token:
             return False
-        self._held[name] = f"{self.instance}|{int(cast(int, token))}|{now}"
+        self._tokens[name] = str(int(cast(int, token)))
+        self._held[name] = f"{self.instance}|{self._tokens[name]}|{now}"
         log.info("storage: %s holds the renewal lock of %s (token %s)", self.instance, name, token)
         return True
 
@@ -293,6 +299,7 @@ class RedisStore:
         """Free the lock of `name` if this instance still holds it: the next claimant need
         not wait for the lease to run out."""
         value = self._held.pop(name, None)
+        self._tokens.pop(name, None)
         if value is not None:
             release = partial(self._release, keys=[self._key("lock", name)], args=[value])
             with contextlib.suppress(redis.RedisError):  # then the lease runs out
