@@ -135,6 +135,7 @@ class LimitsConfig:
     max_connections_per_ip: int = 0  # per client address (IPv6: per /64); 0 = no limit
     requests_per_second_per_ip: float = 0.0  # token bucket per client address; 0 = no limit
     request_burst_per_ip: int = 20  # the bucket's size: requests a client may send at once
+    shared_request_rate: bool = False  # the rate counts across instances, in [storage]'s Redis
 
 
 @dataclass(frozen=True)
