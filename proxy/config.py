@@ -59,7 +59,9 @@ class StorageConfig:
     """
 
     backend: StorageBackend = "directory"
-    url: str | None = None  # redis:// or rediss://; required for "redis"
+    url: str | None = None  # redis:// or rediss://; "redis" needs this or sentinels
+    sentinels: tuple[tuple[str, int], ...] = ()  # Redis Sentinels (host, port) to ask ...
+    service_name: str | None = None  # ... for the master of this name
     prefix: str = "port443:"  # every key starts with it: several clusters in one Redis
     password: str | None = None  # else the one in the URL, if any
     encryption_key: str | None = None  # base64url of 32 bytes: private keys at rest in Redis

@@ -35,6 +35,7 @@ from typing import TypeVar, cast
 import redis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from redis.sentinel import Sentinel
 
 from proxy.certs.store import CertStore, StorageUnreachable, StoredCert
 from proxy.config import StorageConfig
@@ -117,15 +118,18 @@ class KeyCipher:
 
 
 def redis_client(storage: StorageConfig, timeout: float) -> redis.Redis:
-    """A client for `[storage]`'s Redis; every round trip gives up after `timeout` s."""
+    """A client for `[storage]`'s Redis; every round trip gives up after `timeout` s. With
+    Sentinels, each new connection asks them for the current master, so a failover is
+    followed (a command on the old master fails once, like any unreachable moment)."""
+    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if storage.sentinels and storage.service_name is not None:
+        # redis-py's sentinel module has no type hints
+        sentinel = Sentinel(list(storage.sentinels), sentinel_kwargs=timeouts, **timeouts)  # type: ignore[no-untyped-call]
+        master = sentinel.master_for(storage.service_name, password=storage.password)  # type: ignore[no-untyped-call]
+        return cast(redis.Redis, master)
     if storage.url is None:
-        raise ValueError('storage: backend = "redis" needs url')
-    return redis.Redis.from_url(
-        storage.url,
-        password=storage.password,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-    )
+        raise ValueError('storage: backend = "redis" needs url or sentinels')
+    return redis.Redis.from_url(storage.url, password=storage.password, **timeouts)
 
 
 class RedisStore:
