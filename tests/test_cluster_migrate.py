@@ -6,7 +6,6 @@ is left to it."""
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -76,7 +75,7 @@ def test_a_directory_moves_into_redis_once_and_the_instances_see_it(
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count(WOULD_COPY) == 3, dry.stdout  # two certificates, one account
     instance = _redis(server, tmp_path / "instance-cache")
-    assert instance.names() == [] and instance.account_ids() == []
+    assert instance.names() == [] and instance.accounts() == {}
 
     first = port443("storage", "migrate", "--from", str(source.root), "--to", str(config))
     assert first.returncode == 0, first.stderr
@@ -88,7 +87,7 @@ def test_a_directory_moves_into_redis_once_and_the_instances_see_it(
         assert shared.serial == local.serial
         assert shared.key_path.read_bytes() == local.key_path.read_bytes()
     assert instance.read_status("a.test") == b'{"failures": 1}'
-    assert instance.account("ca.test", b"unused") == ACCOUNT
+    assert instance.accounts() == {"ca.test": ACCOUNT}
     assert instance.lock_holder("a.test") is None  # the migration freed its locks
     assert not (tmp_path / "instance").exists()  # the instance's own copy was left alone
 
@@ -119,7 +118,7 @@ def test_a_newer_certificate_is_never_replaced(server: RedisServer, tmp_path: Pa
     steps = {step.item: step for step in migrate(target, back, dry_run=False)}
     assert {step.action for step in steps.values()} == {COPIED}
     assert back.load("a.test").key_path.read_bytes() == newer[1]  # type: ignore[union-attr]
-    assert json.loads(back.account("ca.test", b"")) == json.loads(ACCOUNT)
+    assert back.accounts() == {"ca.test": ACCOUNT}
     assert "store_version" not in back.load("b.test").meta  # type: ignore[union-attr]
 
 

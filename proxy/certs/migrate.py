@@ -40,7 +40,10 @@ def migrate(source: CertificateStorage, target: CertificateStorage, *, dry_run: 
     """Copy what `target` lacks or holds older; `dry_run` only says what would be copied.
     OSError and RedisError propagate when a store cannot be read at all."""
     steps = [_certificate(source, target, name, dry_run) for name in source.names()]
-    steps += [_account(source, target, ident, dry_run) for ident in source.account_ids()]
+    present = target.accounts()
+    steps += [
+        _account(target, present, ident, data, dry_run) for ident, data in source.accounts().items()
+    ]
     return steps
 
 
@@ -89,15 +92,20 @@ def _describe(cert: StoredCert) -> str:
 
 
 def _account(
-    source: CertificateStorage, target: CertificateStorage, ident: str, dry_run: bool
+    target: CertificateStorage,
+    present: dict[str, bytes],
+    ident: str,
+    data: bytes,
+    dry_run: bool,
 ) -> Step:
+    """Copy the account for the CA `ident` unless `target` has one (`present`)."""
     item = f"account {ident}"
-    data = source.account(ident, b"")  # listed by `account_ids`: the proposal is unused
-    if ident in target.account_ids():  # then `account` proposes in vain: nothing is written
-        same = target.account(ident, data) == data
+    if ident in present:
+        same = present[ident] == data
         detail = "already there" if same else "the target has its own account at this CA"
         return Step(item=item, action=KEPT, detail=detail)
     if dry_run:
         return Step(item=item, action=WOULD_COPY, detail="no account at this CA yet")
-    target.account(ident, data)
-    return Step(item=item, action=COPIED, detail="no account at this CA yet")
+    stored = target.account(ident, data)  # the first wins: one stored meanwhile stays
+    action = COPIED if stored == data else KEPT
+    return Step(item=item, action=action, detail="no account at this CA yet")

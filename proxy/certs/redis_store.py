@@ -323,8 +323,17 @@ class RedisStore:
             raise StorageUnreachable(f"storage: Redis unreachable: {exc}") from exc
         return self._cipher.decrypt(bound, cast(bytes, stored))
 
-    def account_ids(self) -> list[str]:
-        return self._listing("account")
+    def accounts(self) -> dict[str, bytes]:
+        idents = self._listing("account")
+        if not idents:
+            return {}
+        keys = [self._key("account", ident) for ident in idents]
+        sealed = cast(list[bytes | None], self._call("accounts", lambda: self._client.mget(keys)))
+        return {
+            ident: self._cipher.decrypt(f"account:{ident}", blob)
+            for ident, blob in zip(idents, sealed, strict=True)
+            if blob is not None  # unless deleted since the listing
+        }
 
     def _listing(self, kind: str) -> list[str]:
         """What follows `<prefix><kind>:` in every such key (SCAN, glob characters escaped)."""

@@ -109,8 +109,8 @@ class CertificateStorage(Protocol):
         `proposed`, stored now if there was none. Several instances may propose at once;
         the first one's is every instance's. StorageUnreachable when it cannot be asked."""
 
-    def account_ids(self) -> list[str]:
-        """The CAs the store keeps an ACME account for."""
+    def accounts(self) -> dict[str, bytes]:
+        """Every ACME account the store keeps, by CA (`port443 storage migrate`)."""
 
 
 def open_storage(config: Config, *, cache: Path | None = None) -> CertificateStorage:
@@ -209,11 +209,11 @@ class CertStore:
             atomic_write(path, proposed, 0o600)
             return proposed
 
-    def account_ids(self) -> list[str]:
+    def accounts(self) -> dict[str, bytes]:
         directory = self.root / ACCOUNTS_DIR
         if not directory.is_dir():
-            return []
-        return sorted(p.parent.name for p in directory.glob(f"*/{ACCOUNT_FILE}"))
+            return {}
+        return {p.parent.name: p.read_bytes() for p in sorted(directory.glob(f"*/{ACCOUNT_FILE}"))}
 
     def read_status(self, name: str) -> bytes | None:
         try:
