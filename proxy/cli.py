@@ -191,9 +191,9 @@ def _migrate(source_path: Path, target_path: Path, *, dry_run: bool) -> int:
             return 1
     for step in steps:
         print(step)
-    copied = sum(step.action != SKIPPED for step in steps)
-    print(f"{len(steps)} items, {len(steps) - copied} skipped{' (dry run)' if dry_run else ''}")
-    return 1 if copied < len(steps) else 0
+    skipped = sum(step.action == SKIPPED for step in steps)
+    print(f"{len(steps)} items, {skipped} skipped{' (dry run)' if dry_run else ''}")
+    return 1 if skipped else 0
 
 
 def _certs(config: Config) -> int:
