@@ -1,6 +1,6 @@
 """Command line: `port443 run` serves, `check` validates a configuration, `reload` applies it,
-`certs` lists certificates, `doctor` checks what going live needs; `proxy --from --to` serves
-one site without a file."""
+`certs` lists certificates, `doctor` checks what going live needs, `storage migrate` copies
+one certificate store into another; `proxy --from --to` serves one site without a file."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
+import redis
 import trio
 
 import proxy
-from proxy.certs.report import certificates_table
+from proxy.certs.migrate import SKIPPED, migrate
+from proxy.certs.redis_store import RedisStore
+from proxy.certs.report import NONE, aligned, certificates_table, format_time
+from proxy.certs.store import CertificateStorage, CertStore, open_storage
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
 from proxy.config_load.flags import FLAGS_PATH, QuickStart, quick_start_config
@@ -50,6 +56,23 @@ def _parser() -> argparse.ArgumentParser:
             help=f"TOML file (default {DEFAULT_CONFIG})",
         )
     _quick_start_parser(commands)
+    storage = commands.add_parser("storage", help="work on the certificate store")
+    migrate_command = storage.add_subparsers(dest="action", required=True).add_parser(
+        "migrate",
+        help="copy certificates, keys, renewal plans and ACME accounts into another store "
+        "(never replacing a newer certificate; running it again copies nothing)",
+    )
+    for flag, what in (("--from", "source"), ("--to", "target")):
+        migrate_command.add_argument(
+            flag,
+            dest=what,
+            type=Path,
+            required=True,
+            help=f"the {what}: a configuration file (its [storage]) or a certs directory",
+        )
+    migrate_command.add_argument(
+        "--dry-run", action="store_true", help="say what would be copied, copy nothing"
+    )
     return parser
 
 
@@ -205,14 +228,82 @@ async def _handle_signals(server: Server, stop_now: trio.CancelScope) -> None:
             server.shutdown()
 
 
+def _open_store(path: Path, cache: Path) -> CertificateStorage | None:
+    """The store a configuration file names (Redis with `cache` as its local copy), or a
+    certs directory as it is; None after printing why not."""
+    if path.is_dir():
+        return CertStore(path)
+    config = _load(path)
+    return None if config is None else open_storage(config, cache=cache)
+
+
+def _migrate(source_path: Path, target_path: Path, *, dry_run: bool) -> int:
+    with tempfile.TemporaryDirectory(prefix="port443-migrate-") as tmp:
+        source = _open_store(source_path, Path(tmp) / "source")
+        target = _open_store(target_path, Path(tmp) / "target")
+        if source is None or target is None:
+            return 1
+        try:
+            steps = migrate(source, target, dry_run=dry_run)
+        except (OSError, ValueError, redis.RedisError) as exc:
+            print(f"port443: storage migrate stopped: {exc}", file=sys.stderr)
+            return 1
+    for step in steps:
+        print(step)
+    skipped = sum(step.action == SKIPPED for step in steps)
+    print(f"{len(steps)} items, {skipped} skipped{' (dry run)' if dry_run else ''}")
+    return 1 if skipped else 0
+
+
+def _certs(config: Config) -> int:
+    """The certificate table; with Redis, the shared view and who holds each lock."""
+    if config.storage.backend == "directory":
+        print(certificates_table(config))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="port443-certs-") as tmp:
+        store = RedisStore(config.storage, CertStore(Path(tmp)))
+        try:
+            locks = _locks_table(config, store)
+        except redis.RedisError as exc:
+            print(
+                f"port443: Redis unreachable ({exc}); this machine's copy in {config.certs.dir}:",
+                file=sys.stderr,
+            )
+            print(certificates_table(config))
+            return 1
+        print(certificates_table(config, store=store))
+    print()
+    print(locks)
+    return 0
+
+
+def _locks_table(config: Config, store: RedisStore) -> str:
+    """Which instance orders and renews each issued certificate, since when; RedisError
+    when Redis does not answer."""
+    now = datetime.now(UTC)
+    rows: list[tuple[str, ...]] = [("CERTIFICATE", "LOCK HOLDER", "SINCE")]
+    for site in config.sites:
+        if config.issuer_of(site) == "files":
+            continue
+        holder = store.lock_holder(site.name)
+        if holder is None:
+            rows.append((site.name, "free", NONE))
+            continue
+        instance, since = holder
+        held = int((now - since).total_seconds())
+        rows.append((site.name, instance, f"{format_time(since)} (for {held} s)"))
+    return aligned(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "storage":
+        return _migrate(args.source, args.target, dry_run=args.dry_run)
     config = _quick_start(args) if args.command == "proxy" else _load(args.config)
     if config is None:
         return 1
     if args.command == "certs":
-        print(certificates_table(config))
-        return 0
+        return _certs(config)
     if args.command == "doctor":
         return run_doctor(config)
     if args.command == "check":

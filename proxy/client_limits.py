@@ -3,6 +3,12 @@
 Both are off unless configured (`[limits] max_connections_per_ip`, `requests_per_second_per_ip`)
 and count per process (each worker keeps its own). An IPv6 client counts by its /64, the
 smallest network one subscriber is given, or one host could pose as 2^64 clients.
+
+With `shared_request_rate` the rate counts across every process of every instance: one Lua
+script per request in `[storage]`'s Redis (GCRA: the bucket as one timestamp per client,
+expiring when it is full again). When Redis does not answer, requests are not refused for
+that: each process's own bucket decides meanwhile (a metric counts those requests), and
+Redis is asked again a second later.
 """
 
 from __future__ import annotations
@@ -14,12 +20,56 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from proxy.config import LimitsConfig
+import redis
+import trio
+
+from proxy.certs.redis_store import redis_client
+from proxy.config import LimitsConfig, StorageConfig
 from proxy.lograte import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 MAX_BUCKETS = 65536  # clients whose request rate is tracked; the least recently seen go first
+SHARED_TIMEOUT = 0.25  # seconds a request waits for Redis before its process decides alone
+SHARED_RETRY = 1.0  # seconds between tries while Redis does not answer
+SHARED_THREADS = 16  # Redis round trips in flight per process (redis-py blocks a thread)
+
+# GCRA (the generic cell rate algorithm) in one round trip: KEYS[1] holds the "theoretical
+# arrival time" of the client's next request in microseconds of Redis's clock; ARGV[1] is
+# the interval between requests (µs), ARGV[2] the burst. Returns 0 (go ahead, counted) or
+# the microseconds until a request would be allowed.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local next_tat = tat + interval
+local allowed_at = next_tat - interval * tonumber(ARGV[2])
+if allowed_at > now then return math.ceil(allowed_at - now) end
+redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil((next_tat - now) / 1000))
+return 0
+"""
+
+
+class SharedRate:
+    """The request rate per client, counted in Redis for every process sharing it."""
+
+    def __init__(self, storage: StorageConfig, rate: float, burst: int) -> None:
+        self.settings = (storage, rate, burst)
+        self._client = redis_client(storage, SHARED_TIMEOUT)
+        self._gcra = self._client.register_script(_GCRA)
+        self._prefix = f"{storage.prefix}rate:"
+        self._args = [round(1_000_000 / rate), burst]
+
+    def wait(self, key: str) -> float:
+        """0 when a request of `key` may go ahead (counted), else the seconds until one
+        may; blocking, RedisError when Redis does not answer."""
+        micros = self._gcra(keys=[self._prefix + key], args=self._args)
+        return int(micros) / 1_000_000
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def client_key(ip: str) -> str:
@@ -42,20 +92,33 @@ class _Bucket:
 class ClientLimits:
     """Connections per client and requests per second per client, for one process."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(self, limits: LimitsConfig, storage: StorageConfig | None = None) -> None:
         self._connections: dict[str, int] = {}  # only clients with a connection open
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently seen first
         self.refused_connections = 0
         self.refused_requests = 0
+        self.unshared_requests = 0  # decided here alone: Redis did not answer (metrics)
         self._log_connections = RateLimitedLog(log, logging.WARNING)
         self._log_requests = RateLimitedLog(log, logging.WARNING)
-        self.configure(limits)
+        self._log_unshared = RateLimitedLog(log, logging.WARNING, interval=60.0)
+        self._shared: SharedRate | None = None
+        self._shared_down_until = -math.inf  # time.monotonic() of the next try at Redis
+        self._threads = trio.CapacityLimiter(SHARED_THREADS)
+        self.configure(limits, storage)
 
-    def configure(self, limits: LimitsConfig) -> None:
+    def configure(self, limits: LimitsConfig, storage: StorageConfig | None = None) -> None:
         """New limits (reload); open connections and buckets carry over."""
         self._max_connections = limits.max_connections_per_ip
         self._rate = limits.requests_per_second_per_ip
         self._burst = float(limits.request_burst_per_ip)
+        shared = None
+        if limits.shared_request_rate and storage is not None and self._rate:
+            shared = (storage, self._rate, limits.request_burst_per_ip)
+        if self._shared is not None and self._shared.settings != shared:
+            self._shared.close()
+            self._shared = None
+        if shared is not None and self._shared is None:
+            self._shared = SharedRate(*shared)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -78,10 +141,43 @@ class ClientLimits:
 
     # -- requests --------------------------------------------------------------------------
 
+    async def check_request(self, client_ip: str) -> int | None:
+        """None when a request of `client_ip` may go ahead, else the seconds for 429's
+        Retry-After: counted in Redis when the rate is shared and Redis answers, else by
+        this process (`retry_after`)."""
+        shared = self._shared
+        if shared is None or not self._rate:
+            return self.retry_after(client_ip)
+        if time.monotonic() >= self._shared_down_until:
+            key = client_key(client_ip)
+            try:
+                wait = await trio.to_thread.run_sync(shared.wait, key, limiter=self._threads)
+            except redis.RedisError as exc:
+                self._shared_down_until = time.monotonic() + SHARED_RETRY
+                self._log_unshared(
+                    "shared request rate: Redis unreachable (%s); each process counts alone "
+                    "until it is back",
+                    exc,
+                )
+            else:
+                if self._shared_down_until > -math.inf:
+                    self._shared_down_until = -math.inf
+                    log.info("shared request rate: Redis reachable again")
+                return None if wait <= 0 else self._refused(key, wait)
+        self.unshared_requests += 1
+        return self.retry_after(client_ip)
+
+    def _refused(self, key: str, wait: float) -> int:
+        """Count and log a 429; Retry-After in whole seconds, at least 1."""
+        self.refused_requests += 1
+        self._log_requests("client %s: more than %g requests per second: 429", key, self._rate)
+        return max(1, math.ceil(wait))
+
     def retry_after(self, client_ip: str) -> int | None:
-        """None when a request of `client_ip` may go ahead (taking a token), else the seconds
-        until the client's bucket holds one again (for 429's Retry-After). `client_ip` is
-        the request's client as `trusted_proxies` identify it (`Forwarder.identify`)."""
+        """This process's bucket: None when a request of `client_ip` may go ahead (taking a
+        token), else the seconds until the client's bucket holds one again (for 429's
+        Retry-After). `client_ip` is the request's client as `trusted_proxies` identify it
+        (`Forwarder.identify`)."""
         rate = self._rate
         if not rate:
             return None
@@ -100,6 +196,4 @@ class ClientLimits:
         if bucket.tokens >= 1:
             bucket.tokens -= 1
             return None
-        self.refused_requests += 1
-        self._log_requests("client %s: more than %g requests per second: 429", key, rate)
-        return max(1, math.ceil((1 - bucket.tokens) / rate))
+        return self._refused(key, (1 - bucket.tokens) / rate)

@@ -63,7 +63,9 @@ class StorageConfig:
     """
 
     backend: StorageBackend = "directory"
-    url: str | None = None  # redis:// or rediss://; required for "redis"
+    url: str | None = None  # redis:// or rediss://; "redis" needs this or sentinels
+    sentinels: tuple[tuple[str, int], ...] = ()  # Redis Sentinels (host, port) to ask ...
+    service_name: str | None = None  # ... for the master of this name
     prefix: str = "port443:"  # every key starts with it: several clusters in one Redis
     password: str | None = None  # else the one in the URL, if any
     encryption_key: str | None = None  # base64url of 32 bytes: private keys at rest in Redis
@@ -139,6 +141,7 @@ class LimitsConfig:
     max_connections_per_ip: int = 0  # per client address (IPv6: per /64); 0 = no limit
     requests_per_second_per_ip: float = 0.0  # token bucket per client address; 0 = no limit
     request_burst_per_ip: int = 20  # the bucket's size: requests a client may send at once
+    shared_request_rate: bool = False  # the rate counts across instances, in [storage]'s Redis
 
 
 @dataclass(frozen=True)

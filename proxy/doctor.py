@@ -25,8 +25,9 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Literal
 
-from proxy.certs.acme import ACCOUNT_FILE, _directory_dirname
+from proxy.certs.acme import _directory_dirname
 from proxy.certs.report import certificate_reports
+from proxy.certs.store import account_path
 from proxy.config import Config
 from proxy.pidfile import read_pid
 from proxy.storage_check import check_certificate_store
@@ -283,7 +284,7 @@ def _acme(config: Config, directory: str) -> Iterator[Check]:
             detail=f"{skew:+.0f} s",
             advice="set the time (enable NTP)" if verdict == "fail" else None,
         )
-    account = config.certs.dir / "acme" / _directory_dirname(directory) / ACCOUNT_FILE
+    account = account_path(config.certs.dir, _directory_dirname(directory))
     try:
         uri = json.loads(account.read_bytes()).get("uri")
     except (OSError, ValueError, AttributeError):

@@ -277,6 +277,12 @@ class _AdmissionCollector(Collector):
             refusals.add_metric(["connection"], clients.refused_connections)
             refusals.add_metric(["request"], clients.refused_requests)
         yield refusals
+        yield CounterMetricFamily(
+            "port443_client_limit_unshared_requests",
+            "Requests whose shared request rate (shared_request_rate) this process decided "
+            "alone because Redis did not answer.",
+            value=0 if clients is None else clients.unshared_requests,
+        )
 
 
 def merge_expositions(texts: Iterable[str]) -> bytes:

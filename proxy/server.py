@@ -259,7 +259,7 @@ class Server:
         self._serve_admin_port = serve_admin and config.admin.enabled
         limits = config.limits
         self.registry = ConnectionRegistry(limits.max_connections)
-        self.client_limits = ClientLimits(limits)
+        self.client_limits = ClientLimits(limits, config.storage)
         self.admission = Admission(
             registry=self.registry,
             reserve=DescriptorReserve(limits.fd_reserve) if limits.fd_reserve else None,
@@ -307,7 +307,7 @@ class Server:
     async def _forward(self, exchange: Exchange, outcome: Outcome) -> None:
         forwarder = self._current.forwarder
         forwarder.identify(exchange.request, outcome)
-        retry_after = self.client_limits.retry_after(outcome.client_ip)
+        retry_after = await self.client_limits.check_request(outcome.client_ip)
         if retry_after is not None:
             head, body = plain_response(
                 429, "Too Many Requests", (b"retry-after", str(retry_after).encode("ascii"))
@@ -335,7 +335,7 @@ class Server:
                 log.warning("reload: [%s] changes take effect only after a restart", section)
         new = Generation(config, ALPN, self.metrics.backend_health)
         await self._services.start(new.run)
-        self.client_limits.configure(config.limits)
+        self.client_limits.configure(config.limits, config.storage)
         self._current = new
         old.retire()
         changes = describe_changes(old.config, config)

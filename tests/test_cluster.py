@@ -1,7 +1,7 @@
 """Three real proxy processes share one real redis-server and order from a real Pebble:
 one order, the CA's validation answered by an instance that did not order, the same
 certificate everywhere, Redis stopped without harm, and a killed lock holder's work
-completed by another instance.
+completed by another instance, and a paused one's late write refused.
 
 Pebble validates on one (http, https) port pair: instance "b" owns it. Who orders is made
 deterministic with SIGSTOP: while the test itself holds the lock, "b" and "c" start and
@@ -11,6 +11,7 @@ are stopped, "a" starts, then the test releases the lock and only "a" is awake t
 from __future__ import annotations
 
 import base64
+import re
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from cryptography import x509
 from tests.support.certs import acme_toml, pebble_root, wait_served
 from tests.support.net import free_port
 from tests.support.pebble import Pebble
-from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+from tests.support.proxy import ProxyProcess, sites_toml, start_proxy, wait_for_text
 from tests.support.redisproc import RedisServer, run_redis
 from tests.support.run import run
 
@@ -42,9 +43,16 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @asynccontextmanager
 async def cluster(
-    tmp_path: Path, pebble: Pebble, server: RedisServer, proxy_ports: tuple[int, int], lock_ttl: int
+    tmp_path: Path,
+    pebble: Pebble,
+    server: RedisServer,
+    proxy_ports: tuple[int, int],
+    lock_ttl: int,
+    *,
+    keep_stopped: tuple[str, ...] = (),
 ) -> AsyncIterator[dict[str, ProxyProcess]]:
-    """Instances a (the orderer), b (on Pebble's ports) and c, as the module doc says."""
+    """Instances a (the orderer), b (on Pebble's ports) and c, as the module doc says;
+    those in `keep_stopped` are still stopped when a has taken the lock."""
     body = (
         acme_toml(pebble, "http-01")
         + f'[storage]\nbackend = "redis"\nurl = "{server.url}"\n'
@@ -73,7 +81,8 @@ async def cluster(
         client.delete(LOCK)
         await a.wait_log(f"holds the renewal lock of {HOST}")
         for name in ("b", "c"):
-            proxies[name].process.send_signal(signal.SIGCONT)
+            if name not in keep_stopped:
+                proxies[name].process.send_signal(signal.SIGCONT)
         yield proxies
     finally:
         for proxy in proxies.values():
@@ -137,3 +146,41 @@ async def test_a_killed_lock_holder_is_replaced_within_the_lock_ttl(
         assert cert.serial_number == first.serial_number
         logs = proxies["b"].log() + proxies["c"].log()
         assert "taking over its orders and renewals" in logs
+    pebble_log = (tmp_path / "pebble-0" / "pebble.log").read_text()
+    assert "There are now 2 accounts" not in pebble_log  # the successor used a's account
+
+
+async def test_a_holder_paused_past_its_lease_cannot_overwrite_its_successor(
+    tmp_path: Path,
+    start_pebble: Callable[..., Pebble],
+    proxy_ports: tuple[int, int],
+    server: RedisServer,
+) -> None:
+    """a orders while b, where Pebble validates, is stopped: a cannot finish (and write)
+    before b answers. a is stopped (SIGSTOP) as soon as Pebble tries to validate, b
+    resumes and answers; a's 2 s lease runs out, b or c takes the lock and stores a
+    certificate; then a resumes (SIGCONT), completes its order, and its late write is
+    refused: the successor's certificate stays, in Redis and on every instance."""
+    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1])
+    root = _root(pebble, tmp_path)
+    pebble_log = tmp_path / "pebble-0" / "pebble.log"
+    async with cluster(
+        tmp_path, pebble, server, proxy_ports, lock_ttl=2, keep_stopped=("b",)
+    ) as proxies:
+        a, b, c = proxies["a"], proxies["b"], proxies["c"]
+        await wait_for_text(pebble_log.read_text, "Attempting to validate w/ HTTP")
+        a.process.send_signal(signal.SIGSTOP)
+        b.process.send_signal(signal.SIGCONT)
+        successor = await wait_served(b, HOST, root, timeout=40)
+        assert "taking over its orders and renewals" in b.log() + c.log()
+
+        a.process.send_signal(signal.SIGCONT)
+        fenced = r"certificate request 1 failed: .*took the renewal lock; not overwriting"
+        await wait_for_text(a.log, re.compile(fenced), timeout=30)
+        for proxy in (a, b, c):
+            cert = await wait_served(proxy, HOST, root, timeout=15)
+            assert cert.serial_number == successor.serial_number
+        stored = redis.Redis.from_url(server.url).hget(f"port443:cert:{HOST}", "chain")
+        assert stored is not None
+        assert x509.load_pem_x509_certificate(stored).serial_number == successor.serial_number
+        assert a.log().count("ACME: issued a certificate") == 1  # a did finish its order

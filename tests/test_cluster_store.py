@@ -87,6 +87,23 @@ def test_a_paused_holder_cannot_overwrite_a_newer_certificate(
     assert paused.load("a.test").key_path.read_bytes() == newer[1]  # type: ignore[union-attr]
 
 
+def test_a_lapsed_lease_nobody_took_over_still_lets_the_result_in(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The fencing token decides, not the lease: an order finished after the lease ran
+    out is not wasted while no other instance has taken the lock."""
+    holder = _store(server, tmp_path / "a", ttl=1)
+    assert holder.claim_renewal("a.test")
+    time.sleep(1.2)
+    assert holder.heartbeat() is not None  # notices the lease is gone
+    assert holder.lock_holder("a.test") is None
+    chain, key = _pair(trustme.CA())
+    holder.write("a.test", chain, key, {})
+    assert _store(server, tmp_path / "b").load("a.test").key_path.read_bytes() == key  # type: ignore[union-attr]
+    with pytest.raises(LockLost):
+        _store(server, tmp_path / "c").write("a.test", chain, key, {})  # never held it
+
+
 def test_the_heartbeat_keeps_the_lock_past_its_ttl(server: RedisServer, tmp_path: Path) -> None:
     holder, other = _store(server, tmp_path / "a", ttl=1), _store(server, tmp_path / "b", ttl=1)
     assert holder.claim_renewal("a.test")

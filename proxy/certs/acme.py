@@ -7,7 +7,8 @@ once and always removes its challenge files. Polling is ours, with short waits, 
 
 The account key is created once per ACME directory and kept in
 `<certs>/acme/<directory host>/account.json`; registering is idempotent (the CA answers
-an existing key with its account), so every process start reuses the same account.
+an existing key with its account), so every process start reuses the same account. With
+a shared store the first instance's account is every instance's (`CertificateStorage.account`).
 
 Two additions to what `acme` sends: a renewal order names the certificate it replaces
 (RFC 9773 `replaces`, which Let's Encrypt exempts from rate limits), and the CA's
@@ -45,12 +46,11 @@ from josepy.jwk import JWK, JWKEC
 from proxy.certs.acme_challenges import write_http01, write_tls_alpn01
 from proxy.certs.dns01 import DnsError, Rfc2136, TxtRecord, challenge_record
 from proxy.certs.renewal import AriWindow, ari_cert_id
-from proxy.certs.store import atomic_write
+from proxy.certs.store import CertificateStorage, account_path, atomic_write
 from proxy.config import LETS_ENCRYPT, ChallengeType, DnsConfig, KeyType, is_ip_address
 
 log = logging.getLogger(__name__)
 
-ACCOUNT_FILE = "account.json"
 ARI_RECHECK = timedelta(hours=6)  # RFC 9773 4.3: poll renewalInfo again when no Retry-After
 
 _BAD_NONCE_ATTEMPTS = 10  # RFC 8555 6.5: badNonce is retryable; CAs may reject good nonces
@@ -171,10 +171,12 @@ class AcmeClient:
         eab: ExternalAccountBinding | None = None,
         dns: DnsConfig | None = None,
         timeout: float = 120.0,
+        accounts: CertificateStorage | None = None,
     ) -> None:
         self.certs_dir = certs_dir
         self.directory = directory
-        self.account_path = certs_dir / "acme" / _directory_dirname(directory) / ACCOUNT_FILE
+        self.account_path = account_path(certs_dir, _directory_dirname(directory))
+        self._accounts = accounts  # where the account is shared with other instances
         self._email = email
         self._verify: bool | str = str(ca_bundle) if ca_bundle is not None else True
         self._challenges = tuple(challenges)
@@ -297,12 +299,10 @@ class AcmeClient:
 
     def _register(self) -> _Client:
         """Load or create the account key, then create or look up its account (blocking)."""
-        stored = self._load_account()
-        if stored is None:
+        if not self.account_path.exists():
             key = JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
             self._save_account(key, None)  # before registering: a crash must not lose it
-        else:
-            key, _ = stored
+        key, known_uri = self._shared_account()
         # requests takes a CA file path as well as a bool; a path also beats REQUESTS_CA_BUNDLE
         verify: Any = self._verify
         net = _Network(key, alg=ES256, verify_ssl=verify, timeout=_HTTP_TIMEOUT)
@@ -327,16 +327,32 @@ class AcmeClient:
             client.net.account = messages.RegistrationResource(
                 uri=uri, body=messages.Registration()
             )
-        if stored is None or stored[1] != uri:
+        if known_uri != uri:
             self._save_account(key, uri)
         return client
 
-    def _load_account(self) -> tuple[JWKEC, str | None] | None:
+    def _shared_account(self) -> tuple[JWKEC, str | None]:
+        """The account every instance sharing the store uses: this one's file is proposed,
+        the first proposal stored wins, and this instance keeps a copy of the winner."""
+        text = self.account_path.read_bytes()
+        mine = self._parse_account(text)
+        if self._accounts is None:
+            return mine
         try:
-            data = json.loads(self.account_path.read_bytes())
+            shared_text = self._accounts.account(_directory_dirname(self.directory), text)
+        except (OSError, ValueError) as error:  # unreachable, or a key that does not open
+            raise AcmeError(f"the shared account for {self.directory}: {error}") from error
+        shared = self._parse_account(shared_text)
+        if shared[0] == mine[0]:  # the same key: this copy may know the account's URL
+            return mine
+        atomic_write(self.account_path, shared_text, 0o600)
+        log.info("ACME: using the account shared through the store at %s", self.directory)
+        return shared
+
+    def _parse_account(self, text: bytes) -> tuple[JWKEC, str | None]:
+        try:
+            data = json.loads(text)
             key = JWK.from_json(data["key"])
-        except FileNotFoundError:
-            return None
         except (ValueError, KeyError, TypeError, DeserializationError) as error:
             raise AcmeError(f"{self.account_path}: unreadable account file: {error}") from error
         if not isinstance(key, JWKEC):  # we only ever create P-256 keys, signed with ES256

@@ -16,7 +16,7 @@ from cryptography import x509
 
 from proxy.certs.acme import AcmeClient, ExternalAccountBinding, RenewalInfo
 from proxy.certs.local_ca import LocalCA
-from proxy.certs.store import StoredCert
+from proxy.certs.store import CertificateStorage, StoredCert
 from proxy.config import AcmeConfig, SiteConfig
 
 
@@ -79,8 +79,11 @@ class AcmeIssuer(Issuer):
 
     instant = False
 
-    def __init__(self, certs_dir: Path, config: AcmeConfig) -> None:
+    def __init__(
+        self, certs_dir: Path, config: AcmeConfig, accounts: CertificateStorage | None = None
+    ) -> None:
         self._config = config
+        self._accounts = accounts
         eab = None
         if config.eab_kid is not None and config.eab_hmac_key is not None:
             eab = ExternalAccountBinding(config.eab_kid, config.eab_hmac_key)
@@ -102,6 +105,7 @@ class AcmeIssuer(Issuer):
             challenges=config.challenges,
             eab=eab,
             dns=config.dns,
+            accounts=self._accounts,
         )
 
     async def issue(self, request: IssueRequest) -> Issued:

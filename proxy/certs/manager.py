@@ -35,7 +35,13 @@ from proxy.certs.issuers import AcmeIssuer, Issuer, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
 from proxy.certs.renewal import next_retry, renewal_due
 from proxy.certs.status import RenewalStatus, load_status, save_status
-from proxy.certs.store import InvalidCertificate, StoredCert, open_storage, read_pair
+from proxy.certs.store import (
+    CertificateStorage,
+    InvalidCertificate,
+    StoredCert,
+    open_storage,
+    read_pair,
+)
 from proxy.config import Config, SiteConfig, wildcard_of
 from proxy.config import Issuer as IssuerName
 from proxy.tls.clienthello import ClientHello
@@ -66,7 +72,7 @@ class CertManager:
         self._store = open_storage(config)
         shared = self._store if isinstance(self._store, SharedChallenges) else None
         share_challenges(config.certs.dir, shared)
-        self._issuers = _issuers(config, issuer)
+        self._issuers = _issuers(config, issuer, self._store)
         default = config.tls.default_site
         self._default = default.lower() if default else None
         self._reject = reject_context()
@@ -410,7 +416,9 @@ def _by_name(table: dict[str, T], server_name: str | None, default: str | None) 
     return table.get(default) if default is not None else None
 
 
-def _issuers(config: Config, override: Issuer | None) -> dict[IssuerName, Issuer]:
+def _issuers(
+    config: Config, override: Issuer | None, store: CertificateStorage
+) -> dict[IssuerName, Issuer]:
     """One issuer per kind the sites use; "files" needs none."""
     kinds = {config.issuer_of(site) for site in config.sites} - {"files"}
     issuers: dict[IssuerName, Issuer] = {}
@@ -420,7 +428,7 @@ def _issuers(config: Config, override: Issuer | None) -> dict[IssuerName, Issuer
         elif kind == "local":
             issuers[kind] = LocalIssuer(LocalCA(config.certs.dir))
         else:
-            issuers[kind] = AcmeIssuer(config.certs.dir, config.acme)
+            issuers[kind] = AcmeIssuer(config.certs.dir, config.acme, store)
     return issuers
 
 

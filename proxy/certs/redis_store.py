@@ -2,7 +2,8 @@
 
 Keys, all under `prefix`: `cert:<name>` (a hash: chain, encrypted key, meta, version,
 token), `status:<name>` (the renewal plan), `lock:<name>` (`<instance>|<token>|<since>`,
-with a lease), `fence:<name>` (the last token handed out) and `challenge:<kind>:<id>`.
+with a lease), `fence:<name>` (the last token handed out), `challenge:<kind>:<id>` and
+`account:<CA>` (the encrypted account.json every instance uses at that CA).
 
 One lock per certificate decides who orders it. Taking the lock draws a fencing token
 from `fence:<name>`; a write succeeds only while that counter still equals the writer's
@@ -34,8 +35,9 @@ from typing import TypeVar, cast
 import redis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from redis.sentinel import Sentinel
 
-from proxy.certs.store import CertStore, StoredCert
+from proxy.certs.store import CertStore, StorageUnreachable, StoredCert
 from proxy.config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,14 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_FIRST_WINS = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX') then return ARGV[1] end
+return redis.call('get', KEYS[1])
 """
 _FENCED_WRITE = """
 if redis.call('get', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -107,6 +117,21 @@ class KeyCipher:
             raise KeyDecryptionError(f"{name}: the encryption key does not open it") from exc
 
 
+def redis_client(storage: StorageConfig, timeout: float) -> redis.Redis:
+    """A client for `[storage]`'s Redis; every round trip gives up after `timeout` s. With
+    Sentinels, each new connection asks them for the current master, so a failover is
+    followed (a command on the old master fails once, like any unreachable moment)."""
+    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if storage.sentinels and storage.service_name is not None:
+        # redis-py's sentinel module has no type hints
+        sentinel = Sentinel(list(storage.sentinels), sentinel_kwargs=timeouts, **timeouts)  # type: ignore[no-untyped-call]
+        master = sentinel.master_for(storage.service_name, password=storage.password)  # type: ignore[no-untyped-call]
+        return cast(redis.Redis, master)
+    if storage.url is None:
+        raise ValueError('storage: backend = "redis" needs url or sentinels')
+    return redis.Redis.from_url(storage.url, password=storage.password, **timeouts)
+
+
 class RedisStore:
     """The `CertificateStorage` several instances share; `cache` is this instance's copy."""
 
@@ -118,24 +143,22 @@ class RedisStore:
         client: redis.Redis | None = None,
         instance: str | None = None,
     ) -> None:
-        if storage.url is None:
-            raise ValueError('storage: backend = "redis" needs url')
-        self._client = client or redis.Redis.from_url(
-            storage.url,
-            password=storage.password,
-            socket_timeout=_TIMEOUT,
-            socket_connect_timeout=_TIMEOUT,
-        )
+        self._client = client or redis_client(storage, _TIMEOUT)
         self._prefix = storage.prefix
         self._ttl_ms = int(storage.lock_ttl * 1000)
         self._cipher = KeyCipher.from_config(storage)
         self._cache = cache
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
         self._held: dict[str, str] = {}  # name -> our lock value (its token inside)
+        # name -> the fencing token of our last lock, kept when the lease is lost: whether
+        # a write may still land is for the fence in Redis to say, nothing else
+        self._tokens: dict[str, str] = {}
         self._versions: dict[str, object] = {}  # name -> last version read from Redis
         self._acquire = self._client.register_script(_ACQUIRE)
         self._extend = self._client.register_script(_EXTEND)
         self._fenced_write = self._client.register_script(_FENCED_WRITE)
+        self._release = self._client.register_script(_RELEASE)
+        self._first_wins = self._client.register_script(_FIRST_WINS)
         self.unreachable_since: datetime | None = None  # metrics and the log say so
 
     def _key(self, *parts: str) -> str:
@@ -193,13 +216,14 @@ class RedisStore:
     def write(
         self, name: str, fullchain_pem: bytes, key_pem: bytes, meta: dict[str, object]
     ) -> None:
-        """Store a new certificate if this instance still holds its lock (fencing token);
-        LockLost otherwise, RedisError when Redis does not answer."""
+        """Store a new certificate unless another instance has taken its lock since this
+        one took it (the fencing token decides; a lease that ran out while nobody took
+        over still lets the result in). LockLost when refused, RedisError when Redis
+        does not answer."""
         self._cache.path(name)
-        held = self._held.get(name)
-        if held is None:
-            raise LockLost(f"{name}: this instance does not hold the renewal lock")
-        token = held.split("|")[1]
+        token = self._tokens.get(name)
+        if token is None:
+            raise LockLost(f"{name}: this instance never held the renewal lock")
         version = uuid.uuid4().hex
         sealed = self._cipher.encrypt(name, key_pem)
         meta_json = json.dumps(meta, sort_keys=True)
@@ -208,6 +232,7 @@ class RedisStore:
         written = self._call("write", lambda: self._fenced_write(keys=keys, args=args))
         if not written:
             self._held.pop(name, None)
+            self._tokens.pop(name, None)
             raise LockLost(f"{name}: another instance took the renewal lock; not overwriting")
         self._cache.write(name, fullchain_pem, key_pem, {**meta, "store_version": version})
         self._versions[name] = version
@@ -242,7 +267,8 @@ class RedisStore:
             return held is not None  # keep trying as holder; the fenced write decides
         if not token:
             return False
-        self._held[name] = f"{self.instance}|{int(cast(int, token))}|{now}"
+        self._tokens[name] = str(int(cast(int, token)))
+        self._held[name] = f"{self.instance}|{self._tokens[name]}|{now}"
         log.info("storage: %s holds the renewal lock of %s (token %s)", self.instance, name, token)
         return True
 
@@ -272,6 +298,49 @@ class RedisStore:
         self._cache.write_status(name, data)
         with contextlib.suppress(redis.RedisError):  # advice: the next save catches up
             self._call("status", lambda: self._client.set(self._key("status", name), data))
+
+    def release(self, name: str) -> None:
+        """Free the lock of `name` if this instance still holds it: the next claimant need
+        not wait for the lease to run out."""
+        value = self._held.pop(name, None)
+        self._tokens.pop(name, None)
+        if value is not None:
+            release = partial(self._release, keys=[self._key("lock", name)], args=[value])
+            with contextlib.suppress(redis.RedisError):  # then the lease runs out
+                self._call("release", release)
+
+    def names(self) -> list[str]:
+        """RedisError propagates: a listing is all or nothing."""
+        return self._listing("cert")
+
+    def account(self, ident: str, proposed: bytes) -> bytes:
+        """One script: store the (encrypted) proposal unless an account is there already."""
+        bound = f"account:{ident}"
+        keys, args = [self._key("account", ident)], [self._cipher.encrypt(bound, proposed)]
+        try:
+            stored = self._call("account", lambda: self._first_wins(keys=keys, args=args))
+        except redis.RedisError as exc:
+            raise StorageUnreachable(f"storage: Redis unreachable: {exc}") from exc
+        return self._cipher.decrypt(bound, cast(bytes, stored))
+
+    def accounts(self) -> dict[str, bytes]:
+        idents = self._listing("account")
+        if not idents:
+            return {}
+        keys = [self._key("account", ident) for ident in idents]
+        sealed = cast(list[bytes | None], self._call("accounts", lambda: self._client.mget(keys)))
+        return {
+            ident: self._cipher.decrypt(f"account:{ident}", blob)
+            for ident, blob in zip(idents, sealed, strict=True)
+            if blob is not None  # unless deleted since the listing
+        }
+
+    def _listing(self, kind: str) -> list[str]:
+        """What follows `<prefix><kind>:` in every such key (SCAN, glob characters escaped)."""
+        head = self._key(kind, "")
+        pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in head) + "*"
+        keys = self._call(kind, lambda: list(self._client.scan_iter(match=pattern)))
+        return sorted(cast(bytes, key).decode()[len(head) :] for key in keys)
 
     # -- shared view and challenges -------------------------------------------------------
 

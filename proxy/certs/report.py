@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from proxy.certs.manager import read_site_files
 from proxy.certs.renewal import AriWindow
 from proxy.certs.status import load_status
-from proxy.certs.store import CertStore
+from proxy.certs.store import CertificateStorage, CertStore
 from proxy.config import Config, SiteConfig
 
 HEADER = ("NAMES", "ISSUER", "NOT AFTER", "DAYS LEFT", "NEXT RENEWAL", "LAST ERROR")
@@ -59,23 +59,32 @@ class CertificateReport:
         }
 
 
-def certificate_reports(config: Config) -> list[CertificateReport]:
-    store = CertStore(config.certs.dir)
+def certificate_reports(
+    config: Config, store: CertificateStorage | None = None
+) -> list[CertificateReport]:
+    """From `store`, else from the files in `certs.dir` (this machine's copy)."""
+    store = store or CertStore(config.certs.dir)
     return [_report(config, store, site) for site in config.sites]
 
 
-def certificates_table(config: Config, now: datetime | None = None) -> str:
+def certificates_table(
+    config: Config, now: datetime | None = None, store: CertificateStorage | None = None
+) -> str:
     """One row per site, columns aligned; the last error is never cut short."""
     now = now or datetime.now(UTC)
-    rows = [HEADER, *(_row(report, now) for report in certificate_reports(config))]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
+    return aligned([HEADER, *(_row(report, now) for report in certificate_reports(config, store))])
+
+
+def aligned(rows: list[tuple[str, ...]]) -> str:
+    """Rows as text, every column but the last padded to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
         for row in rows
     )
 
 
-def _report(config: Config, store: CertStore, site: SiteConfig) -> CertificateReport:
+def _report(config: Config, store: CertificateStorage, site: SiteConfig) -> CertificateReport:
     issuer: str = config.issuer_of(site)
     if issuer == "files":
         try:
@@ -122,11 +131,14 @@ def _row(report: CertificateReport, now: datetime) -> tuple[str, str, str, str, 
     if report.not_after is None or days is None:
         not_after, days_left = report.missing or NONE, NONE
     else:
-        not_after, days_left = _time(report.not_after), f"{days:.1f}" if days > 0 else "expired"
+        not_after, days_left = (
+            format_time(report.not_after),
+            f"{days:.1f}" if days > 0 else "expired",
+        )
     if report.renewal_plan is not None:
         next_renewal = report.renewal_plan
     else:
-        next_renewal = _time(report.next_renewal) if report.next_renewal else NONE
+        next_renewal = format_time(report.next_renewal) if report.next_renewal else NONE
     return (
         ",".join(report.names),
         report.issuer,
@@ -137,7 +149,7 @@ def _row(report: CertificateReport, now: datetime) -> tuple[str, str, str, str, 
     )
 
 
-def _time(when: datetime) -> str:
+def format_time(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 

@@ -40,12 +40,18 @@ KEY_FILE = "privkey.pem"
 META_FILE = "meta.json"
 STATUS_FILE = "status.json"  # the renewal plan (status.py), beside the pair
 LOCK_DIR = ".renewal-locks"
+ACCOUNTS_DIR = "acme"  # acme/<directory host>/account.json: the ACME account per CA
+ACCOUNT_FILE = "account.json"
 NEW_SUFFIX = ".new"
 _PAIR_FILES = (CHAIN_FILE, KEY_FILE)  # renamed before META_FILE, the commit record
 
 
 class InvalidCertificate(ValueError):
     """A certificate/key pair that cannot be used: unparsable, empty, or not matching."""
+
+
+class StorageUnreachable(OSError):
+    """A shared store that did not answer: what needed it waits and retries."""
 
 
 @dataclass(frozen=True)
@@ -92,15 +98,31 @@ class CertificateStorage(Protocol):
     def write_status(self, name: str, data: bytes) -> None:
         """Record the renewal plan of `name`; OSError when it cannot be recorded."""
 
+    def names(self) -> list[str]:
+        """Every certificate name the store holds (`port443 storage migrate`)."""
 
-def open_storage(config: Config) -> CertificateStorage:
-    """The store `[storage]` names; the directory store unless it is Redis."""
+    def release(self, name: str) -> None:
+        """Give the claim on `name` up now, rather than when the process ends."""
+
+    def account(self, ident: str, proposed: bytes) -> bytes:
+        """The ACME account for the CA `ident` (account.json's bytes): the stored one, or
+        `proposed`, stored now if there was none. Several instances may propose at once;
+        the first one's is every instance's. StorageUnreachable when it cannot be asked."""
+
+    def accounts(self) -> dict[str, bytes]:
+        """Every ACME account the store keeps, by CA (`port443 storage migrate`)."""
+
+
+def open_storage(config: Config, *, cache: Path | None = None) -> CertificateStorage:
+    """The store `[storage]` names; the directory store unless it is Redis. `cache`
+    replaces `certs.dir` as Redis's local copy: commands that look at a store without
+    serving from it (`certs`, `storage migrate`) leave the instance's copy alone."""
     local = CertStore(config.certs.dir)
     if config.storage.backend == "directory":
         return local
     from proxy.certs.redis_store import RedisStore  # only Redis users need the package
 
-    return RedisStore(config.storage, local)
+    return RedisStore(config.storage, local if cache is None else CertStore(cache))
 
 
 _claims: dict[Path, int] = {}  # lock file -> the fd whose flock() this process holds
@@ -162,6 +184,37 @@ class CertStore:
         """An flock() lives as long as the process: nothing to renew."""
         return None
 
+    def release(self, name: str) -> None:
+        fd = _claims.pop(self.root / LOCK_DIR / self.path(name).name, None)
+        if fd is not None:
+            os.close(fd)  # closing drops the flock()
+
+    def names(self) -> list[str]:
+        """The sub-directories holding a commit record (the local CA, accounts and
+        challenges live in directories without one)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if not entry.name.startswith(".") and (entry / META_FILE).is_file()
+        )
+
+    def account(self, ident: str, proposed: bytes) -> bytes:
+        path = account_path(self.root, ident)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write(path, proposed, 0o600)
+            return proposed
+
+    def accounts(self) -> dict[str, bytes]:
+        directory = self.root / ACCOUNTS_DIR
+        if not directory.is_dir():
+            return {}
+        return {p.parent.name: p.read_bytes() for p in sorted(directory.glob(f"*/{ACCOUNT_FILE}"))}
+
     def read_status(self, name: str) -> bytes | None:
         try:
             return (self.path(name) / STATUS_FILE).read_bytes()
@@ -214,6 +267,13 @@ def read_pair(
         serial=leaf.serial_number,
         meta=meta or {},
     )
+
+
+def account_path(root: Path, ident: str) -> Path:
+    """Where the directory store keeps the ACME account for the CA `ident`."""
+    if not ident or ident in (".", "..") or "/" in ident or "\0" in ident:
+        raise ValueError(f"invalid ACME account name {ident!r}")
+    return root / ACCOUNTS_DIR / ident / ACCOUNT_FILE
 
 
 def subject_alt_names(cert: x509.Certificate) -> tuple[str, ...]:

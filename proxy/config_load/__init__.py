@@ -83,15 +83,16 @@ class ConfigReader(SiteSections, CertSections, ServerSections):
         sites = self._sites(root, certs.issuer, groups)
         listen = self._listen(root)
         acme_sites = [site for site in sites if (site.issuer or certs.issuer) == "acme"]
+        storage = self._storage(root)
         return Config(
             path=self._path,
             server=self._server(root),
             listen=listen,
             certs=certs,
             acme=self._acme(root, listen, acme_sites),
-            storage=self._storage(root),
+            storage=storage,
             hsts=self._hsts(root),
-            limits=self._limits(root),
+            limits=self._limits(root, storage),
             tls=self._tls(root, sites),
             http2=self._http2(root),
             access_log=self._access_log(root),

@@ -151,6 +151,8 @@ class CertSections(Reader):
         storage = StorageConfig(
             backend=self._value(table, key, "backend", default.backend, convert.choice(backends)),
             url=self._value(table, key, "url", None, convert.redis_url),
+            sentinels=self._value(table, key, "sentinels", (), convert.sentinels),
+            service_name=self._value(table, key, "service_name", None, convert.text),
             prefix=self._value(table, key, "prefix", default.prefix, convert.text),
             password=self._value(table, key, "password", None, convert.text),
             encryption_key=self._value(table, key, "encryption_key", None, convert.encryption_key),
@@ -159,8 +161,10 @@ class CertSections(Reader):
         )
         if storage.backend != "redis":
             return storage
-        if storage.url is None:
-            self._problem((*key, "url"), 'is required with backend = "redis"')
+        if (storage.url is None) == (not storage.sentinels):
+            self._problem((*key, "url"), 'backend = "redis" needs exactly one of url, sentinels')
+        if bool(storage.sentinels) != (storage.service_name is not None):
+            self._problem((*key, "service_name"), "sentinels and service_name go together")
         keys = [k for k in ("encryption_key", "encryption_key_file") if k in table]
         if len(keys) != 1:
             self._problem(

@@ -250,6 +250,27 @@ def redis_url(value: object) -> str:
     raise Invalid(f'must be a "redis://" or "rediss://" URL, got {show(value)}')
 
 
+def sentinels(value: object) -> tuple[tuple[str, int], ...]:
+    """Redis Sentinels: "host" or "host:port" ("[IPv6]:port"), port 26379 when none is given."""
+    if not isinstance(value, list) or not value:
+        raise Invalid(f'must be an array such as ["10.0.0.1:26379"], got {show(value)}')
+    return tuple(_sentinel(element) for element in value)
+
+
+def _sentinel(value: object) -> tuple[str, int]:
+    text = value if isinstance(value, str) else ""
+    name, port_text = text, "26379"
+    if text.startswith("[") and "]" in text:
+        name, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":") if rest else port_text
+    elif text.count(":") == 1:
+        name, _, port_text = text.partition(":")
+    port = int(port_text) if port_text.isdigit() else 0
+    if not 1 <= port <= 65535:
+        raise Invalid(f'must be "host" or "host:port", got {show(value)}')
+    return host(name), port
+
+
 def encryption_key(value: object) -> str:
     """base64url of 32 bytes, e.g. from `openssl rand -base64 32 | tr +/ -_`."""
     try:

@@ -17,6 +17,7 @@ from proxy.config import (
     ListenConfig,
     ServerConfig,
     SiteConfig,
+    StorageConfig,
     TLSConfig,
 )
 from proxy.config_load import convert
@@ -109,7 +110,7 @@ class ServerSections(Reader):
             )
         return hsts
 
-    def _limits(self, root: Table) -> LimitsConfig:
+    def _limits(self, root: Table, storage: StorageConfig) -> LimitsConfig:
         key: KeyPath = ("limits",)
         table = self._section(root, "limits", _LIMITS_TYPES)
         default = LimitsConfig()
@@ -119,11 +120,20 @@ class ServerSections(Reader):
                 key,
                 name,
                 getattr(default, name),
-                convert.limit_converter(kind, zero_allowed=name in _LIMITS_ZERO_ALLOWED),
+                convert.boolean
+                if kind is bool
+                else convert.limit_converter(kind, zero_allowed=name in _LIMITS_ZERO_ALLOWED),
             )
             for name, kind in _LIMITS_TYPES.items()
         }
-        return LimitsConfig(**values)
+        limits = LimitsConfig(**values)
+        if limits.shared_request_rate:
+            where = (*key, "shared_request_rate")
+            if storage.backend != "redis":
+                self._problem(where, 'needs [storage] backend = "redis" (where it is shared)')
+            if not limits.requests_per_second_per_ip:
+                self._problem(where, "needs requests_per_second_per_ip (the rate shared)")
+        return limits
 
     def _access_log(self, root: Table) -> AccessLogConfig:
         key: KeyPath = ("access_log",)

@@ -1,5 +1,6 @@
 """A real `redis-server` per test: a free loopback port, a temporary directory, no
-persistence, stopped (and restartable, on the same port) by the test itself."""
+persistence, stopped (and restartable, on the same port) by the test itself. Also a
+replica and a Sentinel (`redis-server --sentinel`, what Debian's redis-sentinel runs)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class RedisServer:
     port: int
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    config: Path | None = None  # a config file first on the command line (Sentinel's)
+    options: tuple[str, ...] = ()  # more command-line options: --replicaof, --sentinel
 
     @property
     def url(self) -> str:
@@ -28,9 +31,10 @@ class RedisServer:
 
     def start(self) -> None:
         log = (self.directory / "redis.log").open("ab")
+        head = [] if self.config is None else [str(self.config)]
         self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+            ["redis-server", *head, "--bind", "127.0.0.1", "--port", str(self.port),
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory), *self.options],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
@@ -56,11 +60,31 @@ class RedisServer:
 
 
 @contextmanager
-def run_redis(directory: Path) -> Iterator[RedisServer]:
+def run_redis(directory: Path, *options: str, config: Path | None = None) -> Iterator[RedisServer]:
     directory.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(port=free_port(), directory=directory)
+    server = RedisServer(port=free_port(), directory=directory, config=config, options=options)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def run_replica(directory: Path, master: RedisServer) -> Iterator[RedisServer]:
+    with run_redis(directory, "--replicaof", "127.0.0.1", str(master.port)) as replica:
+        yield replica
+
+
+@contextmanager
+def run_sentinel(directory: Path, master: RedisServer, name: str) -> Iterator[RedisServer]:
+    """A Sentinel watching `master` as `name`, deciding alone (quorum 1), quick to fail over."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "sentinel.conf"  # Sentinel rewrites it: its own file
+    config.write_text(
+        f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
+        f"sentinel down-after-milliseconds {name} 1000\n"
+        f"sentinel failover-timeout {name} 5000\n"
+    )
+    with run_redis(directory, "--sentinel", config=config) as sentinel:
+        yield sentinel
