@@ -166,6 +166,8 @@ class CertManager:
                     else:
                         await nursery.start(self._keep_issued, site, issuer)
                 task_status.started()
+                if self.on_demand is not None:  # names may come with any handshake
+                    await trio.sleep_forever()
         finally:
             self._nursery = None
 
@@ -339,8 +341,9 @@ class CertManager:
     ) -> RenewalStatus:
         """The retry after `exc`, per the failure policy and the CA's Retry-After; logged."""
         self.renewal_failures[site.name] = self.renewal_failures.get(site.name, 0) + 1
-        if (pending := self._first_orders.get(site.name)) is not None:
-            pending.scope.cancel()  # an on-demand name is not ordered again until asked again
+        pending = self._first_orders.get(site.name)
+        if pending is not None:  # an on-demand name's first order: refused, its task ends
+            pending.scope.cancel()
             pending.settled.set()
         now = _now()
         failures = status.failures + 1
@@ -354,7 +357,9 @@ class CertManager:
             if site.name in self._certs
             else "its names fall through to the default site or are refused"
         )
-        if retry is None:
+        if pending is not None:
+            when = "not ordered again within acme.on_demand_refusal_ttl"
+        elif retry is None:
             when = f"giving up after {failures} attempts since {first}"
         else:
             how = " with another challenge type" if retry.other_challenge else ""
