@@ -24,12 +24,14 @@ from urllib.parse import quote, urlsplit
 
 import requests
 import trio
+from trio.lowlevel import RunVar
 
 from proxy.certs.acme import RenewalInfo
 from proxy.certs.issuers import Issued, Issuer, IssueRequest
 from proxy.certs.store import StoredCert
 from proxy.config import Config, SiteConfig, is_ip_address
 from proxy.config_load.convert import Invalid, host
+from proxy.lograte import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,14 @@ Clock = Callable[[], float]
 Ask = Callable[[str, str], Awaitable[bool]]
 Obtain = Callable[[SiteConfig], Awaitable[bool]]
 
-_ask_threads = trio.CapacityLimiter(8)  # asks in flight: the shared thread pool stays free
+ASK_THREADS = 8  # asks in flight at once: trio's shared thread pool stays free for the rest
+
+_ask_threads: RunVar[trio.CapacityLimiter] = RunVar("_ask_threads")
+# a client chooses the names it sends: one line per interval for what it can repeat at will
+_log_not_dns = RateLimitedLog(log, logging.INFO)
+_log_refused = RateLimitedLog(log, logging.INFO)
+_log_ask_failed = RateLimitedLog(log, logging.WARNING)
+_log_capped = RateLimitedLog(log, logging.WARNING)
 
 
 class RateLimited(Exception):
@@ -175,7 +184,7 @@ class OnDemand:
 
     async def _fly(self, site: SiteConfig, name: str) -> bool:
         if not _valid_name(name):
-            log.info("on-demand: refusing %r: not a DNS name", name)
+            _log_not_dns("on-demand: refusing %r: not a DNS name", name)
             return False
         if not await self._ask(site.ask or "", name):
             self.counts["refused"] += 1
@@ -183,7 +192,7 @@ class OnDemand:
             return False
         if len(self._names) >= self._max_names:
             self.counts["rate_limited"] += 1
-            log.warning(
+            _log_capped(
                 "on-demand: refusing %s: on_demand_max_names (%d) reached", name, self._max_names
             )
             self.refusals.add(name)
@@ -202,15 +211,26 @@ async def ask_endpoint(url: str, name: str) -> bool:
     target = f"{url}{'&' if urlsplit(url).query else '?'}domain={quote(name)}"
     get = partial(requests.get, target, timeout=ASK_TIMEOUT, allow_redirects=False, stream=True)
     try:
-        response = await trio.to_thread.run_sync(get, limiter=_ask_threads, abandon_on_cancel=True)
+        response = await trio.to_thread.run_sync(get, limiter=_threads(), abandon_on_cancel=True)
     except requests.RequestException as exc:
-        log.warning("on-demand: refusing %s: ask %s failed: %s", name, url, exc)
+        _log_ask_failed("on-demand: refusing %s: ask %s failed: %s", name, url, exc)
         return False
     response.close()
-    approved = response.status_code == 200
-    log.info("on-demand: %s %s (ask answered %d)", name, "approved" if approved else "refused",
-             response.status_code)  # fmt: skip
-    return approved
+    if response.status_code != 200:
+        _log_refused("on-demand: %s refused (ask answered %d)", name, response.status_code)
+        return False
+    log.info("on-demand: %s approved", name)
+    return True
+
+
+def _threads() -> trio.CapacityLimiter:
+    """This run's limiter of ask threads (a limiter belongs to one trio run)."""
+    try:
+        return _ask_threads.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(ASK_THREADS)
+        _ask_threads.set(limiter)
+        return limiter
 
 
 def _valid_name(name: str) -> bool:
