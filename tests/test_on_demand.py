@@ -24,6 +24,7 @@ from proxy.certs.on_demand import (
     Refusals,
     ask_endpoint,
 )
+from proxy.certs.report import certificate_reports
 from proxy.certs.store import CertStore
 from proxy.config import AcmeConfig, Config, SiteConfig
 from proxy.config_load import load_config
@@ -293,6 +294,11 @@ def test_on_demand_config_problems(tmp_path: Path) -> None:
     assert problems(tmp_path, bad) == [
         '6: sites[0].ask: must be an http:// or https:// URL without "#", got "ftp://x/"'
     ]
+
+
+def test_an_on_demand_site_has_no_certificate_report_of_its_own(tmp_path: Path) -> None:
+    config = config_with(tmp_path, on_demand_site("*.shops.example"), site_config("a.example"))
+    assert [report.site for report in certificate_reports(config)] == ["a.example"]
 
 
 def test_check_refuses_on_demand_without_ask(tmp_path: Path) -> None:
