@@ -38,9 +38,11 @@ async def ask(nursery: trio.Nursery) -> AskEndpoint:
     return started
 
 
-def on_demand_toml(pebble: Pebble, ask: AskEndpoint, backend: Backend, limits: str = "") -> str:
+def on_demand_toml(
+    pebble: Pebble, ask: AskEndpoint, backend: Backend, limits: str = "", challenge: str = "http-01"
+) -> str:
     """One site taking any name on demand, approved by `ask`; `limits` go in [acme]."""
-    body = acme_toml(pebble, "http-01") + limits
+    body = acme_toml(pebble, challenge) + limits
     return body + (
         f'[[sites]]\non_demand = true\nask = "{ask.url}"\nupstreams = ["{backend.url}"]\n'
     )
@@ -53,8 +55,9 @@ async def start_on_demand_proxy(
     backend: Backend,
     ports: tuple[int, int],
     limits: str = "",
+    challenge: str = "http-01",
 ) -> ProxyProcess:
-    body = on_demand_toml(pebble, ask, backend, limits)
+    body = on_demand_toml(pebble, ask, backend, limits, challenge)
     return await start_proxy(tmp_path, body, issuer="acme", ports=ports, admin=True)
 
 
@@ -65,16 +68,22 @@ async def handshake(proxy: ProxyProcess, name: str, root: Path) -> Handshake:
     )
 
 
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
 async def test_an_approved_name_gets_a_certificate_during_its_first_handshake(
     start_pebble: Callable[..., Pebble],
     ask: AskEndpoint,
     backend: Backend,
     proxy_ports: tuple[int, int],
     tmp_path: Path,
+    challenge: str,
 ) -> None:
+    """Also by TLS-ALPN-01: the validator's handshake for the name that is waiting for its
+    certificate is answered, not held behind the order it belongs to."""
     pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1])
     ask.approved.add("shop.customer.test")
-    proxy = await start_on_demand_proxy(tmp_path, pebble, ask, backend, proxy_ports)
+    proxy = await start_on_demand_proxy(
+        tmp_path, pebble, ask, backend, proxy_ports, challenge=challenge
+    )
     try:
         await proxy.wait_ready()  # an on-demand site has no certificate of its own to wait for
         root = pebble_root(pebble, tmp_path)
@@ -97,6 +106,7 @@ async def test_an_approved_name_gets_a_certificate_during_its_first_handshake(
     stored = CertStore(proxy.certs_dir).load("shop.customer.test")
     assert stored is not None and stored.names == ("shop.customer.test",)
     assert stored.meta["directory"] == pebble.directory
+    assert f"from {pebble.directory}, {challenge}" in proxy.log()
     assert sample(metrics, "port443_on_demand_total", outcome="ordered") == 1
     assert "Traceback" not in proxy.log()
 
