@@ -6,8 +6,9 @@ approved it (GET `?domain=<name>`, 200 = yes, as Caddy does) and its certificate
 from the store, else ordered now. Orders are limited per minute and the names in number,
 so that nobody can drain the CA's rate limits with made-up server names. A refusal (the
 endpoint's, a limit's, a failed order) is remembered for `on_demand_refusal_ttl`: no new
-ask and no new order for that name meanwhile. Concurrent handshakes for one name share one
-flight: one ask, one order.
+ask and no new order for that name meanwhile. Approvals need no cache: an approved name
+has its certificate from then on. Concurrent handshakes for one name share one flight: one
+ask, one order.
 
 What happens after approval belongs to the certificate manager (`obtain`): the name's
 certificate is stored, renewed and shared between workers like any site's.
@@ -142,7 +143,7 @@ class OnDemand:
         self._config = config
         self._obtain = obtain
         self._ask = ask or ask_endpoint
-        self.refusals = Refusals(acme.on_demand_refusal_ttl, clock=clock)
+        self._refusals = Refusals(acme.on_demand_refusal_ttl, clock=clock)
         self._limiter = OrderLimiter(acme.on_demand_rate, clock=clock)
         self._max_names = acme.on_demand_max_names
         self._names: set[str] = set()  # served or being obtained
@@ -173,7 +174,7 @@ class OnDemand:
             await landed.wait()
         if name in self._names:
             return True
-        if self.refusals.refused(name):
+        if self._refusals.refused(name):
             return False
         landed = self._flights[name] = trio.Event()
         try:
@@ -188,20 +189,20 @@ class OnDemand:
             return False
         if not await self._ask(site.ask or "", name):
             self.counts["refused"] += 1
-            self.refusals.add(name)
+            self._refusals.add(name)
             return False
         if len(self._names) >= self._max_names:
             self.counts["rate_limited"] += 1
             _log_capped(
                 "on-demand: refusing %s: on_demand_max_names (%d) reached", name, self._max_names
             )
-            self.refusals.add(name)
+            self._refusals.add(name)
             return False
         self._names.add(name)
         if await self._obtain(dataclasses.replace(site, hosts=(name,))):
             return True
         self._names.discard(name)
-        self.refusals.add(name)
+        self._refusals.add(name)
         return False
 
 
