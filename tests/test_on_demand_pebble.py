@@ -19,7 +19,7 @@ import trio
 from proxy.certs.store import CertStore
 from tests.support.ask import AskEndpoint, serve_ask
 from tests.support.backend import Backend
-from tests.support.certs import acme_toml, pebble_root, served
+from tests.support.certs import acme_toml, pebble_root, served, wait_served
 from tests.support.curl import curl
 from tests.support.openssl import Handshake, s_client
 from tests.support.pebble import Pebble
@@ -169,6 +169,38 @@ async def test_the_order_rate_limit_holds(
     assert sample(metrics, "port443_on_demand_total", outcome="ordered") == 2
     assert sample(metrics, "port443_on_demand_total", outcome="rate_limited") == 3
     assert sorted(ask.asked) == names
+
+
+async def test_an_on_demand_certificate_is_renewed_without_the_rate_limit(
+    start_pebble: Callable[..., Pebble],
+    ask: AskEndpoint,
+    backend: Backend,
+    proxy_ports: tuple[int, int],
+    tmp_path: Path,
+) -> None:
+    """A 20 s certificate is renewed at half its lifetime by the sites' renewal loop: not
+    asked for again, and not held back by on_demand_rate = 1, spent on the first order."""
+    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1], validity_seconds=20)
+    ask.approved.add("short.customer.test")
+    limits = "on_demand_rate = 1\n"
+    proxy = await start_on_demand_proxy(tmp_path, pebble, ask, backend, proxy_ports, limits)
+    try:
+        root = pebble_root(pebble, tmp_path)
+        first = await served(proxy, "short.customer.test", root)
+        assert first is not None
+        await wait_served(
+            proxy,
+            "short.customer.test",
+            lambda: root,
+            until=lambda cert: cert.serial_number != first.serial_number,
+        )
+        metrics = parse_metrics((await proxy.admin("/metrics")).text)
+    finally:
+        await proxy.terminate()
+    assert ask.asked == ["short.customer.test"]
+    assert sample(metrics, "port443_on_demand_total", outcome="ordered") == 1
+    assert sample(metrics, "port443_on_demand_total", outcome="rate_limited") == 0
+    assert len(NEW_ORDER.findall(pebble_log(tmp_path))) >= 2
 
 
 async def test_workers_share_an_on_demand_certificate_through_the_store(
