@@ -101,6 +101,10 @@ class AcmeConfig:
     key_type: KeyType = "ecdsa-p256"
     profile: str | None = None  # ACME profile requested for every order, renewals included
     dns: DnsConfig | None = None  # [acme.dns]: needed by sites validated with dns-01
+    # on-demand TLS (sites with `on_demand`), all such sites together, per process:
+    on_demand_rate: int = 10  # first orders per minute
+    on_demand_max_names: int = 1000  # names given a certificate on demand
+    on_demand_refusal_ttl: float = 600.0  # seconds a refused name or failed order is remembered
 
     def challenges_for(self, site: SiteConfig) -> tuple[ChallengeType, ...]:
         """The challenge types tried for `site`, in order: its own `challenge`, else ours."""
@@ -284,6 +288,10 @@ class SiteConfig:
     routes: tuple[Route, ...] = ()  # none: every request goes to the site's own group
     client_auth: ClientAuth | None = None  # client certificates (mTLS); None: not asked for
     client_cert_headers: ClientCertHeaders = field(default_factory=ClientCertHeaders)
+    # on-demand TLS: a certificate per name the hosts match (none: any name), ordered during
+    # its first handshake once `ask` (GET ?domain=<name>) answers 200
+    on_demand: bool = False
+    ask: str | None = None
 
     @property
     def own_group(self) -> UpstreamGroup:
@@ -299,8 +307,9 @@ class SiteConfig:
 
     @property
     def name(self) -> str:
-        """Stable name of the site: its first host. Names the certificate directory."""
-        return self.hosts[0]
+        """Stable name of the site: its first host. Names the certificate directory.
+        An on-demand site taking any name has no hosts: "*"."""
+        return self.hosts[0] if self.hosts else "*"
 
 
 @dataclass(frozen=True)
@@ -361,11 +370,14 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-*/Forwarded we keep
     warnings: tuple[str, ...] = field(default=(), compare=False)  # `check` prints them
     _sites_by_host: Mapping[str, SiteConfig] = field(init=False, repr=False, compare=False)
+    _any_name_site: SiteConfig | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # site_for_host runs on every request: index the hosts once (the first site wins).
         by_host = {host: site for site in reversed(self.sites) for host in site.hosts}
         object.__setattr__(self, "_sites_by_host", by_host)
+        any_name = next((site for site in self.sites if not site.hosts), None)
+        object.__setattr__(self, "_any_name_site", any_name)
 
     def issuer_of(self, site: SiteConfig) -> Issuer:
         """Where `site` gets its certificate: its own `issuer`, else `certs.issuer`."""
@@ -373,11 +385,12 @@ class Config:
 
     def site_for_host(self, host: str) -> SiteConfig | None:
         """The site serving `host` (already lower-cased, without port; IPv6 without brackets):
-        the one listing it, else the one listing its wildcard."""
+        the one listing it, else the one listing its wildcard, else an on-demand site
+        without hosts (it takes any name)."""
         site = self._sites_by_host.get(host)
         if site is None and (wildcard := wildcard_of(host)) is not None:
             site = self._sites_by_host.get(wildcard)
-        return site
+        return site or self._any_name_site
 
 
 def is_ip_address(host: str) -> bool:

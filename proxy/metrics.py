@@ -239,6 +239,16 @@ class _CertificateCollector(Collector):
         for name, count in certs.renewal_failures.items():
             failures.add_metric([name], count)
         yield failures
+        on_demand = CounterMetricFamily(
+            "port443_on_demand",
+            "On-demand TLS names, by outcome: ordered (first orders placed), refused (by the "
+            "ask endpoint), rate_limited (by on_demand_rate or on_demand_max_names).",
+            labels=["outcome"],
+        )
+        if certs.on_demand is not None:
+            for outcome, count in certs.on_demand.counts.items():
+                on_demand.add_metric([outcome], count)
+        yield on_demand
         yield GaugeMetricFamily(
             "port443_storage_unreachable",
             "Processes whose shared certificate store (Redis) does not answer; serving goes on.",

@@ -497,7 +497,10 @@ class Server:
             return None
         # Without SNI, the address the client connected to picks an IP-address certificate.
         local = sock.getsockname()[0] if hello is not None and not hello.server_name else None
-        stream = TLSStream(sock, self.certs.context_for_hello(hello, local))
+        waiting_since = trio.current_time()  # for an on-demand certificate: not the client's time
+        context = await self.certs.handshake_context(hello, local)
+        deadline += trio.current_time() - waiting_since
+        stream = TLSStream(sock, context)
         handshaking.sock = stream.socket
         try:
             await stream.do_handshake(deadline)

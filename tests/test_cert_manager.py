@@ -58,7 +58,7 @@ async def serve_handshakes(manager: CertManager, stream: trio.SocketStream) -> N
     while not isinstance(hello := parse_client_hello(data), ClientHello):
         await trio.sleep(0.01)
         data = await stream.socket.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
-    context = manager.context_for_hello(hello)
+    context = await manager.handshake_context(hello)
     sock = socket.socket(fileno=stream.socket.detach())
 
     def handshake() -> None:

@@ -9,6 +9,9 @@ map entries for new handshakes; connections already open keep the context they h
 
 Until a site has a certificate its names are refused (or get the default site's), and
 ACME orders run in the background: the CA validates through our own listeners.
+
+An on-demand site has no certificate of its own: each name it takes gets one during its
+first handshake (certs/on_demand.py decides which and when), kept like a site's from then on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from proxy.certs.acme_challenges import (
 )
 from proxy.certs.issuers import AcmeIssuer, Issuer, IssueRequest, LocalIssuer
 from proxy.certs.local_ca import LocalCA
+from proxy.certs.on_demand import OnDemand
 from proxy.certs.renewal import next_retry, renewal_due
 from proxy.certs.status import RenewalStatus, load_status, save_status
 from proxy.certs.store import (
@@ -49,6 +53,7 @@ from proxy.tls.policy import reject_context, server_context
 
 log = logging.getLogger(__name__)
 
+ON_DEMAND_WAIT = 180.0  # seconds a handshake waits for its name's first certificate
 MAX_SLEEP = 3600.0  # re-read the wall clock at least hourly (suspend, clock steps)
 FILES_POLL = 2.0  # seconds between looks at changed files: a "files" site's, or the store's
 
@@ -82,6 +87,10 @@ class CertManager:
         self._served: dict[str, StoredCert] = {}  # lower-case host -> its certificate
         self._file_stamps: dict[str, FileStamp] = {}  # "files" site name -> last validated
         self.renewal_failures: dict[str, int] = {}  # site name -> failed orders (metrics)
+        wanted = any(site.on_demand for site in config.sites)
+        self.on_demand = OnDemand(config, self._obtain) if wanted else None
+        self._first_orders: dict[str, _FirstOrder] = {}  # on-demand name -> its first order
+        self._nursery: trio.Nursery | None = None  # while running: on-demand names' tasks
 
     def context_for_hello(
         self, hello: ClientHello | None, local_address: str | None = None
@@ -108,6 +117,23 @@ class CertManager:
             name = str(getattr(address, "ipv4_mapped", None) or address)
         return self.context_for(name)
 
+    async def handshake_context(
+        self, hello: ClientHello | None, local_address: str | None = None
+    ) -> ssl.SSLContext:
+        """`context_for_hello`, after the certificate of an on-demand name was obtained: the
+        one place a handshake waits, before OpenSSL reads the hello (never in its SNI
+        callback). A refused on-demand name is refused, default site or not."""
+        if (
+            self.on_demand is not None
+            and hello is not None
+            and hello.server_name
+            and hello.server_name.lower() not in self._contexts
+            and ACME_TLS_ALPN not in hello.alpn  # a validator's: the order waits for it
+            and not await self.on_demand.admit(hello.server_name)
+        ):
+            return self._reject
+        return self.context_for_hello(hello, local_address)
+
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a handshake's SNI: exact host, else a wildcard host covering it
         (`*.example.com` for `a.example.com`), else the default site, else refuse."""
@@ -133,15 +159,23 @@ class CertManager:
         Certificates from an instant issuer (the local CA) are obtained before `started`;
         ACME orders are not waited for.
         """
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._heartbeat)
-            for site in self._config.sites:
-                issuer = self._issuers.get(self._config.issuer_of(site))
-                if issuer is None:
-                    await nursery.start(self._watch_files, site)
-                else:
-                    await nursery.start(self._keep_issued, site, issuer)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._heartbeat)
+                for site in self._config.sites:
+                    if site.on_demand:
+                        continue  # its names' certificates come with their first handshakes
+                    issuer = self._issuers.get(self._config.issuer_of(site))
+                    if issuer is None:
+                        await nursery.start(self._watch_files, site)
+                    else:
+                        await nursery.start(self._keep_issued, site, issuer)
+                task_status.started()
+                if self.on_demand is not None:  # names may come with any handshake
+                    await trio.sleep_forever()
+        finally:
+            self._nursery = None
 
     async def reload(self) -> None:
         """Validate every "files" site's pair again now (SIGHUP), changed or not."""
@@ -150,6 +184,32 @@ class CertManager:
                 await self._load_files(site, force=True)
 
     # -- issued certificates ------------------------------------------------------------
+
+    async def _obtain(self, site: SiteConfig) -> bool:
+        """Serve the certificate of an on-demand name (`site` narrowed to it): the stored
+        one, else a new order. From then on it is kept like a site's (renewed, followed);
+        if its first order fails, or none is had within ON_DEMAND_WAIT, its task ends."""
+        if self._nursery is None or self.on_demand is None:
+            return False  # a retired manager orders nothing more
+        issuer = self.on_demand.limited(self._issuers[self._config.issuer_of(site)])
+        first = self._first_orders[site.name] = _FirstOrder()
+        self._nursery.start_soon(self._keep_on_demand, site, issuer, first)
+        try:
+            with trio.move_on_after(ON_DEMAND_WAIT):
+                await first.settled.wait()
+        finally:
+            del self._first_orders[site.name]
+        if site.name not in self._certs:
+            first.scope.cancel()
+            return False
+        return True
+
+    async def _keep_on_demand(self, site: SiteConfig, issuer: Issuer, first: _FirstOrder) -> None:
+        try:
+            with first.scope:
+                await self._keep_issued(site, issuer)
+        finally:
+            first.settled.set()
 
     async def _keep_issued(
         self,
@@ -287,6 +347,10 @@ class CertManager:
     ) -> RenewalStatus:
         """The retry after `exc`, per the failure policy and the CA's Retry-After; logged."""
         self.renewal_failures[site.name] = self.renewal_failures.get(site.name, 0) + 1
+        pending = self._first_orders.get(site.name)
+        if pending is not None:  # an on-demand name's first order: refused, its task ends
+            pending.scope.cancel()
+            pending.settled.set()
         now = _now()
         failures = status.failures + 1
         first = status.first_failure or now
@@ -299,7 +363,9 @@ class CertManager:
             if site.name in self._certs
             else "its names fall through to the default site or are refused"
         )
-        if retry is None:
+        if pending is not None:
+            when = "not ordered again within acme.on_demand_refusal_ttl"
+        elif retry is None:
             when = f"giving up after {failures} attempts since {first}"
         else:
             how = " with another challenge type" if retry.other_challenge else ""
@@ -395,12 +461,23 @@ class CertManager:
             self._contexts[host.lower()] = context  # atomic swap per name
             self._served[host.lower()] = cert
         self._certs[site.name] = cert
+        if (pending := self._first_orders.get(site.name)) is not None:
+            pending.settled.set()
         log.info(
             "site %s: serving certificate %x, valid until %s",
             site.name,
             cert.serial,
             cert.not_after,
         )
+
+
+class _FirstOrder:
+    """An on-demand name's first certificate: `settled` once it is served or failed; its
+    task runs in `scope`."""
+
+    def __init__(self) -> None:
+        self.settled = trio.Event()
+        self.scope = trio.CancelScope()
 
 
 def _by_name(table: dict[str, T], server_name: str | None, default: str | None) -> T | None:

@@ -62,9 +62,10 @@ class CertificateReport:
 def certificate_reports(
     config: Config, store: CertificateStorage | None = None
 ) -> list[CertificateReport]:
-    """From `store`, else from the files in `certs.dir` (this machine's copy)."""
+    """From `store`, else from the files in `certs.dir` (this machine's copy). An on-demand
+    site has no certificate of its own (its names' are not listed yet)."""
     store = store or CertStore(config.certs.dir)
-    return [_report(config, store, site) for site in config.sites]
+    return [_report(config, store, site) for site in config.sites if not site.on_demand]
 
 
 def certificates_table(

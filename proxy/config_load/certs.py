@@ -75,6 +75,19 @@ class CertSections(Reader):
             ),
             profile=self._value(table, key, "profile", None, convert.text),
             dns=self._dns(table),
+            on_demand_rate=self._value(
+                table, key, "on_demand_rate", default.on_demand_rate, convert.integer(1)
+            ),
+            on_demand_max_names=self._value(
+                table, key, "on_demand_max_names", default.on_demand_max_names, convert.integer(1)
+            ),
+            on_demand_refusal_ttl=self._value(
+                table,
+                key,
+                "on_demand_refusal_ttl",
+                default.on_demand_refusal_ttl,
+                convert.positive_number,
+            ),
         )
         needs_dns = any("dns-01" in acme.challenges_for(site) for site in sites)
         if needs_dns and "dns" not in table:

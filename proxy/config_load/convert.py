@@ -299,6 +299,18 @@ def https_url(value: object) -> str:
     return str(value)
 
 
+def ask_url(value: object) -> str:
+    """An on-demand `ask` endpoint: http or https, with a host; `domain=` is appended to
+    its query, so it has no fragment."""
+    try:
+        url = urlsplit(value) if isinstance(value, str) else None
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or url.fragment:
+        raise Invalid(f'must be an http:// or https:// URL without "#", got {show(value)}')
+    return str(value)
+
+
 def ip_addresses(value: object) -> tuple[str, ...]:
     """One IP address or a non-empty array of them; repeats are dropped."""
     values = value if isinstance(value, list) else [value]

@@ -1,5 +1,5 @@
-"""`[[sites]]`: hosts, certificate source and challenge, client certificates, routes or
-upstreams."""
+"""`[[sites]]`: hosts, certificate source and challenge, on-demand TLS, client certificates,
+routes or upstreams."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from proxy.config import (
     Issuer,
     SiteConfig,
     UpstreamGroup,
+    is_ip_address,
 )
 from proxy.config_load import convert
 from proxy.config_load.convert import dotted, show
@@ -31,6 +32,7 @@ from proxy.toml_lines import KeyPath
 _SITE_KEYS = (
     "hosts", "upstreams", "cert", "key", "issuer", "challenge", *UPSTREAM_TLS_KEYS, "routes",
     "client_ca", "client_auth", "client_crl", "client_cert_headers",
+    "on_demand", "ask",
 )  # fmt: skip
 _CLIENT_CERT_HEADER_KEYS = tuple(f.name for f in dataclasses.fields(ClientCertHeaders))
 _CRL_SIGNING_KEYS = (
@@ -55,12 +57,20 @@ class SiteSections(RouteSections):
             self._problem(key, "at least one [[sites]] table is required")
         sites: list[SiteConfig] = []
         served_by: dict[str, KeyPath] = {}
+        any_name: KeyPath | None = None  # the on-demand site without hosts
         for index, item in enumerate(raw):
             site_key = (*key, index)
             table = self._table(item, site_key, _SITE_KEYS)
             if table is None:
                 continue
-            hosts = self._each(table, site_key, "hosts", convert.site_host)
+            on_demand = self._value(table, site_key, "on_demand", False, convert.boolean)
+            hosts: dict[KeyPath, str] = {}
+            if not on_demand or "hosts" in table:  # an on-demand site without: any name
+                hosts = self._each(table, site_key, "hosts", convert.site_host)
+            elif any_name is not None:
+                self._problem(site_key, f"{dotted(any_name)} already takes any name on demand")
+            else:
+                any_name = site_key
             for host_key, host in hosts.items():
                 if host in served_by:
                     owner = dotted(served_by[host])
@@ -71,11 +81,14 @@ class SiteSections(RouteSections):
             if "upstreams" in table or not routes:
                 group = self._group(table, site_key, "upstreams", groups, table)
             if group is not None and not isinstance(table.get("upstreams"), str):
-                group = dataclasses.replace(group, name=next(iter(hosts.values()), ""))
+                group = dataclasses.replace(group, name=next(iter(hosts.values()), "*"))
             site_issuer = self._value(
                 table, site_key, "issuer", None, convert.choice(get_args(Issuer))
             )
-            challenge = self._challenge(table, site_key, site_issuer or issuer, hosts)
+            challenge = self._challenge(
+                table, site_key, site_issuer or issuer, {} if on_demand else hosts
+            )
+            ask = self._ask(table, site_key, on_demand, site_issuer or issuer, hosts)
             cert, private_key = (
                 self._site_file(table, site_key, name, site_issuer or issuer)
                 for name in ("cert", "key")
@@ -92,9 +105,38 @@ class SiteSections(RouteSections):
                     challenge=challenge,
                     client_auth=self._client_auth(table, site_key),
                     client_cert_headers=self._client_cert_headers(table, site_key),
+                    on_demand=on_demand,
+                    ask=ask,
                 )
             )
         return tuple(sites)
+
+    def _ask(
+        self,
+        table: Table,
+        site_key: KeyPath,
+        on_demand: bool,
+        issuer: Issuer,
+        hosts: dict[KeyPath, str],
+    ) -> str | None:
+        """The endpoint approving on-demand names: required with on_demand, used only there.
+        An on-demand site's hosts are the names it accepts (a wildcard: any one label)."""
+        ask = self._value(table, site_key, "ask", None, convert.ask_url)
+        if not on_demand:
+            if "ask" in table:
+                self._problem((*site_key, "ask"), "is only used with on_demand = true")
+            return ask
+        if "ask" not in table:
+            self._problem(
+                (*site_key, "on_demand"),
+                "needs ask: the URL approving each name (GET ?domain=<name>, 200 = yes)",
+            )
+        if issuer != "acme":
+            self._problem((*site_key, "on_demand"), f'needs issuer "acme", not "{issuer}"')
+        for host_key, host in hosts.items():
+            if is_ip_address(host):
+                self._problem(host_key, "on-demand sites take DNS names, not IP addresses")
+        return ask
 
     def _challenge(
         self, table: Table, site_key: KeyPath, issuer: Issuer, hosts: dict[KeyPath, str]

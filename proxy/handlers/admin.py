@@ -61,7 +61,11 @@ def unready_reason(server: ServerStatus) -> str | None:
     if not server.listening:
         return "listeners not up"
     loaded = {cert.name for cert in server.certs.certificates()}
-    missing = [site.name for site in server.config.sites if site.name not in loaded]
+    missing = [
+        site.name
+        for site in server.config.sites
+        if site.name not in loaded and not site.on_demand  # on demand: none of its own
+    ]
     if missing:
         return f"no certificate for site {', '.join(missing)}"
     return None
