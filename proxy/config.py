@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ ChallengeType = Literal["http-01", "tls-alpn-01", "dns-01"]
 DnsProvider = Literal["rfc2136"]
 TsigAlgorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1"]
 KeyType = Literal["ecdsa-p256", "rsa-2048"]
+Coding = Literal["zstd", "br", "gzip"]  # response content codings port443 can produce
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -224,6 +226,14 @@ class Respond:
 
 
 @dataclass(frozen=True)
+class Encode:
+    """Response compression (`encode`, `encode_min_size`): proxy/http/encoding.py."""
+
+    codings: tuple[Coding, ...] = ()  # the server's order of preference; none: off
+    min_size: int = 1024  # bytes; smaller responses (by Content-Length) are left as they are
+
+
+@dataclass(frozen=True)
 class Route:
     """One `[[sites.routes]]` entry: conditions (all must hold) and one action."""
 
@@ -236,6 +246,7 @@ class Route:
     rewrite: str | None = None  # replaces the matched prefix or path
     request_headers: HeaderOps = field(default_factory=HeaderOps)
     response_headers: HeaderOps = field(default_factory=HeaderOps)
+    encode: Encode = field(default_factory=Encode)  # the site's, unless the route sets its own
 
 
 @dataclass(frozen=True)
@@ -248,6 +259,12 @@ class SiteConfig:
     challenge: ChallengeType | None = None  # overrides acme.challenges for this site
     group: UpstreamGroup | None = None  # `upstreams` with their policy; None: round robin
     routes: tuple[Route, ...] = ()  # none: every request goes to the site's own group
+    encode: Encode = field(default_factory=Encode)  # its routes' default, and its own group's
+
+    @cached_property
+    def own_route(self) -> Route:
+        """How requests that no route takes are served: the site's own group, its `encode`."""
+        return Route(action=self.own_group, encode=self.encode)
 
     @property
     def own_group(self) -> UpstreamGroup:

@@ -8,6 +8,7 @@ from typing import get_args
 
 from proxy.config import (
     ChallengeType,
+    Encode,
     Issuer,
     SiteConfig,
     UpstreamGroup,
@@ -16,11 +17,12 @@ from proxy.config_load import convert
 from proxy.config_load.convert import dotted, show
 from proxy.config_load.groups import UPSTREAM_TLS_KEYS
 from proxy.config_load.reader import Table
-from proxy.config_load.routes import RouteSections
+from proxy.config_load.routes import ENCODE_KEYS, RouteSections
 from proxy.toml_lines import KeyPath
 
 _SITE_KEYS = (
     "hosts", "upstreams", "cert", "key", "issuer", "challenge", *UPSTREAM_TLS_KEYS, "routes",
+    *ENCODE_KEYS,
 )  # fmt: skip
 
 
@@ -50,7 +52,8 @@ class SiteSections(RouteSections):
                     owner = dotted(served_by[host])
                     self._problem(host_key, f"host {show(host)} is already served by {owner}")
                 served_by.setdefault(host, site_key)
-            routes = self._routes(table, site_key, groups)
+            encode = self._encode(table, site_key, Encode())
+            routes = self._routes(table, site_key, groups, encode)
             group = None
             if "upstreams" in table or not routes:
                 group = self._group(table, site_key, "upstreams", groups, table)
@@ -74,6 +77,7 @@ class SiteSections(RouteSections):
                     group=group,
                     routes=routes,
                     challenge=challenge,
+                    encode=encode,
                 )
             )
         return tuple(sites)
