@@ -8,8 +8,8 @@ what it returns: a response is never held whole. It flushes when the forwarder w
 otherwise wait for the upstream, so a slow stream (server-sent events) still reaches the
 client as it is written, and a fast one is flushed about once per read.
 
-Levels are the cheap ends of each format, as Caddy and nginx choose (docs/benchmarks.md has
-the cost per MB): gzip 5; brotli 4 with a 512 KiB window (lgwin 19, nginx's default);
+Levels are the cheap ends of each format, as Caddy and nginx choose (`bench/encoding.py`
+measures the CPU per MB): gzip 5; brotli 4 with a 512 KiB window (lgwin 19, nginx's default);
 zstd 3 (its own default, 2 MiB window: within the 8 MiB RFC 9659 lets browsers refuse).
 """
 
