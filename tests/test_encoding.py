@@ -82,6 +82,8 @@ def test_accepted_codings_reads_qvalues() -> None:
         (b"image/svg+xml", True),
         (b"application/atom+xml", True),
         (b"font/ttf", True),
+        (b"application/grpc+json", False),
+        (b"application/grpc-web+json", False),
         (b"image/png", False),
         (b"image/jpeg", False),
         (b"font/woff2", False),

@@ -99,8 +99,12 @@ def negotiate(accept_encoding: bytes | None, offered: tuple[Coding, ...]) -> Cod
 
 
 def compressible(content_type: bytes) -> bool:
-    """Whether a media type is worth compressing: text, JSON, XML (SVG too), scripts..."""
+    """Whether a media type is worth compressing: text, JSON, XML (SVG too), scripts... Never
+    gRPC (`application/grpc+json` too): it compresses its messages itself (grpc-encoding),
+    and its clients do not decode a Content-Encoding."""
     media = content_type.partition(b";")[0].strip().lower()
+    if media.startswith(b"application/grpc"):
+        return False
     return (
         media.startswith(b"text/")
         or media.endswith((b"+json", b"+xml"))
