@@ -10,7 +10,8 @@ client as it is written, and a fast one is flushed about once per read.
 
 Levels are the cheap ends of each format, as Caddy and nginx choose (`bench/encoding.py`
 measures the CPU per MB): gzip 5; brotli 4 with a 512 KiB window (lgwin 19, nginx's default);
-zstd 3 (its own default, 2 MiB window: within the 8 MiB RFC 9659 lets browsers refuse).
+zstd 3 (its default; a 2 MiB window, within the 8 MiB that RFC 9659 allows the zstd
+content coding: browsers refuse larger ones).
 """
 
 from __future__ import annotations
