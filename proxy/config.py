@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ DnsProvider = Literal["rfc2136"]
 TsigAlgorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1"]
 KeyType = Literal["ecdsa-p256", "rsa-2048"]
 ClientAuthMode = Literal["require", "request"]
+Coding = Literal["zstd", "br", "gzip"]  # response content codings port443 can produce
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -237,6 +239,14 @@ class Respond:
 
 
 @dataclass(frozen=True)
+class Encode:
+    """Response compression (`encode`, `encode_min_size`): proxy/http/encoding.py."""
+
+    codings: tuple[Coding, ...] = ()  # the server's order of preference; none: off
+    min_size: int = 1024  # bytes; smaller responses (by Content-Length) are left as they are
+
+
+@dataclass(frozen=True)
 class Route:
     """One `[[sites.routes]]` entry: conditions (all must hold) and one action."""
 
@@ -250,6 +260,7 @@ class Route:
     request_headers: HeaderOps = field(default_factory=HeaderOps)
     response_headers: HeaderOps = field(default_factory=HeaderOps)
     client_cert_required: bool = False  # without a verified client certificate: 403
+    encode: Encode = field(default_factory=Encode)  # the site's, unless the route sets its own
 
 
 @dataclass(frozen=True)
@@ -292,6 +303,12 @@ class SiteConfig:
     # its first handshake once `ask` (GET ?domain=<name>) answers 200
     on_demand: bool = False
     ask: str | None = None
+    encode: Encode = field(default_factory=Encode)  # its routes' default, and its own group's
+
+    @cached_property
+    def own_route(self) -> Route:
+        """How requests that no route takes are served: the site's own group, its `encode`."""
+        return Route(action=self.own_group, encode=self.encode)
 
     @property
     def own_group(self) -> UpstreamGroup:

@@ -53,12 +53,14 @@ def choice(options: tuple[T, ...]) -> Callable[[object], T]:
     return convert
 
 
-def choices(options: tuple[T, ...]) -> Callable[[object], tuple[T, ...]]:
-    """A non-empty array of distinct `options`, order kept (a preference)."""
+def choices(
+    options: tuple[T, ...], *, empty_allowed: bool = False
+) -> Callable[[object], tuple[T, ...]]:
+    """An array of distinct `options`, order kept (a preference); non-empty unless allowed."""
     one = choice(options)
 
     def convert(value: object) -> tuple[T, ...]:
-        if not isinstance(value, list) or not value:
+        if not isinstance(value, list) or not (value or empty_allowed):
             raise Invalid(f"must be a non-empty array, got {show(value)}")
         chosen = tuple(one(element) for element in value)
         if len(set(chosen)) < len(chosen):

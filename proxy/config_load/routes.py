@@ -1,4 +1,4 @@
-"""`[[sites.routes]]`: matchers, one action each, header operations."""
+"""`[[sites.routes]]`: matchers, one action each, header operations, compression."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import dataclasses
 from typing import get_args
 
 from proxy.config import (
+    Coding,
+    Encode,
     HeaderOps,
     Redirect,
     RedirectStatus,
@@ -20,10 +22,12 @@ from proxy.config_load.reader import Table
 from proxy.routing.routes import shadowing
 from proxy.toml_lines import KeyPath
 
+ENCODE_KEYS = ("encode", "encode_min_size")  # on a route, and on a site (its routes' default)
 _ROUTE_KEYS = (
     "path_prefix", "path", "methods", "header", "strip_prefix", "rewrite",
     "upstreams", "redirect", "status", "respond", "request_headers", "response_headers",
     "client_cert",
+    *ENCODE_KEYS,
 )  # fmt: skip
 _ACTIONS = ("upstreams", "redirect", "respond")
 _HEADER_MATCH_KEYS = ("name", "value")
@@ -35,7 +39,7 @@ class RouteSections(GroupSections):
     """Reads a site's routes; an upstreams action is a group (GroupSections)."""
 
     def _routes(
-        self, site: Table, site_key: KeyPath, groups: dict[str, UpstreamGroup]
+        self, site: Table, site_key: KeyPath, groups: dict[str, UpstreamGroup], encode: Encode
     ) -> tuple[Route, ...]:
         key = (*site_key, "routes")
         raw = site.get("routes", [])
@@ -46,7 +50,7 @@ class RouteSections(GroupSections):
         for index, item in enumerate(raw):
             table = self._table(item, (*key, index), _ROUTE_KEYS)
             if table is not None:
-                route = self._route(table, (*key, index), groups, site)
+                route = self._route(table, (*key, index), groups, site, encode)
                 if route is not None:
                     routes.append(route)
         for shadowed, by in shadowing(routes):
@@ -59,7 +63,12 @@ class RouteSections(GroupSections):
         return tuple(routes)
 
     def _route(
-        self, table: Table, key: KeyPath, groups: dict[str, UpstreamGroup], site: Table
+        self,
+        table: Table,
+        key: KeyPath,
+        groups: dict[str, UpstreamGroup],
+        site: Table,
+        site_encode: Encode,
     ) -> Route | None:
         actions = [name for name in _ACTIONS if name in table]
         if len(actions) != 1:
@@ -72,6 +81,9 @@ class RouteSections(GroupSections):
             self._problem((*key, "path"), "use path or path_prefix, not both")
         if "status" in table and "redirect" not in table:
             self._problem((*key, "status"), "is only used with redirect")
+        for name in ENCODE_KEYS:
+            if name in table and "upstreams" not in table:
+                self._problem((*key, name), "is only used with upstreams")
         action: UpstreamGroup | Redirect | Respond | None
         if "redirect" in table:
             statuses: tuple[RedirectStatus, ...] = get_args(RedirectStatus)
@@ -107,6 +119,7 @@ class RouteSections(GroupSections):
             request_headers=self._header_ops(table, key, "request_headers"),
             response_headers=self._header_ops(table, key, "response_headers"),
             client_cert_required=client_cert is not None,
+            encode=self._encode(table, key, site_encode),
         )
 
     def _respond(self, table: Table, key: KeyPath) -> Respond:
@@ -144,3 +157,18 @@ class RouteSections(GroupSections):
             for op in ("set", "add")
         }
         return HeaderOps(remove=remove, set=edits["set"], add=edits["add"])
+
+    def _encode(self, table: Table, key: KeyPath, default: Encode) -> Encode:
+        """`encode` and `encode_min_size` of a site or route; what is absent, from `default`."""
+        codings: tuple[Coding, ...] = get_args(Coding)
+        encode = Encode(
+            codings=self._value(
+                table, key, "encode", default.codings, convert.choices(codings, empty_allowed=True)
+            ),
+            min_size=self._value(
+                table, key, "encode_min_size", default.min_size, convert.integer(0)
+            ),
+        )
+        if "encode_min_size" in table and not encode.codings:
+            self._problem((*key, "encode_min_size"), "is only used with encode")
+        return encode

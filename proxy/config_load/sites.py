@@ -17,6 +17,7 @@ from proxy.config import (
     ClientAuth,
     ClientAuthMode,
     ClientCertHeaders,
+    Encode,
     Issuer,
     SiteConfig,
     UpstreamGroup,
@@ -26,13 +27,14 @@ from proxy.config_load import convert
 from proxy.config_load.convert import dotted, show
 from proxy.config_load.groups import UPSTREAM_TLS_KEYS
 from proxy.config_load.reader import Table
-from proxy.config_load.routes import RouteSections
+from proxy.config_load.routes import ENCODE_KEYS, RouteSections
 from proxy.toml_lines import KeyPath
 
 _SITE_KEYS = (
     "hosts", "upstreams", "cert", "key", "issuer", "challenge", *UPSTREAM_TLS_KEYS, "routes",
     "client_ca", "client_auth", "client_crl", "client_cert_headers",
     "on_demand", "ask",
+    *ENCODE_KEYS,
 )  # fmt: skip
 _CLIENT_CERT_HEADER_KEYS = tuple(f.name for f in dataclasses.fields(ClientCertHeaders))
 _CRL_SIGNING_KEYS = (
@@ -76,7 +78,8 @@ class SiteSections(RouteSections):
                     owner = dotted(served_by[host])
                     self._problem(host_key, f"host {show(host)} is already served by {owner}")
                 served_by.setdefault(host, site_key)
-            routes = self._routes(table, site_key, groups)
+            encode = self._encode(table, site_key, Encode())
+            routes = self._routes(table, site_key, groups, encode)
             group = None
             if "upstreams" in table or not routes:
                 group = self._group(table, site_key, "upstreams", groups, table)
@@ -107,6 +110,7 @@ class SiteSections(RouteSections):
                     client_cert_headers=self._client_cert_headers(table, site_key),
                     on_demand=on_demand,
                     ask=ask,
+                    encode=encode,
                 )
             )
         return tuple(sites)

@@ -11,9 +11,10 @@ import logging
 
 import trio
 
-from proxy.config import Config, HeaderOps, Redirect, Respond, Route
+from proxy.config import Config, Redirect, Respond, Route
 from proxy.handlers.observed import RequestHandler, respond
 from proxy.handlers.resend import ReplayBuffer, Resend, after_failure
+from proxy.http.encoding import response_coder
 from proxy.http.headers import (
     apply_header_ops,
     client_response_headers,
@@ -120,7 +121,8 @@ class Forwarder(RequestHandler):
         route = match_route(site.routes, request) if site.routes else None
         if route is None:  # no routes, or none matched: the site's own upstreams
             if site.upstreams:
-                await self._forward_or_fail(exchange, self._upstreams.for_site(site), None, outcome)
+                group = self._upstreams.for_site(site)
+                await self._forward_or_fail(exchange, group, site.own_route, outcome)
             else:
                 await self._respond(exchange, outcome, 404, "Not Found: no route for this path")
             return
@@ -155,7 +157,7 @@ class Forwarder(RequestHandler):
         await respond(exchange, outcome, head, body)
 
     async def _forward_or_fail(
-        self, exchange: Exchange, group: GroupUpstreams, route: Route | None, outcome: Outcome
+        self, exchange: Exchange, group: GroupUpstreams, route: Route, outcome: Outcome
     ) -> None:
         name = outcome.site
         try:
@@ -184,18 +186,15 @@ class Forwarder(RequestHandler):
             await self._fail(exchange, outcome, 400, "Bad Request")
 
     async def _forward(
-        self, exchange: Exchange, group: GroupUpstreams, route: Route | None, outcome: Outcome
+        self, exchange: Exchange, group: GroupUpstreams, route: Route, outcome: Outcome
     ) -> None:
         request = exchange.request
         trusted = self._trusted
         keep = bool(trusted) and is_trusted(request.client_ip, trusted)
         outgoing = upstream_request(request, keep_forwarded=keep)
-        response_ops = None
-        if route is not None:
-            outgoing.target = rewritten_target(route, outgoing.target)
-            if route.request_headers:
-                outgoing.fields = apply_header_ops(outgoing.fields, route.request_headers)
-            response_ops = route.response_headers or None
+        outgoing.target = rewritten_target(route, outgoing.target)
+        if route.request_headers:
+            outgoing.fields = apply_header_ops(outgoing.fields, route.request_headers)
         settings = group.group
         key = None
         if settings.policy == "consistent_hash":
@@ -210,9 +209,7 @@ class Forwarder(RequestHandler):
             outcome.upstream = upstream.url
             failed = True  # whether the attempt counts against the backend's health
             try:
-                await self._exchange(
-                    exchange, upstream, outgoing, outcome, group, response_ops, replay
-                )
+                await self._exchange(exchange, upstream, outgoing, outcome, group, route, replay)
             except UpstreamClosed as exc:
                 await upstream.aclose()
                 resend = after_failure(
@@ -256,17 +253,17 @@ class Forwarder(RequestHandler):
         outgoing: UpstreamRequest,
         outcome: Outcome,
         group: GroupUpstreams,
-        response_ops: HeaderOps | None,
+        route: Route,
         replay: ReplayBuffer,
     ) -> None:
         await upstream.send_head(outgoing, group.idle)
         if not outgoing.has_body:
-            await self._relay_response(exchange, upstream, outcome, group, response_ops, replay)
+            await self._relay_response(exchange, upstream, outcome, group, route, replay)
             return
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump_request_body, replay, upstream, group.idle)
-                await self._relay_response(exchange, upstream, outcome, group, response_ops, replay)
+                await self._relay_response(exchange, upstream, outcome, group, route, replay)
                 # An upstream may answer before reading the whole body (e.g. 413): the rest
                 # of the upload is then abandoned, and the front end does not reuse the
                 # connection.
@@ -289,7 +286,7 @@ class Forwarder(RequestHandler):
         upstream: UpstreamStream,
         outcome: Outcome,
         group: GroupUpstreams,
-        response_ops: HeaderOps | None,
+        route: Route,
         replay: ReplayBuffer,
     ) -> None:
         first = await upstream.next_event(group.first_byte)
@@ -304,16 +301,23 @@ class Forwarder(RequestHandler):
             raise UpstreamClosed(f"{upstream.url} sent body data before a response head")
         outcome.upstream_time = trio.current_time() - outcome.started
         headers = client_response_headers(first.headers, first.http_version, self._added)
-        if response_ops is not None:
-            headers = apply_header_ops(headers, response_ops)
+        if route.response_headers:
+            headers = apply_header_ops(headers, route.response_headers)
         head = ResponseHead(first.status, headers)
         outcome.status = head.status
+        request = exchange.request
+        # Every body byte passes through the coder: compressed if the route, the client and
+        # the response all allow it (it edits the head to say so), else as it is.
+        coder = response_coder(
+            method=request.method, request_headers=request.headers, head=head, encode=route.encode
+        )
         # Coalesce the head with whatever body bytes arrived with it: one write.
         body = b""
         event = upstream.buffered_event()
         while isinstance(event, bytes):
             body += event
             event = upstream.buffered_event()
+        body = coder.feed(body, flush=event is None, end=isinstance(event, BodyEnd))
         outcome.bytes_out = len(body)
         if isinstance(event, BodyEnd) and not event.trailers:
             await exchange.send_head(head, body, end=True)
@@ -323,11 +327,17 @@ class Forwarder(RequestHandler):
         if event is None:
             event = await upstream.next_event(timeout)
         while isinstance(event, bytes):
-            outcome.bytes_out += len(event)
-            await exchange.send_data(event)
-            event = await upstream.next_event(timeout)
+            following = upstream.buffered_event()  # None: the next must be waited for
+            data = coder.feed(event, flush=following is None, end=isinstance(following, BodyEnd))
+            if data:
+                outcome.bytes_out += len(data)
+                await exchange.send_data(data)
+            event = following if following is not None else await upstream.next_event(timeout)
         if not isinstance(event, BodyEnd):
             raise UpstreamClosed(f"{upstream.url} sent a second response head")
+        if tail := coder.feed(b"", flush=False, end=True):
+            outcome.bytes_out += len(tail)
+            await exchange.send_data(tail)
         await exchange.send_end(event.trailers)
 
     async def _switch_protocols(
