@@ -114,6 +114,7 @@ class Forwarder(RequestHandler):
             else:
                 await self._respond(exchange, outcome, 404, "Not Found: no route for this path")
             return
+        outcome.route = route.pattern
         action = route.action
         if isinstance(action, Redirect):
             location = redirect_location(route, action, request.target)
@@ -176,7 +177,7 @@ class Forwarder(RequestHandler):
         request = exchange.request
         trusted = self._trusted
         keep = bool(trusted) and is_trusted(request.client_ip, trusted)
-        outgoing = upstream_request(request, keep_forwarded=keep)
+        outgoing = upstream_request(request, keep_forwarded=keep, trace=outcome.trace)
         response_ops = None
         if route is not None:
             outgoing.target = rewritten_target(route, outgoing.target)
