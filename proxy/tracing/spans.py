@@ -9,6 +9,8 @@ queue (collector down for long) drops spans, never requests.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 
@@ -30,6 +32,29 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SCOPE = InstrumentationScope("port443", __version__)
 _VERSIONS = {"HTTP/1.0": "1.0", "HTTP/1.1": "1.1", "HTTP/2": "2", "HTTP/3": "3"}
 AttributeValue = str | int | float | bool
+# The batch processor logs "Queue full, dropping Span." for every span it drops.
+_PROCESSOR_LOGGER = "opentelemetry.sdk._shared_internal"
+
+
+class OncePerInterval(logging.Filter):
+    """Lets each message of a logger through at most once per `interval` seconds, saying
+    how many were held back: a collector down under load must not log once per request."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last: dict[object, tuple[float, int]] = {}  # message -> (time shown, held back)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        shown, held = self._last.get(record.msg, (-math.inf, 0))
+        if now - shown < self._interval:
+            self._last[record.msg] = (shown, held + 1)
+            return False
+        self._last[record.msg] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more since the last such line)"
+        return True
 
 
 def span_attributes(outcome: Outcome) -> dict[str, AttributeValue]:
@@ -123,6 +148,8 @@ class SpanExport:
             endpoint=config.endpoint, headers=headers, timeout=EXPORT_TIMEOUT
         )
         self._processor = BatchSpanProcessor(exporter)
+        self._quiet = OncePerInterval()
+        logging.getLogger(_PROCESSOR_LOGGER).addFilter(self._quiet)
 
     def send(self, outcome: Outcome, trace: TraceContext) -> None:
         """Queue the request's span; never blocks."""
@@ -131,3 +158,4 @@ class SpanExport:
     def close(self) -> None:
         """Export what is queued, then stop the thread (blocking: run it in a thread)."""
         self._processor.shutdown()  # type: ignore[no-untyped-call]  # untyped in the SDK
+        logging.getLogger(_PROCESSOR_LOGGER).removeFilter(self._quiet)
