@@ -15,6 +15,7 @@ from tests.support.curl import curl
 from tests.support.net import free_port
 from tests.support.otlp import Collector, ReceivedSpan, serve_collector
 from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+from tests.support.workers import start_workers, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +31,15 @@ async def collector(nursery: trio.Nursery) -> Collector:
     return started
 
 
-async def traced_proxy(
-    tmp_path: Path, backend: Backend, endpoint: str, extra: str = ""
-) -> ProxyProcess:
-    tracing = (
+def tracing_toml(backend: Backend, endpoint: str) -> str:
+    return (
         f'[tracing]\nenabled = true\nendpoint = "{endpoint}"\nservice_name = "edge-test"\n'
         'headers = { Authorization = "Bearer collector-secret" }\n'
-    )
-    return await start_proxy(tmp_path, extra + tracing + sites_toml((["localhost"], [backend.url])))
+    ) + sites_toml((["localhost"], [backend.url]))
+
+
+async def traced_proxy(tmp_path: Path, backend: Backend, endpoint: str) -> ProxyProcess:
+    return await start_proxy(tmp_path, tracing_toml(backend, endpoint))
 
 
 async def echoed_headers(proxy: ProxyProcess, *extra: str) -> dict[str, str]:
@@ -72,7 +74,7 @@ async def test_h1_and_h2_requests_become_server_spans_whose_ids_the_upstream_see
         assert span.span_id == parent_id  # the upstream's parent is port443's span
         assert flags == "01" and span.parent_span_id == ""  # sampled, a new trace
         assert span.span.kind == SPAN_SERVER and span.span.name == "GET"
-        assert span.service_name == "edge-test"
+        assert span.resource["service.name"] == "edge-test"
         attributes = span.attributes
         assert attributes["http.request.method"] == "GET"
         assert attributes["url.path"] == "/echo"
@@ -135,3 +137,17 @@ async def test_requests_are_unaffected_while_the_collector_is_down(
     finally:
         assert await proxy.terminate() == 0  # its flush gives up within terminate's timeout
     assert "Traceback" not in proxy.log()
+
+
+async def test_each_worker_exports_its_own_spans(
+    tmp_path: Path, backend: Backend, collector: Collector
+) -> None:
+    proxy = await start_workers(tmp_path, tracing_toml(backend, collector.endpoint), workers=2)
+    try:
+        traces = {(await echoed_traceparent(proxy)).split("-")[1] for _ in range(6)}
+        pids = set(worker_pids(proxy).values())
+    finally:
+        assert await proxy.terminate() == 0  # the supervisor stops the workers: both flush
+    assert {span.trace_id for span in collector.spans} == traces
+    exporters = {span.resource["process.pid"] for span in collector.spans}
+    assert exporters <= pids and proxy.process.pid not in exporters

@@ -59,9 +59,10 @@ class OncePerInterval(logging.Filter):
 
 def span_attributes(outcome: Outcome) -> dict[str, AttributeValue]:
     """What the span says about the request, in the HTTP semantic conventions' names
-    (server spans), and port443's own (site, upstream, first-byte time) under `port443.`."""
+    (server spans), and port443's own (site, upstream, first-byte time) under `port443.`.
+    No `url.query`: tokens travel in queries, and the collector is another party."""
     request = outcome.request
-    path, _, query = request.target.decode("latin-1").partition("?")
+    path = request.target.decode("latin-1").partition("?")[0]  # queries may carry secrets
     attributes: dict[str, AttributeValue] = {
         "http.request.method": request.method.decode("latin-1"),
         "url.scheme": "https",
@@ -75,8 +76,6 @@ def span_attributes(outcome: Outcome) -> dict[str, AttributeValue]:
         "http.response.body.size": outcome.bytes_out,
         "port443.listener": outcome.listener,
     }
-    if query:
-        attributes["url.query"] = query
     if outcome.status:
         attributes["http.response.status_code"] = outcome.status
     if outcome.status >= 500:

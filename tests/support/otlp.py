@@ -21,7 +21,7 @@ PATH = "/v1/traces"
 @dataclass
 class ReceivedSpan:
     span: Span
-    service_name: str
+    resource: dict[str, object]  # its process's attributes (service.name, process.pid)
     attributes: dict[str, object]  # the span's, as Python values
 
     @property
@@ -61,7 +61,7 @@ def _spans(body: bytes) -> list[ReceivedSpan]:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 attributes = {a.key: _value(a.value) for a in span.attributes}
-                found.append(ReceivedSpan(span, str(resource.get("service.name")), attributes))
+                found.append(ReceivedSpan(span, resource, attributes))
     return found
 
 
