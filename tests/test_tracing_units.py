@@ -19,6 +19,7 @@ from proxy.http.headers import upstream_request
 from proxy.http.model import ConnectionInfo, Exchange, Outcome, Request
 from proxy.tracing.context import RemoteParent, TraceContext, begin_trace, parse_parent
 from proxy.tracing.tracer import Tracer
+from tests.support.otlp import Collector, serve_collector
 from tests.support.run import ROOT
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -314,3 +315,22 @@ def test_the_exporters_repeated_warnings_are_held_back() -> None:
     again = record("Queue full, dropping %s.")
     assert quiet.filter(again)
     assert again.getMessage() == "Queue full, dropping Span. (and 1 more since the last such line)"
+
+
+async def test_spans_queued_while_exporting_are_flushed_on_the_way_out(
+    nursery: trio.Nursery,
+) -> None:
+    collector: Collector = await nursery.start(serve_collector, Collector())
+    config = TracingConfig(enabled=True, endpoint=collector.endpoint, service_name="unit")
+    tracer = Tracer(config, ())
+    done = outcome(request(), status=204)
+    async with tracer.exporting():
+        done.trace = tracer.begin(done.request)
+        tracer.record(done)
+        unsampled = outcome(request(), trace=TraceContext(trace_id=1, span_id=2, sampled=False))
+        tracer.record(unsampled)
+    [span] = collector.spans  # the batch delay (5 s) had not passed: the exit sent it
+    assert span.trace_id == f"{done.trace.trace_id:032x}"
+    assert span.resource["service.name"] == "unit"
+    assert span.attributes["http.response.status_code"] == 204
+    tracer.record(done)  # after the exporter stopped: dropped, no error

@@ -66,4 +66,5 @@ class Tracer:
             yield
         finally:
             self._export = None
-            await trio.to_thread.run_sync(export.close)
+            with trio.CancelScope(shield=True):  # also when the run was cancelled
+                await trio.to_thread.run_sync(export.close)
