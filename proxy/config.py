@@ -262,6 +262,16 @@ class Route:
     client_cert_required: bool = False  # without a verified client certificate: 403
     encode: Encode = field(default_factory=Encode)  # the site's, unless the route sets its own
 
+    @property
+    def pattern(self) -> str | None:
+        """The paths the route takes, as a trace names them (`http.route`): "/api/*" for
+        a prefix, the path itself for `path`; None when only method or header decide."""
+        if self.path is not None:
+            return self.path
+        if self.path_prefix is not None:
+            return self.path_prefix.rstrip("/") + "/*"
+        return None
+
 
 @dataclass(frozen=True)
 class ClientAuth:
@@ -369,6 +379,18 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry tracing: a span per HTTPS request, sent over OTLP/HTTP (protobuf)."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # the collector's traces URL
+    service_name: str = "port443"
+    sample_ratio: float = 1.0  # share of new traces recorded; a continued one follows its parent
+    headers: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False)  # collector auth
+    trust_incoming: bool = True  # continue the traceparent of clients in trusted_proxies
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -382,6 +404,7 @@ class Config:
     http2: Http2Config = field(default_factory=Http2Config)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     sites: tuple[SiteConfig, ...] = ()
     log_level: str = "info"
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-*/Forwarded we keep

@@ -36,6 +36,7 @@ from proxy.proxy_gate import ProxyProtocolGate, Rejected
 from proxy.quic import QuicEndpoint, bind_udp
 from proxy.tls.clienthello import ClientHello, ClientHelloError, PlainHTTPRequest
 from proxy.tls.stream import TLSStream, peek_client_hello
+from proxy.tracing.tracer import Tracer
 from proxy.traffic import TrafficHistory
 
 log = logging.getLogger(__name__)
@@ -277,8 +278,11 @@ class Server:
         observers: list[Observer] = [self.metrics, self.traffic]
         if self._access_log is not None:
             observers.append(self._access_log)
+        # Spans for the HTTPS listener's requests (HTTP/1.1, 2 and 3), not redirects.
+        tracing = config.tracing
+        self._tracer = Tracer(tracing, config.trusted_proxies) if tracing.enabled else None
         # Handlers delegate to the generation current when each request starts.
-        self._https_handler = Observed(self._forward, "https", observers)
+        self._https_handler = Observed(self._forward, "https", observers, self._tracer)
         self._http_handler = Observed(self._redirect, "http", observers)
         self._current = Generation(config, ALPN, self.metrics.backend_health)
         self._shutdown = trio.Event()
@@ -330,12 +334,14 @@ class Server:
         Listen addresses and ports are bound once: changing them needs a restart.
         """
         old = self._current
-        for section in ("server", "listen", "admin", "access_log"):
+        for section in ("server", "listen", "admin", "access_log", "tracing"):
             if getattr(config, section) != getattr(old.config, section):
                 log.warning("reload: [%s] changes take effect only after a restart", section)
         new = Generation(config, ALPN, self.metrics.backend_health)
         await self._services.start(new.run)
         self.client_limits.configure(config.limits, config.storage)
+        if self._tracer is not None:
+            self._tracer.configure(config.trusted_proxies)
         self._current = new
         old.retire()
         changes = describe_changes(old.config, config)
@@ -351,7 +357,8 @@ class Server:
     async def run(
         self, *, task_status: trio.TaskStatus[list[BoundAddress]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        async with trio.open_nursery() as services:
+        exporting = self._tracer.exporting() if self._tracer else contextlib.nullcontext()
+        async with exporting, trio.open_nursery() as services:
             self._services = services
             if self._serve_admin_port:  # first: /healthz answers while certificates load
                 # Scrapes and health checks are counted, but kept out of the access log.

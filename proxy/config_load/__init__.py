@@ -17,6 +17,7 @@ from proxy.config_load.certs import CertSections
 from proxy.config_load.reader import ConfigError, Table
 from proxy.config_load.server import ServerSections
 from proxy.config_load.sites import SiteSections
+from proxy.config_load.tracing import TracingSections
 from proxy.toml_lines import KeyLocator
 
 __all__ = ["ConfigError", "load_config", "parse_config"]
@@ -34,6 +35,7 @@ TOP_KEYS = (
     "http2",
     "access_log",
     "admin",
+    "tracing",
     "sites",
     "upstream_groups",
     "trusted_proxies",
@@ -64,7 +66,7 @@ def parse_config(text: str, path: Path) -> Config:
     return ConfigReader(path, KeyLocator(text)).checked(data)
 
 
-class ConfigReader(SiteSections, CertSections, ServerSections):
+class ConfigReader(SiteSections, CertSections, ServerSections, TracingSections):
     """Every section reader together; `config` builds the whole model."""
 
     def checked(self, data: Table) -> Config:
@@ -97,6 +99,7 @@ class ConfigReader(SiteSections, CertSections, ServerSections):
             http2=self._http2(root),
             access_log=self._access_log(root),
             admin=self._admin(root, listen),
+            tracing=self._tracing(root),
             sites=sites,
             log_level=log_level,
             trusted_proxies=self._value(root, (), "trusted_proxies", (), convert.networks),

@@ -290,13 +290,18 @@ def lock_ttl(value: object) -> float:
     return number
 
 
-def https_url(value: object) -> str:
-    """An ACME directory URL: https, with a host."""
+def _url_scheme(value: object) -> str | None:
+    """The scheme of a URL with a host, or None if `value` is not one."""
     try:
         url = urlsplit(value) if isinstance(value, str) else None
     except ValueError:
         url = None
-    if url is None or url.scheme != "https" or not url.hostname:
+    return url.scheme if url is not None and url.hostname else None
+
+
+def https_url(value: object) -> str:
+    """An ACME directory URL: https, with a host."""
+    if _url_scheme(value) != "https":
         raise Invalid(f"must be an https:// URL, got {show(value)}")
     return str(value)
 
@@ -304,13 +309,23 @@ def https_url(value: object) -> str:
 def ask_url(value: object) -> str:
     """An on-demand `ask` endpoint: http or https, with a host; `domain=` is appended to
     its query, so it has no fragment."""
-    try:
-        url = urlsplit(value) if isinstance(value, str) else None
-    except ValueError:
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.hostname or url.fragment:
+    if _url_scheme(value) not in ("http", "https") or "#" in str(value):
         raise Invalid(f'must be an http:// or https:// URL without "#", got {show(value)}')
     return str(value)
+
+
+def http_url(value: object) -> str:
+    """A collector's URL: http or https, with a host."""
+    if _url_scheme(value) not in ("http", "https"):
+        raise Invalid(f"must be an http:// or https:// URL, got {show(value)}")
+    return str(value)
+
+
+def ratio(value: object) -> float:
+    """A share: a number from 0 to 1."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    raise Invalid(f"must be a number from 0 to 1, got {show(value)}")
 
 
 def ip_addresses(value: object) -> tuple[str, ...]:

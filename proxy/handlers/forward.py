@@ -126,6 +126,7 @@ class Forwarder(RequestHandler):
             else:
                 await self._respond(exchange, outcome, 404, "Not Found: no route for this path")
             return
+        outcome.route = route.pattern
         if route.client_cert_required and info.client_cert is None:
             await self._respond(exchange, outcome, 403, "Forbidden: a client certificate is needed")
             return
@@ -191,7 +192,7 @@ class Forwarder(RequestHandler):
         request = exchange.request
         trusted = self._trusted
         keep = bool(trusted) and is_trusted(request.client_ip, trusted)
-        outgoing = upstream_request(request, keep_forwarded=keep)
+        outgoing = upstream_request(request, keep_forwarded=keep, trace=outcome.trace)
         outgoing.target = rewritten_target(route, outgoing.target)
         if route.request_headers:
             outgoing.fields = apply_header_ops(outgoing.fields, route.request_headers)

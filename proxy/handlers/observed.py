@@ -7,7 +7,8 @@ from typing import Protocol
 
 import trio
 
-from proxy.http.model import Exchange, Observer, Outcome, ResponseHead
+from proxy.http.model import Exchange, Observer, Outcome, Request, ResponseHead
+from proxy.tracing.context import TraceContext
 
 
 class RequestHandler(Protocol):
@@ -19,18 +20,34 @@ class RequestHandler(Protocol):
         ...
 
 
+class RequestTracer(Observer, Protocol):
+    """Tracing (`proxy/tracing/tracer.py`): a trace context as each request begins, the
+    span when the outcome is recorded."""
+
+    __slots__ = ()
+
+    def begin(self, request: Request) -> TraceContext: ...
+
+
 class Observed:
     """A listener's handler: runs `handler` and hands its finished `Outcome` to every
-    observer (access log, metrics), also when the handler fails or the client leaves."""
+    observer (access log, metrics, tracing), also when the handler fails or the client
+    leaves. With a `tracer`, the outcome carries the request's trace context from the start
+    (the forwarder passes it upstream); without, tracing costs one comparison per request."""
 
-    __slots__ = ("_handler", "_listener", "_observers")
+    __slots__ = ("_handler", "_listener", "_observers", "_tracer")
 
     def __init__(
-        self, handler: RequestHandler, listener: str, observers: Sequence[Observer]
+        self,
+        handler: RequestHandler,
+        listener: str,
+        observers: Sequence[Observer],
+        tracer: RequestTracer | None = None,
     ) -> None:
         self._handler = handler
         self._listener = listener
-        self._observers = tuple(observers)
+        self._tracer = tracer
+        self._observers = (*observers, tracer) if tracer is not None else tuple(observers)
 
     async def __call__(self, exchange: Exchange) -> None:
         now = trio.current_time()
@@ -42,6 +59,8 @@ class Observed:
             started=now,
             finished=now,
         )
+        if self._tracer is not None:
+            outcome.trace = self._tracer.begin(exchange.request)
         try:
             await self._handler(exchange, outcome)
         finally:

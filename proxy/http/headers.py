@@ -7,6 +7,7 @@ import re
 from proxy.config import ClientCertHeaders, Config, HeaderOps
 from proxy.http.model import Headers, Request, UpstreamRequest
 from proxy.tls.client_cert import ClientCertificate
+from proxy.tracing.context import TRACE_FIELDS, TraceContext
 
 # Fields that describe one connection, not the message: HTTP/2 forbids them (RFC 9113
 # §8.2.2), and each upstream protocol writes its own framing.
@@ -70,7 +71,9 @@ def _forwarded_node(address: str) -> bytes:
     return f'"[{address}]"'.encode() if ":" in address else address.encode("ascii")
 
 
-def upstream_request(request: Request, *, keep_forwarded: bool) -> UpstreamRequest:
+def upstream_request(
+    request: Request, *, keep_forwarded: bool, trace: TraceContext | None = None
+) -> UpstreamRequest:
     """The request to send upstream: hop-by-hop fields dropped, X-Forwarded-*, Forwarded
     (RFC 7239) and Via added; Host and Content-Length become the request's authority and
     body length, for each upstream protocol to frame.
@@ -82,6 +85,8 @@ def upstream_request(request: Request, *, keep_forwarded: bool) -> UpstreamReque
     TE is hop-by-hop, but its "trailers" token goes on as `TE: trailers`: trailers are relayed
     end to end, so the next hop may send them, and gRPC servers require it (the only TE that
     HTTP/2 allows, RFC 9113 §8.2.2; Envoy does the same).
+    With tracing on (`trace`), traceparent and tracestate are port443's span's, replacing
+    the client's; with it off they pass through like any end-to-end field.
     """
     peer = request.client_ip
     forwarded_for = peer.encode("ascii")
@@ -119,6 +124,9 @@ def upstream_request(request: Request, *, keep_forwarded: bool) -> UpstreamReque
     out.append((b"x-forwarded-host", kept.get(b"x-forwarded-host", request.host)))
     out.append((b"forwarded", forwarded))
     out.append((b"via", via))
+    if trace is not None:
+        out = [field for field in out if field[0] not in TRACE_FIELDS]
+        out.extend(trace.upstream_fields())
     return UpstreamRequest(
         method=request.method,
         target=request.target,

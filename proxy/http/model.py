@@ -7,11 +7,14 @@ objects and implement `Exchange`; everything after that point is protocol-agnost
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from proxy.config import ClientAuth
 from proxy.netio import ByteStream
 from proxy.tls.client_cert import ClientCertificate
+
+if TYPE_CHECKING:  # tracing.context builds on this module's Headers
+    from proxy.tracing.context import TraceContext
 
 Headers = list[tuple[bytes, bytes]]  # lower-case names
 
@@ -90,8 +93,10 @@ class Outcome:
     status: int = 0  # 0 if the client went away before any response
     bytes_in: int = 0  # request body bytes forwarded
     bytes_out: int = 0  # response body bytes sent
+    route: str | None = None  # the matched route's path pattern ("/api/*"), if any
     upstream: str | None = None
-    upstream_time: float | None = None  # from request sent to response head received
+    upstream_time: float | None = None  # from request start to upstream response head
+    trace: TraceContext | None = None  # set when tracing is on
 
 
 class Observer(Protocol):
