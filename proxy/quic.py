@@ -9,6 +9,9 @@ server's `connections` nursery, counted by the `Lifecycle`, running aioquic's ti
 HTTP/3 session's request tasks. Sending is synchronous: a datagram the socket cannot take
 now is dropped, and QUIC's loss recovery resends it.
 
+Receive windows follow what the application took (`WindowedConnection`): aioquic alone doubles
+them as data arrives, read or not.
+
 No session tickets are issued, so there is no resumption and no 0-RTT (no replays). Address
 migration is not followed across worker processes: SO_REUSEPORT hashes the new address to
 any worker, which does not know the connection id and drops the packets.
@@ -26,7 +29,11 @@ import trio
 from aioquic.buffer import Buffer
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    NetworkAddress,
+    QuicConnection,
+)
 from aioquic.quic.events import (
     ConnectionIdIssued,
     ConnectionIdRetired,
@@ -34,16 +41,20 @@ from aioquic.quic.events import (
     HandshakeCompleted,
 )
 from aioquic.quic.packet import (
+    QuicFrameType,
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 
 from proxy.certs.manager import CertManager
 from proxy.certs.store import StoredCert
 from proxy.config import LimitsConfig
 from proxy.connections import ConnectionRegistry, Slot
-from proxy.http.h3 import H3Session, Handler
+from proxy.http.h3 import H3Session, Handler, ReceiveLedger
 from proxy.http.model import ConnectionInfo
 from proxy.metrics import Metrics
 from proxy.netio import bind_reusable
@@ -55,12 +66,74 @@ log = logging.getLogger(__name__)
 MAX_HELD_DATAGRAMS = 8  # of one client's first flight, before its ClientHello is whole
 RECEIVE_BATCH = 64  # datagrams read per wake-up before letting other tasks run
 MAX_DATAGRAM = 65535
+STREAM_WINDOW = 256 * 1024  # request bytes a stream may send past what the upstream took
+CONNECTION_WINDOW = 1024 * 1024  # the same, all streams together
 SUPPORTED_VERSIONS = QuicConfiguration().supported_versions
 
 
 def bind_udp(address: str, port: int) -> socket.socket:
     """A non-blocking UDP socket on the HTTPS port; SO_REUSEPORT as the TCP listeners."""
     return bind_reusable(address, port, socket.SOCK_DGRAM)
+
+
+class WindowedConnection(QuicConnection):
+    """A QuicConnection whose receive windows follow what the application took.
+
+    aioquic raises a window (doubling it) whenever the peer used half of it, whether or not
+    anything was read, so a client could push a body faster than the upstream takes it and
+    the proxy would buffer it all. Here a window reaches the configured size past what the
+    `ReceiveLedger` says was taken, raised once half of that was taken. The override is the
+    two private methods writing MAX_STREAM_DATA and MAX_DATA; the frames and their loss
+    handling stay aioquic's."""
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        original_destination_connection_id: bytes,
+        ledger: ReceiveLedger,
+    ) -> None:
+        super().__init__(
+            configuration=configuration,
+            original_destination_connection_id=original_destination_connection_id,
+        )
+        self._ledger = ledger
+        self._stream_window = configuration.max_stream_data
+        self._connection_window = configuration.max_data
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        sid = stream.stream_id
+        if not stream.max_stream_data_local or sid is None:
+            return  # a stream we only send on
+        window = self._stream_window
+        wanted = stream.receiver.starting_offset() - self._ledger.held(sid) + window
+        if wanted - stream.max_stream_data_local >= window // 2:
+            stream.max_stream_data_local = wanted
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(sid)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        max_data = self._local_max_data
+        window = self._connection_window
+        wanted = self._ledger.taken() + window
+        if wanted - max_data.value >= window // 2:
+            max_data.value = wanted
+        # aioquic's rule (double once half is used) sees nothing used; it sends the frames
+        used, max_data.used = max_data.used, 0
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            max_data.used = used
 
 
 class QuicEndpoint:
@@ -152,6 +225,8 @@ class QuicEndpoint:
             alpn_protocols=H3_ALPN,
             idle_timeout=self.limits().keepalive_timeout,
             connection_id_length=CONNECTION_ID_LENGTH,
+            max_stream_data=STREAM_WINDOW,
+            max_data=CONNECTION_WINDOW,
         )
         await trio.to_thread.run_sync(configuration.load_cert_chain, cert.chain_path, cert.key_path)
         self._configurations[cert.chain_path] = (cert.serial, configuration)
@@ -242,13 +317,16 @@ class QuicPeer:
             )
             return
         configuration = await endpoint.configuration(cert)
-        quic = QuicConnection(
-            configuration=configuration, original_destination_connection_id=self._original_cid
+        ledger = ReceiveLedger()
+        quic = WindowedConnection(
+            configuration=configuration,
+            original_destination_connection_id=self._original_cid,
+            ledger=ledger,
         )
         endpoint.by_cid[quic.host_cid] = self
         info = ConnectionInfo(client_ip=self._client_ip, tls_version="TLSv1.3", alpn="h3")
         async with trio.open_nursery() as nursery:
-            self._session = H3Session(self, quic, info, endpoint.handler, limits, nursery)
+            self._session = H3Session(self, quic, info, endpoint.handler, limits, nursery, ledger)
             self._quic = quic
             nursery.start_soon(self._handshake_deadline, limits.header_timeout)
             held, self._held = self._held, []

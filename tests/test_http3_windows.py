@@ -1,0 +1,127 @@
+"""Receive windows that follow what the application took (`WindowedConnection`, the override
+of aioquic's private window updates): an aioquic client and the proxy's server connection
+exchanging datagrams in memory, no network."""
+
+from __future__ import annotations
+
+import datetime
+
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import StreamDataReceived
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from proxy.http.h3 import ReceiveLedger
+from proxy.quic import WindowedConnection
+from proxy.tls.quic_hello import CONNECTION_ID_LENGTH
+
+STREAM_WINDOW = 64 * 1024
+CONNECTION_WINDOW = 160 * 1024
+ADDRESS = ("127.0.0.1", 4433)
+
+
+def _server_configuration() -> QuicConfiguration:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    configuration = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=H3_ALPN,
+        connection_id_length=CONNECTION_ID_LENGTH,
+        max_stream_data=STREAM_WINDOW,
+        max_data=CONNECTION_WINDOW,
+    )
+    configuration.certificate = cert
+    configuration.private_key = key
+    return configuration
+
+
+class Pair:
+    """A client and the windowed server; `received` counts what the server delivered per
+    stream, all of it held until `take` (as unread request bodies are)."""
+
+    def __init__(self) -> None:
+        client_configuration = QuicConfiguration(
+            is_client=True, alpn_protocols=H3_ALPN, server_name="localhost", verify_mode=0
+        )
+        self.client = QuicConnection(configuration=client_configuration)
+        self.client.connect(ADDRESS, now=0.0)
+        self.ledger = ReceiveLedger()
+        self.server = WindowedConnection(
+            configuration=_server_configuration(),
+            original_destination_connection_id=self.client.original_destination_connection_id,
+            ledger=self.ledger,
+        )
+        self.received: dict[int, int] = {}
+        self.now = 0.0
+        self.pump()
+
+    def pump(self) -> None:
+        """Datagrams both ways until neither side has anything to send."""
+        for _ in range(10_000):
+            self.now += 0.001
+            moved = False
+            for sender, receiver in ((self.client, self.server), (self.server, self.client)):
+                for data, _ in sender.datagrams_to_send(now=self.now):
+                    receiver.receive_datagram(data, ADDRESS, now=self.now)
+                    moved = True
+            while (event := self.server.next_event()) is not None:
+                if isinstance(event, StreamDataReceived):
+                    self.received[event.stream_id] = self.received.get(event.stream_id, 0) + len(
+                        event.data
+                    )
+                    self.ledger.delivered += len(event.data)
+                    self.ledger.hold(
+                        event.stream_id, self.ledger.held(event.stream_id) + len(event.data)
+                    )
+            while self.client.next_event() is not None:
+                pass
+            if not moved:
+                return
+        raise AssertionError("the connections never went quiet")
+
+    def send(self, stream_id: int, size: int) -> None:
+        self.client.send_stream_data(stream_id, bytes(size))
+        self.pump()
+
+    def take(self, stream_id: int, size: int) -> None:
+        self.ledger.hold(stream_id, self.ledger.held(stream_id) - size)
+        self.pump()
+
+
+def test_a_stream_window_opens_only_as_far_as_was_taken() -> None:
+    pair = Pair()
+    pair.send(0, 1024 * 1024)
+    assert pair.received[0] == STREAM_WINDOW  # aioquic alone would have doubled it on
+    pair.take(0, STREAM_WINDOW // 4)
+    assert pair.received[0] == STREAM_WINDOW  # less than half taken: no update yet
+    pair.take(0, STREAM_WINDOW // 4)
+    assert pair.received[0] == STREAM_WINDOW + STREAM_WINDOW // 2
+    pair.take(0, pair.ledger.held(0))
+    assert pair.received[0] == 2 * STREAM_WINDOW + STREAM_WINDOW // 2
+
+
+def test_the_connection_window_caps_all_streams_together() -> None:
+    pair = Pair()
+    for stream_id in (0, 4, 8):
+        pair.client.send_stream_data(stream_id, bytes(STREAM_WINDOW))
+    pair.pump()
+    assert sum(pair.received.values()) == CONNECTION_WINDOW
+    pair.take(0, pair.ledger.held(0))  # 64 KiB taken: more than half the connection window?
+    assert sum(pair.received.values()) == CONNECTION_WINDOW  # no: 64 < 80 KiB
+    pair.take(4, pair.ledger.held(4))
+    assert sum(pair.received.values()) == 3 * STREAM_WINDOW  # all three streams' bytes
