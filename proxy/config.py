@@ -288,6 +288,16 @@ class Http2Config:
 
 
 @dataclass(frozen=True)
+class Http3Config:
+    """HTTP/3 to clients ([listen] http3 turns it on): address validation by Retry (a round
+    trip proving the client's address is its own, against UDP amplification and floods of
+    Initials from spoofed sources)."""
+
+    retry: bool = False  # every new client first gets a Retry
+    retry_threshold: int = 100  # ...else once this many handshakes are in progress (per process)
+
+
+@dataclass(frozen=True)
 class AccessLogConfig:
     enabled: bool = True
     format: AccessLogFormat = "json"
@@ -318,6 +328,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     http2: Http2Config = field(default_factory=Http2Config)
+    http3: Http3Config = field(default_factory=Http3Config)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     sites: tuple[SiteConfig, ...] = ()

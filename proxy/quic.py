@@ -12,6 +12,12 @@ now is dropped, and QUIC's loss recovery resends it.
 Receive windows follow what the application took (`WindowedConnection`): aioquic alone doubles
 them as data arrives, read or not.
 
+Address validation: with `[http3] retry`, or once `retry_threshold` handshakes are in progress,
+a new client's Initial is answered with a stateless Retry (aioquic's token: the address and
+connection ids sealed with a key of the process, good for 30 s); only its second Initial,
+carrying the token, starts a connection. SO_REUSEPORT hashes the client's 4-tuple, so the
+second Initial reaches the worker that sealed the token.
+
 No session tickets are issued, so there is no resumption and no 0-RTT (no replays). Address
 migration is not followed across worker processes: SO_REUSEPORT hashes the new address to
 any worker, which does not know the connection id and drops the packets.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -41,18 +48,23 @@ from aioquic.quic.events import (
     HandshakeCompleted,
 )
 from aioquic.quic.packet import (
+    QuicErrorCode,
     QuicFrameType,
+    QuicHeader,
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream
+from aioquic.tls import AlertDescription
 
 from proxy.certs.manager import CertManager
 from proxy.certs.store import StoredCert
-from proxy.config import LimitsConfig
+from proxy.config import Http3Config, LimitsConfig
 from proxy.connections import ConnectionRegistry, Slot
 from proxy.http.h3 import H3Session, Handler, ReceiveLedger
 from proxy.http.model import ConnectionInfo
@@ -69,6 +81,18 @@ MAX_DATAGRAM = 65535
 STREAM_WINDOW = 256 * 1024  # request bytes a stream may send past what the upstream took
 CONNECTION_WINDOW = 1024 * 1024  # the same, all streams together
 SUPPORTED_VERSIONS = QuicConfiguration().supported_versions
+
+
+def termination_reason(code: int) -> str:
+    """A bounded label for a handshake the peer or aioquic closed: the TLS alert's name
+    (`bad_certificate`), else the QUIC error's (`protocol_violation`)."""
+    crypto = QuicErrorCode.CRYPTO_ERROR
+    try:
+        if crypto <= code < crypto + 256:
+            return AlertDescription(code - crypto).name
+        return QuicErrorCode(code).name.lower()
+    except ValueError:
+        return "crypto_error" if crypto <= code < crypto + 256 else "unknown_error"
 
 
 def bind_udp(address: str, port: int) -> socket.socket:
@@ -91,11 +115,13 @@ class WindowedConnection(QuicConnection):
         *,
         configuration: QuicConfiguration,
         original_destination_connection_id: bytes,
+        retry_source_connection_id: bytes | None,
         ledger: ReceiveLedger,
     ) -> None:
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
         self._ledger = ledger
         self._stream_window = configuration.max_stream_data
@@ -145,6 +171,7 @@ class QuicEndpoint:
         *,
         certs: Callable[[], CertManager],
         limits: Callable[[], LimitsConfig],
+        settings: Callable[[], Http3Config],
         handler: Handler,
         registry: ConnectionRegistry,
         metrics: Metrics,
@@ -153,12 +180,15 @@ class QuicEndpoint:
         self.sock = sock
         self.certs = certs
         self.limits = limits
+        self.settings = settings
         self.handler = handler
         self.registry = registry
         self.metrics = metrics
         self._connections = connections
         self.by_cid: dict[bytes, QuicPeer] = {}
         self._configurations: dict[Path, tuple[int, QuicConfiguration]] = {}
+        self._retry = QuicRetryTokenHandler()
+        self.handshaking = 0  # connections started whose handshake has not completed
 
     async def serve(self) -> None:
         """Read until cancelled (after the drain: connections need their datagrams)."""
@@ -207,13 +237,65 @@ class QuicEndpoint:
         registry = self.registry
         if registry.draining or registry.full:
             return
+        original_cid = self._validated(header, addr)
+        if original_cid is None:
+            return
         assert header.version is not None
         slot = registry.admit()
         slot.busy()  # a QUIC connection is not one of the idle TCP ones closed to make room
-        peer = QuicPeer(self, slot, header.destination_cid, header.version, addr)
+        retry_cid = None if original_cid == header.destination_cid else header.destination_cid
+        peer = QuicPeer(
+            self,
+            slot,
+            initial_cid=header.destination_cid,
+            original_cid=original_cid,
+            retry_cid=retry_cid,
+            version=header.version,
+            addr=addr,
+        )
         self.by_cid[header.destination_cid] = peer
+        self.handshaking += 1
         self._connections.start_soon(peer.run)
         peer.receive(data, addr)
+
+    def _validated(self, header: QuicHeader, addr: NetworkAddress) -> bytes | None:
+        """The client's original destination connection id when a connection may start now;
+        None after answering with a Retry or dropping an invalid token."""
+        if header.token:  # we issue no NEW_TOKEN tokens: this is our Retry's
+            try:
+                return self._retry.validate_token(
+                    address=addr,
+                    destination_cid=header.destination_cid,
+                    token=header.token,
+                    now=trio.current_time(),
+                )
+            except ValueError as exc:  # RFC 9000 §8.1.3 lets us drop it: no reply to spoofs
+                log.debug("client %s: QUIC Retry token refused: %s", addr[0], exc)
+                self.metrics.quic_handshake_failed("invalid_token")
+                return None
+        settings = self.settings()
+        if not settings.retry and self.handshaking < settings.retry_threshold:
+            return header.destination_cid
+        assert header.version is not None
+        retry_cid = os.urandom(CONNECTION_ID_LENGTH)
+        token = self._retry.create_token(
+            address=addr,
+            original_destination_connection_id=header.destination_cid,
+            retry_source_connection_id=retry_cid,
+            now=trio.current_time(),
+        )
+        self.send(
+            encode_quic_retry(
+                version=header.version,
+                source_cid=retry_cid,
+                destination_cid=header.source_cid,
+                original_destination_cid=header.destination_cid,
+                retry_token=token,
+            ),
+            addr,
+        )
+        self.metrics.quic_retry_sent()
+        return None
 
     async def configuration(self, cert: StoredCert) -> QuicConfiguration:
         """The server configuration for a certificate, built once per certificate serial."""
@@ -240,15 +322,19 @@ class QuicPeer:
         self,
         endpoint: QuicEndpoint,
         slot: Slot,
+        *,
+        initial_cid: bytes,
         original_cid: bytes,
+        retry_cid: bytes | None,
         version: int,
         addr: NetworkAddress,
     ) -> None:
         self._endpoint = endpoint
         self._slot = slot
-        self._original_cid = original_cid
+        self._original_cid = original_cid  # the client's first choice (before any Retry)
+        self._retry_cid = retry_cid
         self._client_ip = str(addr[0])
-        self._reader: HelloReader | None = HelloReader(original_cid, version)
+        self._reader: HelloReader | None = HelloReader(initial_cid, version)
         self._held: list[tuple[bytes, NetworkAddress]] = []
         self._hello: ClientHello | None = None
         self._hello_done = trio.Event()
@@ -257,6 +343,7 @@ class QuicPeer:
         self._acknowledged = trio.Event()
         self._timer = trio.CancelScope()
         self._handshake_done = False
+        self._failure_counted = False
         self._terminated = False
         self._refused = False
 
@@ -276,6 +363,7 @@ class QuicPeer:
             hello = self._reader.feed(data)
         except InitialError as exc:
             log.debug("client %s: QUIC Initial refused: %s", self._client_ip, exc)
+            self._handshake_failed("malformed_initial")
             self._give_up()
             return
         if hello is not None:
@@ -300,11 +388,15 @@ class QuicPeer:
                 await self._hello_done.wait()
             if self._hello is not None:
                 await self._serve(self._hello, limits)
+            elif not self._hello_done.is_set():
+                self._handshake_failed("hello_timeout")
         except Exception:  # a bug must cost this connection, not the process
             log.exception("client %s: QUIC connection failed", self._client_ip)
         finally:
             for cid in [cid for cid, peer in endpoint.by_cid.items() if peer is self]:
                 del endpoint.by_cid[cid]
+            if not self._handshake_done:
+                endpoint.handshaking -= 1
             self._slot.unregister(self)
             self._slot.release()
 
@@ -315,12 +407,14 @@ class QuicPeer:
             log.info(
                 "client %s: QUIC: no certificate for SNI %s", self._client_ip, hello.server_name
             )
+            self._handshake_failed("no_certificate")
             return
         configuration = await endpoint.configuration(cert)
         ledger = ReceiveLedger()
         quic = WindowedConnection(
             configuration=configuration,
             original_destination_connection_id=self._original_cid,
+            retry_source_connection_id=self._retry_cid,
             ledger=ledger,
         )
         endpoint.by_cid[quic.host_cid] = self
@@ -339,6 +433,7 @@ class QuicPeer:
         await trio.sleep(timeout)
         if not self._handshake_done and self._quic is not None:
             log.info("client %s: QUIC handshake timed out", self._client_ip)
+            self._handshake_failed("timeout")
             self._quic.close(reason_phrase="handshake timeout")
             self.transmit()
 
@@ -365,14 +460,22 @@ class QuicPeer:
                 self._endpoint.by_cid.pop(event.connection_id, None)
             elif isinstance(event, HandshakeCompleted):
                 self._handshake_done = True
+                self._endpoint.handshaking -= 1
                 self._endpoint.metrics.tls_handshake_completed(session.info)
             elif isinstance(event, ConnectionTerminated):
                 self._terminated = True
+                self._handshake_failed(termination_reason(event.error_code))
                 log.debug("client %s: QUIC connection closed: %r", self._client_ip, event)
             session.quic_event(event)
         self._acknowledged.set()
         self._acknowledged = trio.Event()
         self.transmit()
+
+    def _handshake_failed(self, reason: str) -> None:
+        """Counted once per connection, and only before its handshake completed."""
+        if not self._handshake_done and not self._failure_counted:
+            self._failure_counted = True
+            self._endpoint.metrics.quic_handshake_failed(reason)
 
     # -- Transport (for the session) ------------------------------------------------------
 

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 import trio
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 
 from tests.support.backend import Backend
 from tests.support.curl import curl
 from tests.support.h3client import h3_client
 from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+from tests.test_observability import admin_get, parse_metrics, sample
 
 pytestmark = pytest.mark.slow
 
@@ -149,3 +153,49 @@ async def test_garbage_datagrams_leave_a_client_unharmed(proxy3: ProxyProcess) -
     assert response.status == 200
     assert len(response.body) == 1000000
     assert "Traceback" not in proxy3.log()
+
+
+async def test_retry_under_load_still_connects(tmp_path: Path, backend: Backend) -> None:
+    """With `retry_threshold = 1`, a client arriving while another handshake is in progress
+    first gets a Retry; aioquic's client follows it and connects. A forged token is dropped:
+    no handshake, counted by reason."""
+    sites = sites_toml((["localhost"], [backend.url])) + "[http3]\nretry_threshold = 1\n"
+    proxy = await start_proxy(tmp_path, sites, http3=True, admin=True)
+    try:
+        authority = f"localhost:{proxy.https_port}".encode()
+
+        async def get() -> None:
+            async with h3_client(proxy.https_port, "localhost", proxy.root_ca) as client:
+                response = await client.request(b"GET", b"/", authority)
+            assert response.status == 200
+
+        async def retries() -> float:
+            status, text = await admin_get(proxy, "/metrics")
+            assert status == 200
+            return sample(parse_metrics(text), "port443_quic_retries_total")
+
+        await get()  # no handshake in progress: no Retry
+        assert await retries() == 0
+        stalled = QuicConnection(
+            configuration=QuicConfiguration(
+                is_client=True, alpn_protocols=H3_ALPN, server_name="localhost"
+            )
+        )
+        stalled.connect(("127.0.0.1", proxy.https_port), now=0.0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for data, _ in stalled.datagrams_to_send(now=0.0):  # a first flight, no more
+                sock.sendto(data, ("127.0.0.1", proxy.https_port))
+            await trio.sleep(0.2)
+            await get()  # one handshake in progress: this client is asked to Retry first
+            assert await retries() == 1
+        forged = os.urandom(64)
+        async with h3_client(
+            proxy.https_port, "localhost", proxy.root_ca, handshake=False, token=forged
+        ) as client:
+            await trio.sleep(1)
+            assert not client.handshake.is_set()
+        _, text = await admin_get(proxy, "/metrics")
+        failures = "port443_quic_handshake_failures_total"
+        assert sample(parse_metrics(text), failures, reason="invalid_token") >= 1
+    finally:
+        await proxy.terminate()

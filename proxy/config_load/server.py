@@ -1,4 +1,4 @@
-"""The tables that say how the proxy serves: [server], [listen], [limits], [http2], [hsts],
+"""The tables that say how the proxy serves: [server], [listen], [limits], [http2], [http3], [hsts],
 [tls], [admin] and [access_log].
 """
 
@@ -13,6 +13,7 @@ from proxy.config import (
     AdminConfig,
     HSTSConfig,
     Http2Config,
+    Http3Config,
     LimitsConfig,
     ListenConfig,
     ServerConfig,
@@ -40,6 +41,7 @@ _HTTP2_RANGES: dict[str, tuple[int, int]] = {
     "max_control_frames_per_second": (1, _MAX_WINDOW),
     "stall_timeout": (1, 3600),
 }
+_HTTP3_KEYS = tuple(f.name for f in dataclasses.fields(Http3Config))
 _ACCESS_LOG_KEYS = tuple(f.name for f in dataclasses.fields(AccessLogConfig))
 _ADMIN_KEYS = tuple(f.name for f in dataclasses.fields(AdminConfig))
 _LIMITS_ZERO_ALLOWED = frozenset(
@@ -155,6 +157,17 @@ class ServerSections(Reader):
             for name, bounds in _HTTP2_RANGES.items()
         }
         return Http2Config(**values)
+
+    def _http3(self, root: Table) -> Http3Config:
+        key: KeyPath = ("http3",)
+        table = self._section(root, "http3", _HTTP3_KEYS)
+        default = Http3Config()
+        return Http3Config(
+            retry=self._value(table, key, "retry", default.retry, convert.boolean),
+            retry_threshold=self._value(
+                table, key, "retry_threshold", default.retry_threshold, convert.integer(0)
+            ),
+        )
 
     def _tls(self, root: Table, sites: tuple[SiteConfig, ...]) -> TLSConfig:
         key: KeyPath = ("tls",)

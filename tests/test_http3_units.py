@@ -1,22 +1,29 @@
-"""Receive windows that follow what the application took (`WindowedConnection`, the override
-of aioquic's private window updates): an aioquic client and the proxy's server connection
-exchanging datagrams in memory, no network."""
+"""HTTP/3 pieces without a proxy process: receive windows that follow what the application
+took (`WindowedConnection`, the override of aioquic's private window updates: an aioquic
+client and the proxy's server connection exchanging datagrams in memory), the labels of
+failed handshakes, and the [http3] table."""
 
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
+import pytest
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
+from aioquic.quic.packet import QuicErrorCode
+from aioquic.tls import AlertDescription
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from proxy.config import Http3Config
+from proxy.config_load import ConfigError, load_config
 from proxy.http.h3 import ReceiveLedger
-from proxy.quic import WindowedConnection
+from proxy.quic import WindowedConnection, termination_reason
 from proxy.tls.quic_hello import CONNECTION_ID_LENGTH
 
 STREAM_WINDOW = 64 * 1024
@@ -64,6 +71,7 @@ class Pair:
         self.server = WindowedConnection(
             configuration=_server_configuration(),
             original_destination_connection_id=self.client.original_destination_connection_id,
+            retry_source_connection_id=None,
             ledger=self.ledger,
         )
         self.received: dict[int, int] = {}
@@ -125,3 +133,29 @@ def test_the_connection_window_caps_all_streams_together() -> None:
     assert sum(pair.received.values()) == CONNECTION_WINDOW  # no: 64 < 80 KiB
     pair.take(4, pair.ledger.held(4))
     assert sum(pair.received.values()) == 3 * STREAM_WINDOW  # all three streams' bytes
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (QuicErrorCode.CRYPTO_ERROR + AlertDescription.bad_certificate, "bad_certificate"),
+        (QuicErrorCode.CRYPTO_ERROR + 0xFE, "crypto_error"),  # no such alert
+        (QuicErrorCode.PROTOCOL_VIOLATION, "protocol_violation"),
+        (0x1234, "unknown_error"),
+    ],
+)
+def test_handshake_failure_reasons_are_bounded_names(code: int, reason: str) -> None:
+    assert termination_reason(code) == reason
+
+
+def test_http3_table(tmp_path: Path) -> None:
+    path = tmp_path / "port443.toml"
+    site = '[[sites]]\nhosts = ["localhost"]\nupstreams = ["http://127.0.0.1:8080"]\n'
+    path.write_text(site + "[http3]\nretry = true\nretry_threshold = 5\n")
+    assert load_config(path).http3 == Http3Config(retry=True, retry_threshold=5)
+    path.write_text(site + "[http3]\nretry_threshold = -1\nburst = 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert len(info.value.problems) == 2
+    assert "retry_threshold: must be an integer >= 0, got -1" in str(info.value)
+    assert "burst" in str(info.value)
