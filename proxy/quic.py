@@ -83,6 +83,23 @@ CONNECTION_WINDOW = 1024 * 1024  # the same, all streams together
 SUPPORTED_VERSIONS = QuicConfiguration().supported_versions
 
 
+class _Quieter(logging.Filter):
+    """aioquic logs each connection's course at INFO (version, ALPN, close) and a peer's
+    protocol error at WARNING: routine network events, one step down here (DEBUG, INFO)."""
+
+    LOWER = {logging.INFO: logging.DEBUG, logging.WARNING: logging.INFO}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        level = self.LOWER.get(record.levelno)
+        if level is not None:
+            record.levelno, record.levelname = level, logging.getLevelName(level)
+        return _aioquic_log.isEnabledFor(record.levelno)
+
+
+_aioquic_log = logging.getLogger("quic")
+_aioquic_log.addFilter(_Quieter())
+
+
 def termination_reason(code: int) -> str:
     """A bounded label for a handshake the peer or aioquic closed: the TLS alert's name
     (`bad_certificate`), else the QUIC error's (`protocol_violation`)."""

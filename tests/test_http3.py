@@ -4,22 +4,27 @@ of the real HTTP/1.1 backend; and the Alt-Svc advertisement on HTTP/1.1 and HTTP
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
-from aioquic.h3.connection import H3_ALPN
+from aioquic.buffer import Buffer
+from aioquic.h3.connection import H3_ALPN, ErrorCode
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicTransportParameters, push_quic_transport_parameters
+from aioquic.tls import CipherSuite, Epoch, ExtensionType, SessionTicket
 
 from tests.support.backend import Backend
 from tests.support.curl import curl
-from tests.support.h3client import h3_client
+from tests.support.h3client import Response, h3_client
 from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
 from tests.test_observability import admin_get, parse_metrics, sample
 
@@ -199,3 +204,80 @@ async def test_retry_under_load_still_connects(tmp_path: Path, backend: Backend)
         assert sample(parse_metrics(text), failures, reason="invalid_token") >= 1
     finally:
         await proxy.terminate()
+
+
+def _ticket_allowing_early_data(server_name: str) -> SessionTicket:
+    """A session ticket as a client would keep from another server (or a stolen one):
+    unknown to the proxy, but it makes aioquic's client send its request as 0-RTT."""
+    now = datetime.datetime.now(datetime.UTC)
+    buf = Buffer(capacity=512)
+    push_quic_transport_parameters(
+        buf,
+        QuicTransportParameters(
+            initial_max_data=1 << 20,
+            initial_max_stream_data_bidi_remote=1 << 20,
+            initial_max_stream_data_uni=1 << 20,
+            initial_max_streams_bidi=100,
+            initial_max_streams_uni=100,
+        ),
+    )
+    return SessionTicket(
+        age_add=0,
+        cipher_suite=CipherSuite.AES_128_GCM_SHA256,
+        not_valid_after=now + datetime.timedelta(hours=1),
+        not_valid_before=now - datetime.timedelta(minutes=1),
+        resumption_secret=os.urandom(32),
+        server_name=server_name,
+        ticket=os.urandom(64),
+        max_early_data_size=0xFFFFFFFF,  # what aioquic's servers grant: 0-RTT allowed
+        other_extensions=[(ExtensionType.QUIC_TRANSPORT_PARAMETERS, buf.data)],
+    )
+
+
+async def test_0rtt_is_refused(proxy3: ProxyProcess) -> None:
+    """The proxy issues no session tickets, and a client offering one (with early data)
+    gets a full handshake: its 0-RTT request is not accepted early (no replay), yet it is
+    answered once the handshake completes."""
+    authority = f"localhost:{proxy3.https_port}".encode()
+    tickets: list[SessionTicket] = []
+    async with h3_client(proxy3.https_port, "localhost", proxy3.root_ca, tickets=tickets) as c:
+        assert (await c.request(b"GET", b"/", authority)).status == 200
+    assert tickets == []
+    ticket = _ticket_allowing_early_data("localhost")
+    async with h3_client(
+        proxy3.https_port, "localhost", proxy3.root_ca, handshake=False, session_ticket=ticket
+    ) as client:
+        assert client.quic._cryptos[Epoch.ZERO_RTT].send.is_valid()  # it does try 0-RTT
+        with trio.fail_after(10):
+            response = await client.request(b"GET", b"/echo", authority)
+        assert client.handshake.is_set()
+        assert not client.quic.tls.session_resumed
+        assert not client.quic.tls.early_data_accepted
+    assert response.status == 200
+
+
+async def test_drain_lets_the_request_in_flight_finish(
+    proxy3: ProxyProcess, backend: Backend
+) -> None:
+    """SIGTERM: GOAWAY; the request in flight is answered, a new one on the same connection
+    is refused (H3_REQUEST_REJECTED, safe to retry elsewhere), then the process exits."""
+    authority = f"localhost:{proxy3.https_port}".encode()
+    async with h3_client(proxy3.https_port, "localhost", proxy3.root_ca) as client:
+        responses: list[Response] = []
+
+        async def slow() -> None:
+            responses.append(await client.request(b"GET", b"/sleep/1.5", authority))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            with trio.fail_after(10):
+                while not backend.requests:
+                    await trio.sleep(0.02)
+            proxy3.process.send_signal(signal.SIGTERM)
+            await proxy3.wait_log("shutting down")
+            with trio.fail_after(10):
+                late = await client.request(b"GET", b"/echo", authority)
+        assert late.reset == ErrorCode.H3_REQUEST_REJECTED
+        assert responses[0].status == 200
+    assert await proxy3.wait(15) == 0
+    assert [r["target"] for r in backend.requests] == ["/sleep/1.5"]

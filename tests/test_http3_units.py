@@ -6,6 +6,7 @@ failed handshakes, and the [http3] table."""
 from __future__ import annotations
 
 import datetime
+import logging
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,16 @@ def test_http3_table(tmp_path: Path) -> None:
     assert len(info.value.problems) == 2
     assert "retry_threshold: must be an integer >= 0, got -1" in str(info.value)
     assert "burst" in str(info.value)
+
+
+def test_aioquic_chatter_is_one_level_down(caplog: pytest.LogCaptureFixture) -> None:
+    """aioquic's INFO (a connection's course) is DEBUG, its WARNING (a peer's protocol
+    error) INFO: at the usual `info` level only the latter shows (importing proxy.quic
+    installed the filter)."""
+    caplog.set_level(logging.INFO, logger="quic")
+    quic_log = logging.getLogger("quic")
+    quic_log.info("ALPN negotiated protocol h3")
+    quic_log.warning("Over connection data limit")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "Over connection data limit")
+    ]
