@@ -173,6 +173,8 @@ class Session:
             for case in self.args.cases:
                 if case.handshake == "full" and self.gen.shim is None:
                     continue
+                if case.pyclient and kind != "port443":
+                    continue  # the HTTP/3 comparison is port443's own
                 self.gen.warm_up(case, t.port, self.args.warmup)
                 results.cases.append(self.measure(t, case, self.args.seconds))
             for proto in () if self.args.no_sweep else ("h1", "h2"):
