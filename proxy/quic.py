@@ -148,8 +148,8 @@ class WindowedConnection(QuicConnection):
         self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
     ) -> None:
         sid = stream.stream_id
-        if not stream.max_stream_data_local or sid is None:
-            return  # a stream we only send on
+        if stream.receiver.is_finished or sid is None:
+            return  # all received (or a stream we only send on): no window to give
         window = self._stream_window
         wanted = stream.receiver.starting_offset() - self._ledger.held(sid) + window
         if wanted - stream.max_stream_data_local >= window // 2:
