@@ -291,10 +291,12 @@ class Http2Config:
 class Http3Config:
     """HTTP/3 to clients ([listen] http3 turns it on): address validation by Retry (a round
     trip proving the client's address is its own, against UDP amplification and floods of
-    Initials from spoofed sources)."""
+    Initials from spoofed sources), and the receive windows for request bodies."""
 
     retry: bool = False  # every new client first gets a Retry
     retry_threshold: int = 100  # ...else once this many handshakes are in progress (per process)
+    stream_window: int = 256 * 1024  # request body bytes a stream may send past what was read
+    connection_window: int = 1024 * 1024  # the same, all streams together
 
 
 @dataclass(frozen=True)

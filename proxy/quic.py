@@ -78,8 +78,6 @@ log = logging.getLogger(__name__)
 MAX_HELD_DATAGRAMS = 8  # of one client's first flight, before its ClientHello is whole
 RECEIVE_BATCH = 64  # datagrams read per wake-up before letting other tasks run
 MAX_DATAGRAM = 65535
-STREAM_WINDOW = 256 * 1024  # request bytes a stream may send past what the upstream took
-CONNECTION_WINDOW = 1024 * 1024  # the same, all streams together
 SUPPORTED_VERSIONS = QuicConfiguration().supported_versions
 
 
@@ -203,7 +201,7 @@ class QuicEndpoint:
         self.metrics = metrics
         self._connections = connections
         self.by_cid: dict[bytes, QuicPeer] = {}
-        self._configurations: dict[Path, tuple[int, QuicConfiguration]] = {}
+        self._configurations: dict[Path, tuple[tuple[object, ...], QuicConfiguration]] = {}
         self._retry = QuicRetryTokenHandler()
         self.handshaking = 0  # connections started whose handshake has not completed
 
@@ -315,20 +313,23 @@ class QuicEndpoint:
         return None
 
     async def configuration(self, cert: StoredCert) -> QuicConfiguration:
-        """The server configuration for a certificate, built once per certificate serial."""
+        """The server configuration for a certificate, built once per certificate serial and
+        settings (a reload's new windows or idle timeout apply to new connections)."""
+        settings, idle_timeout = self.settings(), self.limits().keepalive_timeout
+        key = (cert.serial, idle_timeout, settings.stream_window, settings.connection_window)
         cached = self._configurations.get(cert.chain_path)
-        if cached is not None and cached[0] == cert.serial:
+        if cached is not None and cached[0] == key:
             return cached[1]
         configuration = QuicConfiguration(
             is_client=False,
             alpn_protocols=H3_ALPN,
-            idle_timeout=self.limits().keepalive_timeout,
+            idle_timeout=idle_timeout,
             connection_id_length=CONNECTION_ID_LENGTH,
-            max_stream_data=STREAM_WINDOW,
-            max_data=CONNECTION_WINDOW,
+            max_stream_data=settings.stream_window,
+            max_data=settings.connection_window,
         )
         await trio.to_thread.run_sync(configuration.load_cert_chain, cert.chain_path, cert.key_path)
-        self._configurations[cert.chain_path] = (cert.serial, configuration)
+        self._configurations[cert.chain_path] = (key, configuration)
         return configuration
 
 

@@ -152,14 +152,23 @@ def test_handshake_failure_reasons_are_bounded_names(code: int, reason: str) -> 
 def test_http3_table(tmp_path: Path) -> None:
     path = tmp_path / "port443.toml"
     site = '[[sites]]\nhosts = ["localhost"]\nupstreams = ["http://127.0.0.1:8080"]\n'
-    path.write_text(site + "[http3]\nretry = true\nretry_threshold = 5\n")
-    assert load_config(path).http3 == Http3Config(retry=True, retry_threshold=5)
-    path.write_text(site + "[http3]\nretry_threshold = -1\nburst = 2\n")
+    path.write_text(
+        site + "[http3]\nretry = true\nretry_threshold = 5\n"
+        "stream_window = 65536\nconnection_window = 65536\n"
+    )
+    assert load_config(path).http3 == Http3Config(
+        retry=True, retry_threshold=5, stream_window=65536, connection_window=65536
+    )
+    path.write_text(
+        site + "[http3]\nretry_threshold = -1\nburst = 2\n"
+        "stream_window = 1048576\nconnection_window = 524288\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert len(info.value.problems) == 2
+    assert len(info.value.problems) == 3, info.value.problems
     assert "retry_threshold: must be an integer >= 0, got -1" in str(info.value)
     assert "burst" in str(info.value)
+    assert "connection_window: must be >= http3.stream_window" in str(info.value)
 
 
 def test_aioquic_chatter_is_one_level_down(caplog: pytest.LogCaptureFixture) -> None:
