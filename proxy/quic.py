@@ -360,6 +360,7 @@ class QuicPeer:
         self._session: H3Session | None = None
         self._acknowledged = trio.Event()
         self._timer = trio.CancelScope()
+        self._send_wanted = trio.Event()
         self._handshake_done = False
         self._failure_counted = False
         self._terminated = False
@@ -441,6 +442,7 @@ class QuicPeer:
             self._session = H3Session(self, quic, info, endpoint.handler, limits, nursery, ledger)
             self._quic = quic
             nursery.start_soon(self._handshake_deadline, limits.header_timeout)
+            nursery.start_soon(self._sender, quic)
             held, self._held = self._held, []
             for data, addr in held:
                 self.receive(data, addr)
@@ -498,15 +500,21 @@ class QuicPeer:
     # -- Transport (for the session) ------------------------------------------------------
 
     def transmit(self) -> None:
-        quic = self._quic
-        if quic is None:
-            return
-        for data, addr in quic.datagrams_to_send(trio.current_time()):
-            self._endpoint.send(data, addr)
-        timer = quic.get_timer()
-        self._timer.deadline = (
-            -math.inf if self._terminated else (math.inf if timer is None else timer)
-        )
+        """Send what aioquic queued once the tasks ready now had their turn: what several
+        streams queue in one pass, and the acks for a batch of datagrams, share packets
+        (each `datagrams_to_send` visits every stream of the connection)."""
+        self._send_wanted.set()
+
+    async def _sender(self, quic: QuicConnection) -> None:
+        while True:
+            await self._send_wanted.wait()
+            self._send_wanted = trio.Event()
+            for data, addr in quic.datagrams_to_send(trio.current_time()):
+                self._endpoint.send(data, addr)
+            timer = quic.get_timer()
+            self._timer.deadline = (
+                -math.inf if self._terminated else (math.inf if timer is None else timer)
+            )
 
     async def acknowledged(self) -> None:
         await self._acknowledged.wait()

@@ -48,14 +48,16 @@ class Transport(Protocol):
         """Return after the next datagram from the peer was processed (acks free buffers)."""
 
 
-def send_backlog(quic: QuicConnection, stream_id: int) -> int:
-    """Bytes queued on a stream and not yet acknowledged. aioquic buffers without bound and
-    has no public count: the one read of its private stream state."""
-    stream = quic._streams.get(stream_id)
-    if stream is None:
-        return 0
-    sender = stream.sender
-    return int(sender._buffer_stop - sender._buffer_start)
+def send_backlog(quic: QuicConnection, stream_id: int | None = None) -> int:
+    """Bytes queued and not yet acknowledged, on one stream or (None) on all of them.
+    aioquic buffers without bound and has no public count: the one read of its private
+    stream state."""
+    if stream_id is None:
+        streams = list(quic._streams.values())
+    else:
+        stream = quic._streams.get(stream_id)
+        streams = [] if stream is None else [stream]
+    return sum(int(s.sender._buffer_stop - s.sender._buffer_start) for s in streams)
 
 
 def h3_unparsed(h3: H3Connection, stream_id: int) -> int:
@@ -233,6 +235,7 @@ class H3Session:
         self._nursery = nursery
         self._exchanges: dict[int, H3Exchange] = {}
         self._goaway_id: int | None = None  # streams from this id on are refused
+        self._closing = False  # after GOAWAY, once the last exchange ended
         self._next_id = 0  # the lowest client stream id not seen yet
         self.info = info
         self.limits = limits
@@ -250,8 +253,18 @@ class H3Session:
             self._transport.transmit()
 
     def _close_if_done(self) -> None:
-        if self._goaway_id is not None and not self._exchanges:
-            self._quic.close(error_code=ErrorCode.H3_NO_ERROR)
+        if self._goaway_id is not None and not self._exchanges and not self._closing:
+            self._closing = True
+            self._nursery.start_soon(self._close_when_delivered)
+
+    async def _close_when_delivered(self) -> None:
+        """Closing drops what aioquic has not sent yet (and nothing lost is resent after
+        it): the last responses are acknowledged first, for at most client_timeout."""
+        with trio.move_on_after(self.limits.client_timeout):
+            while send_backlog(self._quic):
+                await self._transport.acknowledged()
+        self._quic.close(error_code=ErrorCode.H3_NO_ERROR)
+        self._transport.transmit()
 
     # -- events --------------------------------------------------------------------------
 
