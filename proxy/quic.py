@@ -6,8 +6,9 @@ the ClientHello is whole (`proxy.tls.quic_hello`), whose server name picks the c
 through the CertManager (the same rule as TCP, new certificates for new handshakes); only
 then is a `QuicConnection` made, and fed what was held. Each connection is one task in the
 server's `connections` nursery, counted by the `Lifecycle`, running aioquic's timer and its
-HTTP/3 session's request tasks. Sending is synchronous: a datagram the socket cannot take
-now is dropped, and QUIC's loss recovery resends it.
+HTTP/3 session's request tasks, and its sender: what is queued goes out once per scheduler
+pass (coalesced across streams); a datagram the socket cannot take now is dropped, and QUIC's
+loss recovery resends it.
 
 Receive windows follow what the application took (`WindowedConnection`): aioquic alone doubles
 them as data arrives, read or not.
@@ -19,8 +20,10 @@ carrying the token, starts a connection. SO_REUSEPORT hashes the client's 4-tupl
 second Initial reaches the worker that sealed the token.
 
 No session tickets are issued, so there is no resumption and no 0-RTT (no replays). Address
-migration is not followed across worker processes: SO_REUSEPORT hashes the new address to
-any worker, which does not know the connection id and drops the packets.
+migration is followed within a process (datagrams find their connection by id, whatever the
+address; aioquic validates the new path), not across worker processes: SO_REUSEPORT hashes
+the new address to any worker, which does not know the connection id and drops the packets,
+and the client's connection times out (it reconnects, as after a NAT rebinding).
 """
 
 from __future__ import annotations
