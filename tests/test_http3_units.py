@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from aioquic.h3.connection import H3_ALPN
+from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy.config import Http3Config
 from proxy.config_load import ConfigError, load_config
-from proxy.http.h3 import ReceiveLedger
+from proxy.http.h3 import ReceiveLedger, h3_unparsed, send_backlog
 from proxy.quic import WindowedConnection, termination_reason
 from proxy.tls.quic_hello import CONNECTION_ID_LENGTH
 
@@ -182,3 +182,26 @@ def test_aioquic_chatter_is_one_level_down(caplog: pytest.LogCaptureFixture) -> 
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("INFO", "Over connection data limit")
     ]
+
+
+def test_send_backlog_reads_aioquics_unacknowledged_bytes() -> None:
+    """Pins the private sender state `send_backlog` reads."""
+    pair = Pair()
+    pair.client.send_stream_data(0, bytes(5000))
+    assert send_backlog(pair.client, 0) == send_backlog(pair.client) == 5000
+    pair.pump()
+    assert send_backlog(pair.client) == 0  # acknowledged
+    pair.client.send_stream_data(4, bytes(100))
+    pair.client.reset_stream(4, 0)
+    assert send_backlog(pair.client, 4) == 0  # a reset stream's bytes are never sent
+
+
+def test_h3_unparsed_reads_h3s_partial_frames() -> None:
+    """Pins the private per-stream buffer `h3_unparsed` reads: a HEADERS frame is kept
+    whole until it is complete."""
+    pair = Pair()
+    h3 = H3Connection(pair.server)
+    partial = b"\x01\x40\x40" + bytes(10)  # HEADERS of 64 bytes, 10 of them here
+    h3.handle_event(StreamDataReceived(data=partial, end_stream=False, stream_id=0))
+    assert 10 <= h3_unparsed(h3, 0) <= len(partial)
+    assert h3_unparsed(h3, 4) == 0

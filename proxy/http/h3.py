@@ -49,15 +49,16 @@ class Transport(Protocol):
 
 
 def send_backlog(quic: QuicConnection, stream_id: int | None = None) -> int:
-    """Bytes queued and not yet acknowledged, on one stream or (None) on all of them.
-    aioquic buffers without bound and has no public count: the one read of its private
-    stream state."""
+    """Bytes queued and not yet acknowledged, on one stream or (None) on all of them (a
+    reset stream's are never sent: none). aioquic buffers without bound and has no public
+    count: the one read of its private stream state."""
     if stream_id is None:
         streams = list(quic._streams.values())
     else:
         stream = quic._streams.get(stream_id)
         streams = [] if stream is None else [stream]
-    return sum(int(s.sender._buffer_stop - s.sender._buffer_start) for s in streams)
+    senders = [s.sender for s in streams if s.sender._reset_error_code is None]
+    return sum(int(s._buffer_stop - s._buffer_start) for s in senders)
 
 
 def h3_unparsed(h3: H3Connection, stream_id: int) -> int:
