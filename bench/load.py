@@ -101,6 +101,24 @@ CASES = (
         streams=10,
         pyclient="h3",
     ),
+    Case(
+        name="py-h2-100k",
+        title="HTTP/2, Python client, 100 KB body",
+        h1=False,
+        clients=10,
+        streams=10,
+        path="/100k",
+        pyclient="h2",
+    ),
+    Case(
+        name="py-h3-100k",
+        title="HTTP/3, Python client, 100 KB body",
+        h1=False,
+        clients=10,
+        streams=10,
+        path="/100k",
+        pyclient="h3",
+    ),
 )
 
 
