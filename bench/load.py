@@ -1,5 +1,8 @@
 """The load runs: h2load against one target, with /proc accounting around each run.
 
+The HTTP/3 row (and its HTTP/2 reference) use bench/pyclient.py instead: h2load 1.52 in Debian
+has no HTTP/3, and the Python client takes h2load's options and prints its summary lines.
+
 A measured run is one h2load invocation pinned to the client core(s). Around it the bench reads
 the CPU ticks of the target's whole process tree, of the backend's, of h2load itself (rusage
 of the reaped child) and of the whole machine, so that every row says the CPU the proxy spent
@@ -21,6 +24,7 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,7 @@ from pathlib import Path
 from bench import procstat
 from bench.procs import BenchError, log, pinned
 
+PYCLIENT = Path(__file__).resolve().parent / "pyclient.py"
 HANDSHAKE_CAP = 25000  # connections per handshake run: ephemeral ports and TIME_WAIT stay sane
 
 
@@ -42,6 +47,11 @@ class Case:
     streams: int = 1  # concurrent streams per h2 connection
     path: str = "/"
     handshake: str | None = None  # "full" or "resume": one request per connection
+    pyclient: str | None = None  # "h2" or "h3": bench/pyclient.py with that ALPN, not h2load
+
+    @property
+    def alpn(self) -> str:
+        return self.pyclient or ("http/1.1" if self.h1 else "h2")
 
     @property
     def concurrency(self) -> int:
@@ -73,6 +83,41 @@ CASES = (
         clients=50,
         streams=10,
         path="/100k",
+    ),
+    # port443 only: h2load cannot speak HTTP/3; the same Python client drives both rows.
+    Case(
+        name="py-h2",
+        title="HTTP/2, Python client (-c 10 -m 10)",
+        h1=False,
+        clients=10,
+        streams=10,
+        pyclient="h2",
+    ),
+    Case(
+        name="py-h3",
+        title="HTTP/3, Python client (-c 10 -m 10)",
+        h1=False,
+        clients=10,
+        streams=10,
+        pyclient="h3",
+    ),
+    Case(
+        name="py-h2-100k",
+        title="HTTP/2, Python client, 100 KB body",
+        h1=False,
+        clients=10,
+        streams=10,
+        path="/100k",
+        pyclient="h2",
+    ),
+    Case(
+        name="py-h3-100k",
+        title="HTTP/3, Python client, 100 KB body",
+        h1=False,
+        clients=10,
+        streams=10,
+        path="/100k",
+        pyclient="h3",
     ),
 )
 
@@ -202,8 +247,11 @@ class LoadGenerator:
         return cls(h2load=h2load, client_cpus=client_cpus, work=work, shim=_build_shim(work))
 
     def argv(self, case: Case, port: int, sizing: list[str], log_file: Path | None) -> list[str]:
-        argv = [self.h2load, "-t", "1", *sizing, "-c", str(case.clients)]
+        client = [sys.executable, str(PYCLIENT)] if case.pyclient else [self.h2load]
+        argv = [*client, "-t", "1", *sizing, "-c", str(case.clients)]
         argv += ["--h1"] if case.h1 else ["-m", str(case.streams)]
+        if case.pyclient:
+            argv.append(f"--npn-list={case.pyclient}")
         if case.handshake:
             argv += ["-H", "Connection: close"]
         if log_file is not None:
@@ -302,9 +350,8 @@ class LoadGenerator:
             m.cpu_split = sorted(
                 (t / total for t in proxy.values() if t / total >= 0.02), reverse=True
             )
-        want = "http/1.1" if case.h1 else "h2"
-        if summary.alpn not in ("-", want):
-            m.note = f"negotiated {summary.alpn}, not {want}"
+        if summary.alpn not in ("-", case.alpn):
+            m.note = f"negotiated {summary.alpn}, not {case.alpn}"
         elif summary.succeeded == 0:
             lines = [ln for ln in text.splitlines() if ln.strip() and "progress" not in ln]
             m.note = "no request succeeded: " + " | ".join(lines[-3:])[:200]

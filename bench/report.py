@@ -251,7 +251,10 @@ def markdown(results: Results, figures: Sequence[str]) -> str:
         f"keep-alive cases {meta['seconds']:g} s each after a {meta['warmup']:g} s warm-up run; "
         "handshake cases: `-n` sized by a short calibration run to take about as long "
         "(`Connection: close`, one request per connection; the full-handshake case preloads "
-        "`bench/templates/h2load-shim.c` so that h2load never resumes)",
+        "`bench/templates/h2load-shim.c` so that h2load never resumes); the `Python client` "
+        "rows (port443 only: h2load 1.52 has no HTTP/3) use `bench/pyclient.py`, aioquic for "
+        "HTTP/3 and h2 for HTTP/2 in the same trio loop, so that the two differ only in the "
+        "protocol; port443 runs with `[listen] http3 = true`",
         "- backend: nginx, 1 worker, plain HTTP on loopback: `/` answers `hello\\n` (6 bytes), "
         "`/100k` a 102,400-byte file",
         "- the same self-signed ECDSA P-256 certificate on every target; TLS 1.2 + 1.3, ALPN "

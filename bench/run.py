@@ -6,9 +6,10 @@
 
 For each target (Caddy, nginx, HAProxy, port443 with each --workers count) in turn: start it
 pinned to the proxy CPUs in front of the one nginx backend, check it, measure its RSS with idle
-connections, run the six load cases and the concurrency sweep with h2load on the client CPUs,
-stop it. Then port443's RSS while 1 GB streams each way. Every process the bench starts is its
-own process group and is stopped on exit, Ctrl-C, SIGTERM or failure.
+connections, run the load cases and the concurrency sweep with h2load on the client CPUs
+(port443 also HTTP/3 beside HTTP/2 with bench/pyclient.py: h2load has no HTTP/3), stop it.
+Then port443's RSS while 1 GB streams each way. Every process the bench starts is its own
+process group and is stopped on exit, Ctrl-C, SIGTERM or failure.
 
 Rooms: targets.py (how each system starts), load.py (h2load runs and /proc accounting,
 procstat.py), memory.py (RSS), report.py (the page and figures), procs.py (process groups).
@@ -173,6 +174,8 @@ class Session:
             for case in self.args.cases:
                 if case.handshake == "full" and self.gen.shim is None:
                     continue
+                if case.pyclient and kind != "port443":
+                    continue  # the HTTP/3 comparison is port443's own
                 self.gen.warm_up(case, t.port, self.args.warmup)
                 results.cases.append(self.measure(t, case, self.args.seconds))
             for proto in () if self.args.no_sweep else ("h1", "h2"):

@@ -240,6 +240,7 @@ log_level = "warning"
 address = "127.0.0.1"
 http = 0
 https = {port}
+http3 = true  # the py-h3 case; h1 and h2 responses then carry Alt-Svc
 
 [certs]
 dir = "{fx.dir("port443-certs")}"

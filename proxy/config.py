@@ -360,6 +360,18 @@ class Http2Config:
 
 
 @dataclass(frozen=True)
+class Http3Config:
+    """HTTP/3 to clients ([listen] http3 turns it on): address validation by Retry (a round
+    trip proving the client's address is its own, against UDP amplification and floods of
+    Initials from spoofed sources), and the receive windows for request bodies."""
+
+    retry: bool = False  # every new client first gets a Retry
+    retry_threshold: int = 100  # ...else once this many handshakes are in progress (per process)
+    stream_window: int = 256 * 1024  # request body bytes a stream may send past what was read
+    connection_window: int = 1024 * 1024  # the same, all streams together
+
+
+@dataclass(frozen=True)
 class AccessLogConfig:
     enabled: bool = True
     format: AccessLogFormat = "json"
@@ -402,6 +414,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     http2: Http2Config = field(default_factory=Http2Config)
+    http3: Http3Config = field(default_factory=Http3Config)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)

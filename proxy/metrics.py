@@ -127,6 +127,18 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self._quic_handshake_failures = Counter(
+            "port443_quic_handshake_failures",
+            "QUIC (HTTP/3) handshakes that failed, by reason: malformed_initial, hello_timeout, "
+            "no_certificate, invalid_token, timeout, or the QUIC or TLS alert code name.",
+            ["reason"],
+            registry=registry,
+        )
+        self._quic_retries = Counter(
+            "port443_quic_retries",
+            "Retry packets sent to new QUIC clients (address validation).",
+            registry=registry,
+        )
         self._handshakes = Counter(
             "port443_tls_handshakes",
             "TLS handshakes completed, by protocol version and negotiated ALPN.",
@@ -168,6 +180,12 @@ class Metrics:
 
     def proxy_protocol_rejected(self, reason: str) -> None:
         self._proxy_rejections.labels(reason).inc()
+
+    def quic_handshake_failed(self, reason: str) -> None:
+        self._quic_handshake_failures.labels(reason).inc()
+
+    def quic_retry_sent(self) -> None:
+        self._quic_retries.inc()
 
     def record(self, outcome: Outcome) -> None:
         # Children are cached per label values: labels() costs a lock and validation per

@@ -419,6 +419,7 @@ class Server:
                 bind_udp(host, port),
                 certs=lambda: self.certs,
                 limits=self._limits,
+                settings=lambda: self.config.http3,
                 handler=self._https_handler,
                 registry=self.registry,
                 metrics=self.metrics,

@@ -1,4 +1,4 @@
-"""The tables that say how the proxy serves: [server], [listen], [limits], [http2], [hsts],
+"""The tables that say how the proxy serves: [server], [listen], [limits], [http2], [http3], [hsts],
 [tls], [admin] and [access_log].
 """
 
@@ -13,6 +13,7 @@ from proxy.config import (
     AdminConfig,
     HSTSConfig,
     Http2Config,
+    Http3Config,
     LimitsConfig,
     ListenConfig,
     ServerConfig,
@@ -41,6 +42,8 @@ _HTTP2_RANGES: dict[str, tuple[int, int]] = {
     "max_control_frames_per_second": (1, _MAX_WINDOW),
     "stall_timeout": (1, 3600),
 }
+_HTTP3_KEYS = tuple(f.name for f in dataclasses.fields(Http3Config))
+_WINDOW = (16384, 1 << 30)  # bytes: a few packets, up to 1 GiB
 _ACCESS_LOG_KEYS = tuple(f.name for f in dataclasses.fields(AccessLogConfig))
 _ADMIN_KEYS = tuple(f.name for f in dataclasses.fields(AdminConfig))
 _LIMITS_ZERO_ALLOWED = frozenset(
@@ -184,6 +187,31 @@ class ServerSections(Reader):
             for name, bounds in _HTTP2_RANGES.items()
         }
         return Http2Config(**values)
+
+    def _http3(self, root: Table) -> Http3Config:
+        key: KeyPath = ("http3",)
+        table = self._section(root, "http3", _HTTP3_KEYS)
+        default = Http3Config()
+        stream_window = self._value(
+            table, key, "stream_window", default.stream_window, convert.integer_between(*_WINDOW)
+        )
+        connection_window = self._value(
+            table,
+            key,
+            "connection_window",
+            default.connection_window,
+            convert.integer_between(*_WINDOW),
+        )
+        if connection_window < stream_window:
+            self._problem((*key, "connection_window"), "must be >= http3.stream_window")
+        return Http3Config(
+            retry=self._value(table, key, "retry", default.retry, convert.boolean),
+            retry_threshold=self._value(
+                table, key, "retry_threshold", default.retry_threshold, convert.integer(0)
+            ),
+            stream_window=stream_window,
+            connection_window=connection_window,
+        )
 
     def _tls(self, root: Table, sites: tuple[SiteConfig, ...]) -> TLSConfig:
         key: KeyPath = ("tls",)

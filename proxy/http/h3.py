@@ -5,6 +5,9 @@ One `H3Session` per QUIC connection turns each request stream into an `H3Exchang
 in its own task. The QUIC connection below (`proxy.quic`) is sans-IO; the session asks its
 `Transport` to send what aioquic queued and waits on it for acknowledgements, so a response
 body is held to SEND_BUFFER unacknowledged bytes per stream (backpressure to the upstream).
+Request bodies the other way: the `ReceiveLedger` counts what each stream holds (bytes H3 has
+not parsed yet, body bytes the exchange has not read), and the connection's receive windows
+(`proxy.quic.WindowedConnection`) open only as far past what was taken.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, encode_frame
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 
 from proxy.config import LimitsConfig
 from proxy.http.h2_fields import Malformed, request_from_headers, trailers_from_headers
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[["H3Exchange"], Awaitable[None]]
 
 SEND_BUFFER = 1 << 20  # unacknowledged response bytes per stream before the sender waits
+RECEIVE_CHUNK = 1 << 16  # request body bytes handed on at once (packets bring ~1200 each)
 STATUS = {code: str(code).encode("ascii") for code in range(100, 1000)}
 
 
@@ -44,14 +48,24 @@ class Transport(Protocol):
         """Return after the next datagram from the peer was processed (acks free buffers)."""
 
 
-def send_backlog(quic: QuicConnection, stream_id: int) -> int:
-    """Bytes queued on a stream and not yet acknowledged. aioquic buffers without bound and
-    has no public count: the one read of its private stream state."""
-    stream = quic._streams.get(stream_id)
-    if stream is None:
-        return 0
-    sender = stream.sender
-    return int(sender._buffer_stop - sender._buffer_start)
+def send_backlog(quic: QuicConnection, stream_id: int | None = None) -> int:
+    """Bytes queued and not yet acknowledged, on one stream or (None) on all of them (a
+    reset stream's are never sent: none). aioquic buffers without bound and has no public
+    count: the one read of its private stream state."""
+    if stream_id is None:
+        streams = list(quic._streams.values())
+    else:
+        stream = quic._streams.get(stream_id)
+        streams = [] if stream is None else [stream]
+    senders = [s.sender for s in streams if s.sender._reset_error_code is None]
+    return sum(int(s._buffer_stop - s._buffer_start) for s in senders)
+
+
+def h3_unparsed(h3: H3Connection, stream_id: int) -> int:
+    """Bytes of a stream H3 holds unparsed (a partial frame; a HEADERS frame is kept whole
+    until complete): the one read of its private per-stream buffer."""
+    stream = h3._stream.get(stream_id)
+    return 0 if stream is None else len(stream.buffer)
 
 
 def _send_goaway(h3: H3Connection, quic: QuicConnection, stream_id: int) -> None:
@@ -61,6 +75,32 @@ def _send_goaway(h3: H3Connection, quic: QuicConnection, stream_id: int) -> None
     if control is not None:
         frame = encode_frame(FrameType.GOAWAY, encode_uint_var(stream_id))
         quic.send_stream_data(control, frame)
+
+
+class ReceiveLedger:
+    """What each stream holds of the bytes QUIC delivered: the receive windows stay a fixed
+    size past what was taken, so a client cannot send faster than the upstream reads."""
+
+    __slots__ = ("_held", "_held_total", "delivered")
+
+    def __init__(self) -> None:
+        self.delivered = 0  # stream bytes QUIC handed up, all streams
+        self._held: dict[int, int] = {}
+        self._held_total = 0
+
+    def held(self, stream_id: int) -> int:
+        return self._held.get(stream_id, 0)
+
+    def taken(self) -> int:
+        """Bytes delivered and no longer held, all streams together."""
+        return self.delivered - self._held_total
+
+    def hold(self, stream_id: int, size: int) -> None:
+        self._held_total += size - self._held.get(stream_id, 0)
+        if size:
+            self._held[stream_id] = size
+        else:
+            self._held.pop(stream_id, None)
 
 
 class H3Exchange(Exchange):
@@ -79,6 +119,7 @@ class H3Exchange(Exchange):
         "scope",
         "sent_end",
         "stream_id",
+        "unread",
     )
 
     def __init__(self, session: H3Session, stream_id: int, request: Request) -> None:
@@ -91,6 +132,7 @@ class H3Exchange(Exchange):
         self.received_end = not request.has_body
         self.scope = trio.CancelScope()
         self._inbox: deque[bytes] = deque()
+        self.unread = 0  # bytes in the inbox
         self._arrived = trio.Event()
         self._trailers: Headers | None = None
         self._gone: ClientGone | None = None
@@ -100,6 +142,7 @@ class H3Exchange(Exchange):
     def _deliver(self, data: bytes, ended: bool) -> None:
         if data:
             self._inbox.append(data)
+            self.unread += len(data)
         self.received_end = self.received_end or ended
         self._arrived.set()
 
@@ -130,7 +173,18 @@ class H3Exchange(Exchange):
                 await self._arrived.wait()
             if not self._arrived.is_set():
                 raise ClientGone(f"stream {self.stream_id}: request body stalled {timeout:g}s")
-        return self._inbox.popleft()
+        inbox = self._inbox
+        data = inbox.popleft()
+        if inbox and len(data) < RECEIVE_CHUNK:
+            parts = [data]
+            size = len(data)
+            while inbox and size + len(inbox[0]) <= RECEIVE_CHUNK:
+                size += len(inbox[0])
+                parts.append(inbox.popleft())
+            data = b"".join(parts)
+        self.unread -= len(data)
+        self._session.taken(self.stream_id)
+        return data
 
     async def send_informational(self, head: ResponseHead) -> None:
         # Expect: 100-continue needs no answer (the body may always follow in HTTP/3), and
@@ -172,14 +226,17 @@ class H3Session:
         handler: Handler,
         limits: LimitsConfig,
         nursery: trio.Nursery,
+        ledger: ReceiveLedger,
     ) -> None:
         self._transport = transport
+        self._ledger = ledger
         self._quic = quic
         self._h3 = H3Connection(quic)
         self._handler = handler
         self._nursery = nursery
         self._exchanges: dict[int, H3Exchange] = {}
         self._goaway_id: int | None = None  # streams from this id on are refused
+        self._closing = False  # after GOAWAY, once the last exchange ended
         self._next_id = 0  # the lowest client stream id not seen yet
         self.info = info
         self.limits = limits
@@ -197,8 +254,18 @@ class H3Session:
             self._transport.transmit()
 
     def _close_if_done(self) -> None:
-        if self._goaway_id is not None and not self._exchanges:
-            self._quic.close(error_code=ErrorCode.H3_NO_ERROR)
+        if self._goaway_id is not None and not self._exchanges and not self._closing:
+            self._closing = True
+            self._nursery.start_soon(self._close_when_delivered)
+
+    async def _close_when_delivered(self) -> None:
+        """Closing drops what aioquic has not sent yet (and nothing lost is resent after
+        it): the last responses are acknowledged first, for at most client_timeout."""
+        with trio.move_on_after(self.limits.client_timeout):
+            while send_backlog(self._quic):
+                await self._transport.acknowledged()
+        self._quic.close(error_code=ErrorCode.H3_NO_ERROR)
+        self._transport.transmit()
 
     # -- events --------------------------------------------------------------------------
 
@@ -212,6 +279,19 @@ class H3Session:
                 exchange._cut_off(ClientGone("connection closed"))
         for h3_event in self._h3.handle_event(event):
             self._h3_event(h3_event)
+        if isinstance(event, StreamDataReceived):
+            self._ledger.delivered += len(event.data)
+            self._recount(event.stream_id)
+
+    def _recount(self, stream_id: int) -> None:
+        exchange = self._exchanges.get(stream_id)
+        unread = 0 if exchange is None else exchange.unread
+        self._ledger.hold(stream_id, h3_unparsed(self._h3, stream_id) + unread)
+
+    def taken(self, stream_id: int) -> None:
+        """An exchange read body bytes: its windows may open (MAX_STREAM_DATA, MAX_DATA)."""
+        self._recount(stream_id)
+        self._transport.transmit()
 
     def _h3_event(self, event: H3Event) -> None:
         if isinstance(event, HeadersReceived):
@@ -262,6 +342,7 @@ class H3Session:
             log.exception("client %s: stream %d failed", self.info.client_ip, sid)
         finally:
             del self._exchanges[sid]
+            self._recount(sid)  # unread body bytes are dropped
             if exchange._gone is None:
                 if not exchange.sent_end:
                     self.reset(sid, ErrorCode.H3_INTERNAL_ERROR)

@@ -5,6 +5,7 @@ Routes:
   /bytes/N          N bytes streamed in 64 KiB chunks with Content-Length
   /chunked/N        N bytes, chunked
   /upload           reads the body as it streams, answers its length and sha256
+  /upload/slow      the same, reading 64 KiB per 10 ms (a slow upstream: flow-control tests)
   /sleep/S          answers after S seconds (drain tests)
   /stall            never answers (504 tests)
   /status/N         an empty response with status N (204, 304, ...)
@@ -53,6 +54,7 @@ async def _read_body(
     stream: trio.SocketStream,
     conn: h11.Connection,
     trailers: list[tuple[bytes, bytes]] | None = None,
+    pause: float = 0.0,
 ) -> bytes | None:
     """The whole body hashed as it arrives: returns (len, sha256) encoded, None if cut off.
     The request's trailers are appended to `trailers` if given."""
@@ -61,6 +63,8 @@ async def _read_body(
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
+            if pause:
+                await trio.sleep(pause)
             data = await stream.receive_some(CHUNK)
             conn.receive_data(data)
             if not data:
@@ -104,8 +108,8 @@ async def _respond(
     if path == "/upgrade":
         await _upgraded_echo(stream, conn, headers)
         return
-    if path == "/upload":
-        body = await _read_body(stream, conn)
+    if path in ("/upload", "/upload/slow"):
+        body = await _read_body(stream, conn, pause=0.01 if path == "/upload/slow" else 0.0)
         if body is None:
             return
         await _send(stream, conn, _ok(body), h11.Data(data=body), h11.EndOfMessage())

@@ -16,6 +16,7 @@ from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, StreamReset
+from aioquic.tls import SessionTicket
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -125,18 +126,35 @@ class H3Client:
 
 @asynccontextmanager
 async def h3_client(
-    port: int, server_name: str, cafile: Path, *, handshake: bool = True
+    port: int,
+    server_name: str,
+    cafile: Path,
+    *,
+    handshake: bool = True,
+    token: bytes = b"",
+    session_ticket: SessionTicket | None = None,
+    tickets: list[SessionTicket] | None = None,
 ) -> AsyncIterator[H3Client]:
-    """A connected client (handshake done unless `handshake` is False); closed on exit."""
+    """A connected client (handshake done unless `handshake` is False); closed on exit.
+    `token` is sent in its Initial; with `session_ticket` it resumes (and sends early data
+    if the ticket allows); session tickets the server issues are appended to `tickets`."""
     configuration = QuicConfiguration(
-        is_client=True, alpn_protocols=H3_ALPN, server_name=server_name, idle_timeout=30
+        is_client=True,
+        alpn_protocols=H3_ALPN,
+        server_name=server_name,
+        idle_timeout=30,
+        token=token,
+        session_ticket=session_ticket,
     )
     configuration.load_verify_locations(cafile=str(cafile))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
         sock.setblocking(False)
         sock.connect(("127.0.0.1", port))
-        quic = QuicConnection(configuration=configuration)
+        quic = QuicConnection(
+            configuration=configuration,
+            session_ticket_handler=None if tickets is None else tickets.append,
+        )
         quic.connect(("127.0.0.1", port), trio.current_time())
         client = H3Client(sock, quic)
         async with trio.open_nursery() as nursery:
