@@ -9,18 +9,11 @@ import logging
 import os
 import signal
 import sys
-import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
-import redis
 import trio
 
 import proxy
-from proxy.certs.migrate import SKIPPED, migrate
-from proxy.certs.redis_store import RedisStore
-from proxy.certs.report import NONE, aligned, certificates_table, format_time
-from proxy.certs.store import CertificateStorage, CertStore, open_storage
 from proxy.config import Config
 from proxy.config_load import ConfigError, load_config
 from proxy.config_load.flags import FLAGS_PATH, QuickStart, quick_start_config
@@ -228,82 +221,19 @@ async def _handle_signals(server: Server, stop_now: trio.CancelScope) -> None:
             server.shutdown()
 
 
-def _open_store(path: Path, cache: Path) -> CertificateStorage | None:
-    """The store a configuration file names (Redis with `cache` as its local copy), or a
-    certs directory as it is; None after printing why not."""
-    if path.is_dir():
-        return CertStore(path)
-    config = _load(path)
-    return None if config is None else open_storage(config, cache=cache)
-
-
-def _migrate(source_path: Path, target_path: Path, *, dry_run: bool) -> int:
-    with tempfile.TemporaryDirectory(prefix="port443-migrate-") as tmp:
-        source = _open_store(source_path, Path(tmp) / "source")
-        target = _open_store(target_path, Path(tmp) / "target")
-        if source is None or target is None:
-            return 1
-        try:
-            steps = migrate(source, target, dry_run=dry_run)
-        except (OSError, ValueError, redis.RedisError) as exc:
-            print(f"port443: storage migrate stopped: {exc}", file=sys.stderr)
-            return 1
-    for step in steps:
-        print(step)
-    skipped = sum(step.action == SKIPPED for step in steps)
-    print(f"{len(steps)} items, {skipped} skipped{' (dry run)' if dry_run else ''}")
-    return 1 if skipped else 0
-
-
-def _certs(config: Config) -> int:
-    """The certificate table; with Redis, the shared view and who holds each lock."""
-    if config.storage.backend == "directory":
-        print(certificates_table(config))
-        return 0
-    with tempfile.TemporaryDirectory(prefix="port443-certs-") as tmp:
-        store = RedisStore(config.storage, CertStore(Path(tmp)))
-        try:
-            locks = _locks_table(config, store)
-        except redis.RedisError as exc:
-            print(
-                f"port443: Redis unreachable ({exc}); this machine's copy in {config.certs.dir}:",
-                file=sys.stderr,
-            )
-            print(certificates_table(config))
-            return 1
-        print(certificates_table(config, store=store))
-    print()
-    print(locks)
-    return 0
-
-
-def _locks_table(config: Config, store: RedisStore) -> str:
-    """Which instance orders and renews each issued certificate, since when; RedisError
-    when Redis does not answer."""
-    now = datetime.now(UTC)
-    rows: list[tuple[str, ...]] = [("CERTIFICATE", "LOCK HOLDER", "SINCE")]
-    for site in config.sites:
-        if config.issuer_of(site) == "files":
-            continue
-        holder = store.lock_holder(site.name)
-        if holder is None:
-            rows.append((site.name, "free", NONE))
-            continue
-        instance, since = holder
-        held = int((now - since).total_seconds())
-        rows.append((site.name, instance, f"{format_time(since)} (for {held} s)"))
-    return aligned(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "storage":
-        return _migrate(args.source, args.target, dry_run=args.dry_run)
+        from proxy import store_commands  # only these commands import redis
+
+        return store_commands.migrate_stores(args.source, args.target, _load, dry_run=args.dry_run)
     config = _quick_start(args) if args.command == "proxy" else _load(args.config)
     if config is None:
         return 1
     if args.command == "certs":
-        return _certs(config)
+        from proxy import store_commands
+
+        return store_commands.certificates(config)
     if args.command == "doctor":
         return run_doctor(config)
     if args.command == "check":

@@ -4,9 +4,8 @@ Both are off unless configured (`[limits] max_connections_per_ip`, `requests_per
 and count per process (each worker keeps its own). An IPv6 client counts by its /64, the
 smallest network one subscriber is given, or one host could pose as 2^64 clients.
 
-With `shared_request_rate` the rate counts across every process of every instance: one Lua
-script per request in `[storage]`'s Redis (GCRA: the bucket as one timestamp per client,
-expiring when it is full again). When Redis does not answer, requests are not refused for
+With `shared_request_rate` the rate counts across every process of every instance, in
+`[storage]`'s Redis (`shared_rate.py`). When Redis does not answer, requests are not refused for
 that: each process's own bucket decides meanwhile (a metric counts those requests), and
 Redis is asked again a second later.
 """
@@ -19,57 +18,21 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import redis
 import trio
 
-from proxy.certs.redis_store import redis_client
 from proxy.config import LimitsConfig, StorageConfig
 from proxy.lograte import RateLimitedLog
+
+if TYPE_CHECKING:
+    from proxy.shared_rate import SharedRate
 
 log = logging.getLogger(__name__)
 
 MAX_BUCKETS = 65536  # clients whose request rate is tracked; the least recently seen go first
-SHARED_TIMEOUT = 0.25  # seconds a request waits for Redis before its process decides alone
 SHARED_RETRY = 1.0  # seconds between tries while Redis does not answer
 SHARED_THREADS = 16  # Redis round trips in flight per process (redis-py blocks a thread)
-
-# GCRA (the generic cell rate algorithm) in one round trip: KEYS[1] holds the "theoretical
-# arrival time" of the client's next request in microseconds of Redis's clock; ARGV[1] is
-# the interval between requests (µs), ARGV[2] the burst. Returns 0 (go ahead, counted) or
-# the microseconds until a request would be allowed.
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local next_tat = tat + interval
-local allowed_at = next_tat - interval * tonumber(ARGV[2])
-if allowed_at > now then return math.ceil(allowed_at - now) end
-redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil((next_tat - now) / 1000))
-return 0
-"""
-
-
-class SharedRate:
-    """The request rate per client, counted in Redis for every process sharing it."""
-
-    def __init__(self, storage: StorageConfig, rate: float, burst: int) -> None:
-        self.settings = (storage, rate, burst)
-        self._client = redis_client(storage, SHARED_TIMEOUT)
-        self._gcra = self._client.register_script(_GCRA)
-        self._prefix = f"{storage.prefix}rate:"
-        self._args = [round(1_000_000 / rate), burst]
-
-    def wait(self, key: str) -> float:
-        """0 when a request of `key` may go ahead (counted), else the seconds until one
-        may; blocking, RedisError when Redis does not answer."""
-        micros = self._gcra(keys=[self._prefix + key], args=self._args)
-        return int(micros) / 1_000_000
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def client_key(ip: str) -> str:
@@ -118,6 +81,8 @@ class ClientLimits:
             self._shared.close()
             self._shared = None
         if shared is not None and self._shared is None:
+            from proxy.shared_rate import SharedRate  # only users of Redis import redis
+
             self._shared = SharedRate(*shared)
 
     # -- connections -----------------------------------------------------------------------
@@ -152,7 +117,7 @@ class ClientLimits:
             key = client_key(client_ip)
             try:
                 wait = await trio.to_thread.run_sync(shared.wait, key, limiter=self._threads)
-            except redis.RedisError as exc:
+            except shared.unavailable as exc:
                 self._shared_down_until = time.monotonic() + SHARED_RETRY
                 self._log_unshared(
                     "shared request rate: Redis unreachable (%s); each process counts alone "
