@@ -7,13 +7,16 @@ in the last test, Pebble's VA read from Knot."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from cryptography import x509
 from lexicon.interfaces import Provider
 
+from proxy.certs import dns01_lexicon
 from proxy.certs.acme import AcmeClient
 from proxy.certs.dns01 import DnsError, challenge_record, dns01_records
 from proxy.certs.dns01_lexicon import _provider_class, lexicon_providers
@@ -107,6 +110,25 @@ async def test_a_credentials_file_is_read_and_the_toml_options_come_first(
     assert knot.txt(str(record.name)) == {record.value}
     await records.remove([record])
     assert knot.txt(str(record.name)) == set()
+
+
+async def test_a_provider_that_never_answers_is_given_up_in_time(
+    knot: Knot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lexicon blocks in its thread; the call is abandoned after CALL_TIMEOUT (a listener
+    that never accepts: the request is sent, no answer comes)."""
+    monkeypatch.setattr(dns01_lexicon, "CALL_TIMEOUT", 0.5)
+    monkeypatch.setenv("LEXICON_POWERDNS_AUTH_TOKEN", TOKEN)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        config = DnsConfig(
+            provider="powerdns",
+            options=(("pdns_server", url),),
+            propagation_servers=(("127.0.0.1", knot.port),),
+        )
+        with trio.fail_after(5), pytest.raises(DnsError, match=r"gave no answer in 0\.5 s"):
+            await dns01_records(config).publish([challenge_record("example.test", "k.l")])
+    # closing the listener resets the pending connection: the abandoned thread ends
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 from typing import get_args
 
-from proxy.certs.dns01_lexicon import lexicon_providers
 from proxy.config import (
     RFC2136,
     AcmeConfig,
@@ -156,9 +155,14 @@ class CertSections(Reader):
 
     @staticmethod
     def _dns_provider(value: object) -> str:
-        """ "rfc2136" or the name of a provider of the installed dns-lexicon."""
+        """The provider: "rfc2136", or the name of one the installed dns-lexicon offers."""
         name = convert.text(value)
-        if name != RFC2136 and name not in lexicon_providers():
+        if name == RFC2136:
+            return name
+        # imported here: dns-lexicon and the DNS client cost ~0.3 s, for these configs only
+        from proxy.certs.dns01_lexicon import lexicon_providers
+
+        if name not in lexicon_providers():
             raise convert.Invalid(
                 f'must be "rfc2136" or a dns-lexicon provider name (cloudflare, route53, ...),'
                 f" got {convert.show(value)}"
