@@ -18,7 +18,7 @@ Issuer = Literal["local", "files", "acme"]
 UpstreamScheme = Literal["http", "h2c", "https"]
 AccessLogFormat = Literal["json", "common", "combined"]
 ChallengeType = Literal["http-01", "tls-alpn-01", "dns-01"]
-DnsProvider = Literal["rfc2136"]
+RFC2136 = "rfc2136"  # [acme.dns] provider: dynamic updates; any other name is a dns-lexicon one
 TsigAlgorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1"]
 KeyType = Literal["ecdsa-p256", "rsa-2048"]
 ClientAuthMode = Literal["require", "request"]
@@ -77,13 +77,19 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class DnsConfig:
-    """How DNS-01 records are published: RFC 2136 updates signed with a TSIG key."""
+    """How DNS-01 records are published: RFC 2136 updates signed with a TSIG key, or a DNS
+    provider's API through dns-lexicon."""
 
-    server: tuple[str, int]  # the primary authoritative server that takes the updates
-    tsig_key_name: str
-    tsig_secret: str = field(repr=False)  # base64, as tsig-keygen / keymgr print it
+    provider: str = RFC2136  # or a dns-lexicon provider name ("cloudflare", "route53", ...)
+    # rfc2136: the primary authoritative server that takes the updates, and its TSIG key
+    server: tuple[str, int] = ("127.0.0.1", 53)
+    tsig_key_name: str = "."
+    tsig_secret: str = field(default="", repr=False)  # base64, as tsig-keygen / keymgr print it
     tsig_algorithm: TsigAlgorithm = "hmac-sha256"
-    provider: DnsProvider = "rfc2136"
+    # lexicon: the provider's options ([acme.dns.options]), and a YAML file of more of them
+    # (credentials); LEXICON_<PROVIDER>_<OPTION> environment variables fill in the rest
+    options: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    credentials_file: Path | None = None
     propagation_timeout: float = 120.0  # seconds until every server must show the record
     # (host, port) to check instead of the zone's NS hosts on port 53 (split horizon, tests)
     propagation_servers: tuple[tuple[str, int], ...] = ()

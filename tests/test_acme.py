@@ -253,6 +253,24 @@ def test_tls_alpn01_certificate_carries_the_key_authorization(tmp_path: Path) ->
     assert san.get_values_for_type(x509.DNSName) == ["name.example.com"]
 
 
+def test_tls_alpn01_answer_for_an_ip_address_is_found_by_its_reverse_name(
+    tmp_path: Path,
+) -> None:
+    """RFC 8738 section 6: the validator sends the reverse-DNS name as SNI; the certificate
+    names the address itself."""
+    for address, reverse in [
+        ("127.0.0.1", "1.0.0.127.in-addr.arpa"),
+        ("::1", "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa"),
+    ]:
+        path = write_tls_alpn01(tmp_path, address, "token.thumbprint")
+        assert path.name == f"{reverse}.pem"
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == [address]
+        assert san.get_values_for_type(x509.DNSName) == []
+        assert TlsAlpn01Contexts(tmp_path).context_for(reverse.upper()) is not None
+
+
 def test_tls_alpn01_context_follows_the_file(tmp_path: Path) -> None:
     contexts = TlsAlpn01Contexts(tmp_path)
     path = write_tls_alpn01(tmp_path, "a.example.com", "t.k")

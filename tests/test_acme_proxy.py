@@ -14,20 +14,23 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import h11
 import pytest
-import trio
-from cryptography import x509
 
 from proxy.certs.store import CertStore
 from tests.support.backend import Backend
-from tests.support.certs import pebble_root, port443_certs, served, start_acme_proxy, wait_served
+from tests.support.certs import (
+    open_connection,
+    pebble_root,
+    port443_certs,
+    served,
+    start_acme_proxy,
+    wait_served,
+)
 from tests.support.curl import curl
 from tests.support.net import free_port
 from tests.support.openssl import s_client
 from tests.support.pebble import Pebble
-from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
-from tests.support.tls import tls_stream
+from tests.support.proxy import sites_toml, start_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +99,7 @@ async def test_short_lived_certificate_is_renewed_without_restart(
         first = await wait_served(proxy, "short.example.com", lambda: root)
         lifetime = first.not_valid_after_utc - first.not_valid_before_utc
         assert lifetime.total_seconds() <= 21
-        async with await _open_connection(proxy, "short.example.com", root) as old_connection:
+        async with await open_connection(proxy, "short.example.com", root) as old_connection:
             renewed = await wait_served(
                 proxy,
                 "short.example.com",
@@ -256,49 +259,3 @@ async def test_kill_9_during_issuance_leaves_a_usable_store(
         await proxy.terminate()
     assert cert.serial_number == left.serial
     assert "requesting a certificate" not in proxy.log()
-
-
-# -- helpers --------------------------------------------------------------------------------
-
-
-class _Connection:
-    """One kept-alive HTTPS connection, for requests before and after a certificate swap."""
-
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], host: str) -> None:
-        self._stream = stream
-        self._host = host
-        self._h11 = h11.Connection(h11.CLIENT)
-
-    async def get(self, target: str) -> int:
-        request = h11.Request(method="GET", target=target, headers=[("Host", self._host)])
-        await self._stream.send_all(
-            (self._h11.send(request) or b"") + (self._h11.send(h11.EndOfMessage()) or b"")
-        )
-        status = 0
-        while True:
-            event = self._h11.next_event()
-            if event is h11.NEED_DATA:
-                self._h11.receive_data(bytes(await self._stream.receive_some(65536)))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.EndOfMessage):
-                self._h11.start_next_cycle()
-                return status
-
-    def peer_serial(self) -> int:
-        der = self._stream.getpeercert(binary_form=True)
-        assert der is not None
-        return x509.load_der_x509_certificate(der).serial_number
-
-    async def __aenter__(self) -> _Connection:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stream.aclose()
-
-
-async def _open_connection(proxy: ProxyProcess, host: str, root: Path) -> _Connection:
-    stream = await tls_stream(proxy, host=host, cafile=root)
-    connection = _Connection(stream, host)
-    assert await connection.get("/echo") == 200
-    return connection

@@ -12,7 +12,7 @@ from pathlib import Path
 import dns.name
 import pytest
 
-from proxy.certs.dns01 import DnsError, Rfc2136, challenge_record
+from proxy.certs.dns01 import DnsError, challenge_record, dns01_records, name_servers
 from proxy.certs.manager import CertManager
 from proxy.config import Config, DnsConfig, SiteConfig, wildcard_of
 from proxy.config_load import load_config
@@ -75,6 +75,24 @@ def test_acme_dns_table_is_read(tmp_path: Path) -> None:
     assert config.acme.challenges_for(wildcard_site) == ("dns-01",)
 
 
+def test_a_lexicon_provider_table_is_read(tmp_path: Path) -> None:
+    text = (
+        '[certs]\nissuer = "acme"\n[acme.dns]\nprovider = "cloudflare"\n'
+        'credentials_file = "/etc/port443/lexicon_cloudflare.yml"\n'
+        'propagation_servers = ["192.0.2.1"]\n'
+        '[acme.dns.options]\nzone_id = "abc123"\nauth_token = "token-in-the-toml"\n'
+        f'{WILDCARD_SITE}challenge = "dns-01"\n'
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.acme.dns == DnsConfig(
+        provider="cloudflare",
+        options=(("zone_id", "abc123"), ("auth_token", "token-in-the-toml")),
+        credentials_file=Path("/etc/port443/lexicon_cloudflare.yml"),
+        propagation_servers=(("192.0.2.1", 53),),
+    )
+    assert "token-in-the-toml" not in repr(config)
+
+
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
@@ -104,8 +122,22 @@ def test_acme_dns_table_is_read(tmp_path: Path) -> None:
             ' got "ns.example.test"',
         ),
         (
-            DNS_TABLE + 'provider = "cloudflare"\n',
-            '5: acme.dns.provider: must be one of "rfc2136", got "cloudflare"',
+            DNS_TABLE + 'provider = "nosuchdns"\n',
+            '5: acme.dns.provider: must be "rfc2136" or a dns-lexicon provider name'
+            ' (cloudflare, route53, ...), got "nosuchdns"',
+        ),
+        (
+            '[acme.dns]\nprovider = "cloudflare"\nserver = "127.0.0.1"\n',
+            "3: acme.dns.server: is not used by provider 'cloudflare'",
+        ),
+        (
+            '[acme.dns]\noptions = { auth_token = "x" }\nserver = "127.0.0.1"\n'
+            'tsig_key_name = "k."\ntsig_secret = "c2VjcmV0"\n',
+            "2: acme.dns.options: is not used by provider 'rfc2136'",
+        ),
+        (
+            '[acme.dns]\nprovider = "powerdns"\noptions = { pdns_server_port = 8081 }\n',
+            "3: acme.dns.options: pdns_server_port must be a string, got 8081",
         ),
         (
             '[acme.dns]\ntsig_key_name = "k."\ntsig_secret = "c2VjcmV0"\n',
@@ -170,7 +202,7 @@ async def test_removal_deletes_our_values_only(knot: Knot) -> None:
     """Two orders for one name at once (two processes, or apex and wildcard): each
     removes its own value and leaves the other's."""
     ours, theirs = challenge_record("example.test", "a.b"), challenge_record("example.test", "c.d")
-    updater = Rfc2136(dns_config(knot))
+    updater = dns01_records(dns_config(knot))
     await updater.publish([theirs])
     await updater.publish([ours])
     assert knot.txt(str(ours.name)) == {ours.value, theirs.value}
@@ -182,7 +214,7 @@ async def test_removal_deletes_our_values_only(knot: Knot) -> None:
 
 async def test_a_wrong_tsig_secret_is_refused_and_never_shown(knot: Knot) -> None:
     wrong = base64.b64encode(b"wrong secret of 32 bytes length.").decode()
-    updater = Rfc2136(dns_config(knot, tsig_secret=wrong))
+    updater = dns01_records(dns_config(knot, tsig_secret=wrong))
     record = challenge_record("example.test", "e.f")
     with pytest.raises(DnsError) as failure:
         await updater.publish([record])
@@ -194,7 +226,9 @@ async def test_a_wrong_tsig_secret_is_refused_and_never_shown(knot: Knot) -> Non
 async def test_propagation_wait_is_bounded(knot: Knot) -> None:
     """A server that never answers: publish gives up after propagation_timeout."""
     silent = ("127.0.0.1", free_dns_port())
-    updater = Rfc2136(dns_config(knot, propagation_servers=(silent,), propagation_timeout=0.5))
+    updater = dns01_records(
+        dns_config(knot, propagation_servers=(silent,), propagation_timeout=0.5)
+    )
     record = challenge_record("example.test", "g.h")
     try:
         with pytest.raises(DnsError, match=r"not visible .* within 0.5 s"):
@@ -206,11 +240,11 @@ async def test_propagation_wait_is_bounded(knot: Knot) -> None:
 
 async def test_without_propagation_servers_the_zones_ns_hosts_are_asked(knot: Knot) -> None:
     """The zone's NS host is in the zone: its address comes from the primary's glue."""
-    updater = Rfc2136(dns_config(knot, propagation_servers=()))
-    assert await updater._name_servers(dns.name.from_text("example.test")) == [("127.0.0.1", 53)]
+    primary = ("127.0.0.1", knot.port)
+    assert await name_servers(dns.name.from_text("example.test"), primary) == [("127.0.0.1", 53)]
 
 
 async def test_a_name_outside_the_servers_zones_is_reported(knot: Knot) -> None:
-    updater = Rfc2136(dns_config(knot))
+    updater = dns01_records(dns_config(knot))
     with pytest.raises(DnsError, match=r"not authoritative for _acme-challenge\.other\.test"):
         await updater.publish([challenge_record("other.test", "i.j")])

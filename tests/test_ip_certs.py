@@ -1,5 +1,6 @@
 """IP-address certificates (RFC 8738): Pebble issues one for 127.0.0.1, validated by HTTP-01
-through the running proxy, and the proxy serves it to a client that sends no SNI."""
+or by TLS-ALPN-01 alone (section 6: the validator's SNI is 1.0.0.127.in-addr.arpa) through
+the running proxy, and the proxy serves it to a client that sends no SNI."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ async def served_without_sni(proxy: ProxyProcess, root: Path) -> x509.Certificat
     return x509.load_pem_x509_certificate(pem[0])
 
 
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
 async def test_ip_address_certificate_is_served_without_sni(
+    challenge: str,
     start_pebble: Callable[..., Pebble],
     backend: Backend,
     proxy_ports: tuple[int, int],
@@ -41,7 +44,7 @@ async def test_ip_address_certificate_is_served_without_sni(
 ) -> None:
     pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1])
     sites = sites_toml((["127.0.0.1"], [backend.url]))
-    proxy = await start_acme_proxy(tmp_path, pebble, sites, "http-01", ports=proxy_ports)
+    proxy = await start_acme_proxy(tmp_path, pebble, sites, challenge, ports=proxy_ports)
     try:
         await proxy.wait_log("site 127.0.0.1: serving certificate")
         cert = await served_without_sni(proxy, pebble_root(pebble, tmp_path))

@@ -112,6 +112,18 @@ def test_backoff_is_capped_at_a_day_and_stops_after_30_days() -> None:
     assert next_retry(41, T0, T0 + timedelta(days=30)) is None
 
 
+def test_backoff_is_sized_to_the_lifetime_of_the_certificate_renewed() -> None:
+    six_days = timedelta(days=6)
+    assert next_retry(3, T0, T0, lifetime=six_days) == Retry(T0 + timedelta(minutes=1))
+    assert next_retry(50, T0, T0, lifetime=six_days) == Retry(T0 + six_days / 10)
+    thirty_seconds = timedelta(seconds=30)
+    delays = [next_retry(n, T0, T0, lifetime=thirty_seconds) for n in range(3, 7)]
+    assert [r.at - T0 for r in delays if r is not None] == [
+        timedelta(seconds=s) for s in (1, 2, 3, 3)
+    ]
+    assert next_retry(50, T0, T0, lifetime=timedelta(days=90)) == Retry(T0 + BACKOFF_MAX)
+
+
 def test_retry_after_postpones_but_never_hastens() -> None:
     hour = timedelta(hours=1)
     assert next_retry(2, T0, T0, retry_after=hour) == Retry(T0 + hour, other_challenge=True)

@@ -44,7 +44,7 @@ from josepy.jwa import ES256
 from josepy.jwk import JWK, JWKEC
 
 from proxy.certs.acme_challenges import write_http01, write_tls_alpn01
-from proxy.certs.dns01 import DnsError, Rfc2136, TxtRecord, challenge_record
+from proxy.certs.dns01 import Dns01Records, DnsError, TxtRecord, challenge_record, dns01_records
 from proxy.certs.renewal import AriWindow, ari_cert_id
 from proxy.certs.store import CertificateStorage, account_path, atomic_write
 from proxy.config import LETS_ENCRYPT, ChallengeType, DnsConfig, KeyType, is_ip_address
@@ -181,7 +181,7 @@ class AcmeClient:
         self._verify: bool | str = str(ca_bundle) if ca_bundle is not None else True
         self._challenges = tuple(challenges)
         self._eab = eab
-        self._dns = Rfc2136(dns) if dns is not None else None
+        self._dns = dns01_records(dns) if dns is not None else None
         # DNS propagation happens within the order, so it extends the order's time limit
         self._timeout = timeout + (dns.propagation_timeout if dns is not None else 0.0)
         self._client: _Client | None = None
@@ -406,7 +406,7 @@ class AcmeClient:
             if records and self._dns is not None:
                 await self._dns.remove(records)
 
-    def _dns01(self) -> Rfc2136:
+    def _dns01(self) -> Dns01Records:
         if self._dns is None:
             raise AcmeError("dns-01 needs an [acme.dns] table: how to publish the records")
         return self._dns

@@ -8,6 +8,8 @@ replaced atomically, so a reader sees either nothing or a whole response.
   the port-80 listener returns for `GET /.well-known/acme-challenge/<token>`.
 - TLS-ALPN-01 (RFC 8737): `.challenges/tls-alpn-01/<name>.pem` holds a self-signed
   certificate and its key, served to handshakes for `<name>` that offer ALPN `acme-tls/1`.
+  For an IP address (RFC 8738 section 6) the validator's SNI, and so `<name>`, is the
+  address's reverse-DNS name (`1.0.0.127.in-addr.arpa`) and the certificate names the IP.
 
 With shared storage (Redis) each answer is also published there, and an instance that has
 no file for a token or name asks the store: the CA may validate through any instance.
@@ -16,6 +18,7 @@ no file for a token or name asks the store: the CA may validate through any inst
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -90,12 +93,17 @@ def write_http01(certs_dir: Path, token: str, key_authorization: str) -> Path:
     return path
 
 
-def write_tls_alpn01(certs_dir: Path, name: str, key_authorization: str) -> Path:
-    """Publish a TLS-ALPN-01 certificate; returns the file to remove when the authz is done."""
+def write_tls_alpn01(certs_dir: Path, identifier: str, key_authorization: str) -> Path:
+    """Publish a TLS-ALPN-01 certificate for a DNS name or an IP address; returns the file
+    to remove when the authz is done."""
+    address = _ip_address(identifier)
+    name = _dns_name(identifier if address is None else address.reverse_pointer)
     path = tls_alpn01_path(certs_dir, name)
-    answer = tls_alpn01_certificate(_dns_name(name), key_authorization)
+    answer = tls_alpn01_certificate(
+        x509.DNSName(name) if address is None else x509.IPAddress(address), key_authorization
+    )
     _write(path, answer)
-    _publish(certs_dir, "tls-alpn-01", _dns_name(name), answer)
+    _publish(certs_dir, "tls-alpn-01", name, answer)
     return path
 
 
@@ -161,8 +169,11 @@ class TlsAlpn01Contexts:
             Path(tmp).unlink(missing_ok=True)
 
 
-def tls_alpn01_certificate(name: str, key_authorization: str) -> bytes:
-    """PEM certificate and key proving control of `name` to a TLS-ALPN-01 validator."""
+def tls_alpn01_certificate(
+    identifier: x509.DNSName | x509.IPAddress, key_authorization: str
+) -> bytes:
+    """PEM certificate and key proving control of `identifier` (its only subjectAltName)
+    to a TLS-ALPN-01 validator."""
     key = ec.generate_private_key(ec.SECP256R1())
     digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
     now = datetime.now(UTC)
@@ -174,7 +185,7 @@ def tls_alpn01_certificate(name: str, key_authorization: str) -> bytes:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(hours=1))
         .not_valid_after(now + timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=True)
+        .add_extension(x509.SubjectAlternativeName([identifier]), critical=True)
         .add_extension(
             x509.UnrecognizedExtension(_ACME_IDENTIFIER, b"\x04\x20" + digest), critical=True
         )
@@ -194,6 +205,13 @@ def _dns_name(name: str) -> str:
     if not _DNS_NAME.fullmatch(normal):
         raise ValueError(f"malformed DNS name {name!r}")
     return normal
+
+
+def _ip_address(identifier: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(identifier)
+    except ValueError:
+        return None
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -339,13 +339,19 @@ class CertManager:
             if renewal_due(new.not_before, new.not_after, _now()) <= _now():
                 raise InvalidCertificate("the new certificate is due for renewal already")
         except Exception as exc:  # one site's trouble must not take the others down
-            return cert, self._failed(site, issuer, status, exc)
+            return cert, self._failed(site, issuer, status, exc, previous)
         return new, RenewalStatus(hosts=site.hosts)
 
     def _failed(
-        self, site: SiteConfig, issuer: Issuer, status: RenewalStatus, exc: Exception
+        self,
+        site: SiteConfig,
+        issuer: Issuer,
+        status: RenewalStatus,
+        exc: Exception,
+        renewing: StoredCert | None,
     ) -> RenewalStatus:
-        """The retry after `exc`, per the failure policy and the CA's Retry-After; logged."""
+        """The retry after `exc`, per the failure policy, the lifetime of the certificate
+        `renewing` and the CA's Retry-After; logged."""
         self.renewal_failures[site.name] = self.renewal_failures.get(site.name, 0) + 1
         pending = self._first_orders.get(site.name)
         if pending is not None:  # an on-demand name's first order: refused, its task ends
@@ -356,7 +362,12 @@ class CertManager:
         first = status.first_failure or now
         retry_after = exc.retry_after if isinstance(exc, AcmeError) else None
         retry = next_retry(
-            failures, first, now, has_fallback_ca=issuer.has_fallback, retry_after=retry_after
+            failures,
+            first,
+            now,
+            has_fallback_ca=issuer.has_fallback,
+            retry_after=retry_after,
+            lifetime=renewing.not_after - renewing.not_before if renewing is not None else None,
         )
         serving = (
             "keeping the current one"

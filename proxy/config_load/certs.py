@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import get_args
 
 from proxy.config import (
+    RFC2136,
     AcmeConfig,
     CertsConfig,
     ChallengeType,
     DnsConfig,
-    DnsProvider,
     Issuer,
     KeyType,
     ListenConfig,
@@ -36,7 +36,11 @@ _DNS_KEYS = (
     "tsig_algorithm",
     "propagation_timeout",
     "propagation_servers",
+    "options",
+    "credentials_file",
 )
+_RFC2136_KEYS = ("server", "tsig_key_name", "tsig_secret", "tsig_secret_file", "tsig_algorithm")
+_LEXICON_KEYS = ("options", "credentials_file")
 _STORAGE_KEYS = tuple(f.name for f in dataclasses.fields(StorageConfig))
 
 
@@ -112,7 +116,36 @@ class CertSections(Reader):
         table = self._table(acme.get("dns", {}), key, _DNS_KEYS)
         if table is None or "dns" not in acme:
             return None
-        providers: tuple[DnsProvider, ...] = get_args(DnsProvider)
+        provider = self._value(table, key, "provider", RFC2136, self._dns_provider)
+        common = DnsConfig(
+            provider=provider,
+            propagation_timeout=self._value(
+                table,
+                key,
+                "propagation_timeout",
+                DnsConfig.propagation_timeout,
+                convert.positive_number,
+            ),
+            propagation_servers=self._value(
+                table, key, "propagation_servers", (), convert.dns_servers
+            ),
+        )
+        others = _LEXICON_KEYS if provider == RFC2136 else _RFC2136_KEYS
+        for name in others:
+            if name in table:
+                self._problem((*key, name), f"is not used by provider {provider!r}")
+        if provider == RFC2136:
+            return self._rfc2136(table, key, common)
+        return dataclasses.replace(
+            common,
+            options=tuple(
+                self._value(table, key, "options", dict[str, str](), convert.string_table).items()
+            ),
+            credentials_file=self._value(table, key, "credentials_file", None, convert.path),
+        )
+
+    def _rfc2136(self, table: Table, key: KeyPath, common: DnsConfig) -> DnsConfig:
+        """The RFC 2136 keys of [acme.dns]: the primary server and its TSIG key."""
         algorithms: tuple[TsigAlgorithm, ...] = get_args(TsigAlgorithm)
         for name in ("server", "tsig_key_name"):
             if name not in table:
@@ -123,28 +156,31 @@ class CertSections(Reader):
             self._problem((*key, "tsig_secret"), "give either tsig_secret or tsig_secret_file")
         elif secret_file is not None:
             secret = self._secret_file((*key, "tsig_secret_file"), secret_file)
-        default = DnsConfig(server=("127.0.0.1", 53), tsig_key_name=".", tsig_secret="")
-        return DnsConfig(
-            provider=self._value(
-                table, key, "provider", default.provider, convert.choice(providers)
-            ),
-            server=self._value(table, key, "server", default.server, convert.dns_server),
+        return dataclasses.replace(
+            common,
+            server=self._value(table, key, "server", common.server, convert.dns_server),
             tsig_key_name=self._value(table, key, "tsig_key_name", ".", convert.text),
             tsig_secret=secret or "",
             tsig_algorithm=self._value(
-                table, key, "tsig_algorithm", default.tsig_algorithm, convert.choice(algorithms)
-            ),
-            propagation_timeout=self._value(
-                table,
-                key,
-                "propagation_timeout",
-                default.propagation_timeout,
-                convert.positive_number,
-            ),
-            propagation_servers=self._value(
-                table, key, "propagation_servers", (), convert.dns_servers
+                table, key, "tsig_algorithm", common.tsig_algorithm, convert.choice(algorithms)
             ),
         )
+
+    @staticmethod
+    def _dns_provider(value: object) -> str:
+        """The provider: "rfc2136", or the name of one the installed dns-lexicon offers."""
+        name = convert.text(value)
+        if name == RFC2136:
+            return name
+        # imported here: dns-lexicon and the DNS client cost ~0.3 s, for these configs only
+        from proxy.certs.dns01_lexicon import lexicon_providers
+
+        if name not in lexicon_providers():
+            raise convert.Invalid(
+                f'must be "rfc2136" or a dns-lexicon provider name (cloudflare, route53, ...),'
+                f" got {convert.show(value)}"
+            )
+        return name
 
     def _secret_file(self, key: KeyPath, path: Path) -> str | None:
         """The base64 TSIG secret kept alone in `path` (surrounding whitespace ignored)."""

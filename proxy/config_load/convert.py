@@ -180,6 +180,16 @@ def fields(value: object) -> tuple[tuple[bytes, bytes], ...]:
     )
 
 
+def string_table(value: object) -> dict[str, str]:
+    """A table of text values, { name = "value" } (a provider's options)."""
+    if not isinstance(value, dict):
+        raise Invalid(f'must be a table of strings such as {{ name = "value" }}, got {show(value)}')
+    for name, text in value.items():
+        if not isinstance(text, str):
+            raise Invalid(f"{name} must be a string, got {show(text)}")
+    return {str(name): text for name, text in value.items()}
+
+
 def limit_converter(kind: object, *, zero_allowed: bool) -> Callable[[object], Any]:
     """[limits] values are counts (integers) or seconds and rates (numbers); 0 means "off"
     or "none" only where the key allows it."""

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import h11
 import trio
 from cryptography import x509
 
@@ -14,6 +15,7 @@ from tests.support.openssl import s_client
 from tests.support.pebble import Pebble
 from tests.support.proxy import ProxyProcess, start_proxy
 from tests.support.run import port443
+from tests.support.tls import tls_stream
 
 WAIT = 30.0  # seconds for an issuance or renewal that is due
 
@@ -71,3 +73,47 @@ def port443_certs(config: Path) -> str:
     result = port443("certs", "-c", str(config))
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+class KeptConnection:
+    """One kept-alive HTTPS connection, for requests before and after a certificate swap."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], host: str) -> None:
+        self._stream = stream
+        self._host = host
+        self._h11 = h11.Connection(h11.CLIENT)
+
+    async def get(self, target: str) -> int:
+        request = h11.Request(method="GET", target=target, headers=[("Host", self._host)])
+        await self._stream.send_all(
+            (self._h11.send(request) or b"") + (self._h11.send(h11.EndOfMessage()) or b"")
+        )
+        status = 0
+        while True:
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA:
+                self._h11.receive_data(bytes(await self._stream.receive_some(65536)))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                self._h11.start_next_cycle()
+                return status
+
+    def peer_serial(self) -> int:
+        der = self._stream.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    async def __aenter__(self) -> KeptConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stream.aclose()
+
+
+async def open_connection(proxy: ProxyProcess, host: str, root: Path) -> KeptConnection:
+    """A kept-alive connection to `host` trusting `root`, its first GET /echo answered 200."""
+    stream = await tls_stream(proxy, host=host, cafile=root)
+    connection = KeptConnection(stream, host)
+    assert await connection.get("/echo") == 200
+    return connection
