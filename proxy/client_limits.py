@@ -47,6 +47,11 @@ def client_key(ip: str) -> str:
     return str(network)
 
 
+def _bucket(site_name: str, client: str) -> str:
+    """A bucket's key: the client's, within a site with its own rate."""
+    return f"{site_name} {client}" if site_name else client
+
+
 @dataclass(slots=True)
 class _Bucket:
     tokens: float
@@ -106,27 +111,27 @@ class ClientLimits:
     # -- requests --------------------------------------------------------------------------
 
     def _rate_of(self, site: SiteConfig | None) -> tuple[str, float, float]:
-        """The bucket prefix, rate and burst a request to `site` counts against: the site's
-        own (a bucket per client per such site), else [limits]' (one bucket per client)."""
+        """The site whose rate and burst a request to `site` counts against: the site's own
+        (its name: a bucket per client per such site), else [limits]' ("": one per client)."""
         own = site.request_rate if site is not None else None
         if site is None or own is None:
             return "", self._rate, self._burst
         burst = self._burst if own.burst is None else float(own.burst)
-        return f"{site.name} ", own.per_second, burst
+        return site.name, own.per_second, burst
 
     async def check_request(self, client_ip: str, site: SiteConfig | None = None) -> int | None:
         """None when a request of `client_ip` to `site` may go ahead, else the seconds for
         429's Retry-After: counted in Redis when the rate is shared and Redis answers, else
         by this process (`retry_after`)."""
         shared = self._shared
-        prefix, rate, burst = self._rate_of(site)
+        site_name, rate, burst = self._rate_of(site)
         if shared is None or not rate:
             return self.retry_after(client_ip, site)
         if time.monotonic() >= self._shared_down_until:
             key = client_key(client_ip)
             try:
                 wait = await trio.to_thread.run_sync(
-                    shared.wait, f"{prefix}{key}", rate, int(burst), limiter=self._threads
+                    shared.wait, _bucket(site_name, key), rate, int(burst), limiter=self._threads
                 )
             except shared.unavailable as exc:
                 self._shared_down_until = time.monotonic() + SHARED_RETRY
@@ -139,14 +144,14 @@ class ClientLimits:
                 if self._shared_down_until > -math.inf:
                     self._shared_down_until = -math.inf
                     log.info("shared request rate: Redis reachable again")
-                return None if wait <= 0 else self._refused(key, prefix, rate, wait)
+                return None if wait <= 0 else self._refused(key, site_name, rate, wait)
         self.unshared_requests += 1
         return self.retry_after(client_ip, site)
 
-    def _refused(self, key: str, prefix: str, rate: float, wait: float) -> int:
+    def _refused(self, key: str, site_name: str, rate: float, wait: float) -> int:
         """Count and log a 429; Retry-After in whole seconds, at least 1."""
         self.refused_requests += 1
-        on_site = f" on site {prefix.rstrip()}" if prefix else ""
+        on_site = f" on site {site_name}" if site_name else ""
         self._log_requests("client %s%s: more than %g requests per second: 429", key, on_site, rate)
         return max(1, math.ceil(wait))
 
@@ -155,11 +160,11 @@ class ClientLimits:
         (taking a token), else the seconds until the client's bucket holds one again (for
         429's Retry-After). `client_ip` is the request's client as `trusted_proxies`
         identify it (`Forwarder.identify`)."""
-        prefix, rate, burst = self._rate_of(site)
+        site_name, rate, burst = self._rate_of(site)
         if not rate:
             return None
         client = client_key(client_ip)
-        key = f"{prefix}{client}"
+        key = _bucket(site_name, client)
         now = time.monotonic()
         buckets = self._buckets
         bucket = buckets.get(key)
@@ -174,4 +179,4 @@ class ClientLimits:
         if bucket.tokens >= 1:
             bucket.tokens -= 1
             return None
-        return self._refused(client, prefix, rate, (1 - bucket.tokens) / rate)
+        return self._refused(client, site_name, rate, (1 - bucket.tokens) / rate)

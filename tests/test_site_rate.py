@@ -3,17 +3,20 @@ overriding `[limits]`'s: the loader, the buckets, and 429 with Retry-After from 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from proxy import client_limits
 from proxy.client_limits import ClientLimits
-from proxy.config import LimitsConfig, RequestRate
+from proxy.config import LimitsConfig, RequestRate, StorageConfig
 from proxy.config_load import ConfigError, parse_config
 from tests.support.backend import Backend
 from tests.support.curl import curl
 from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
+from tests.support.redisproc import run_redis
+from tests.test_cluster_limits import KEY
 
 SITES = """
 [[sites]]
@@ -108,3 +111,24 @@ async def test_a_site_over_its_own_rate_gets_429_with_retry_after(
         assert "client 127.0.0.1 on site localhost: more than 0.25 requests per" in proxy.log()
     finally:
         await proxy.terminate()
+
+
+async def test_a_shared_site_rate_counts_in_redis_apart_from_the_global_one(
+    tmp_path: Path,
+) -> None:
+    config = parse_config(
+        "[limits]\nrequests_per_second_per_ip = 0.1\nrequest_burst_per_ip = 3\n"
+        + SITES.format(a="requests_per_second_per_ip = 0.5\nrequest_burst_per_ip = 1"),
+        Path("port443.toml"),
+    )
+    strict, loose = config.sites
+    with run_redis(tmp_path / "redis") as server:
+        storage = StorageConfig(backend="redis", url=server.url, encryption_key=KEY)
+        shared = dataclasses.replace(config.limits, shared_request_rate=True)
+        first, second = ClientLimits(shared, storage), ClientLimits(shared, storage)
+        client = "192.0.2.1"
+        assert await first.check_request(client, strict) is None
+        assert await second.check_request(client, strict) == 2  # one token per 2 s, shared
+        assert [await second.check_request(client, loose) for _ in range(3)] == [None] * 3
+        assert await first.check_request(client, loose) == 10
+        assert first.unshared_requests == second.unshared_requests == 0
