@@ -4,8 +4,9 @@
 #   docker build --build-arg WHEELHOUSE=wheelhouse -t port443 .   # offline, from ./wheelhouse
 #
 # BASE is any Debian-like image with python3 (>= 3.11) and the venv module; both stages use it,
-# so the virtualenv built in the first one runs unchanged in the second.
-ARG BASE=python:3.12-slim
+# so the virtualenv built in the first one runs unchanged in the second. The default is Debian
+# trixie's: its OpenSSL 3.5 gives the post-quantum key exchange (X25519MLKEM768).
+ARG BASE=python:3.13-slim-trixie
 
 # ---- build: a wheel of this project, installed with its dependencies into /opt/port443 ----
 FROM ${BASE} AS build

@@ -1,14 +1,16 @@
 """Abusive clients against a real port443 process, and what a concurrent normal client sees.
 
-    .venv/bin/python bench/abuse.py [--attackers 1000] [--window 6]
+    .venv/bin/python bench/abuse.py [--attackers 1000] [--idle 10500] [--max-connections 10000]
 
 For each attack: a normal client makes one request per new TLS connection in a loop (its p50,
 p99 and failures before and during the attack), the proxy's CPU share during it, and its RSS
 before, during and after (3 s after the attackers left). Loopback only; every loop is bounded
-by a count and a time. Attacks:
-  slow-head      TLS handshakes done, then a request head trickled a byte a second
-  partial-hello  60 bytes of a ClientHello, then nothing
-  idle-at-limit  max_connections = attackers / 2, attackers idle TCP connections
+by a count and a time. The open-files limit is raised to its hard limit (the attackers' and
+the proxy's descriptors). Attacks:
+  slow-head      `attackers` TLS handshakes done, then a request head trickled a byte a second
+  partial-hello  `attackers` times 60 bytes of a ClientHello, then nothing
+  slowloris      both of the above at once (`attackers` of each)
+  idle-at-limit  `idle` idle TCP connections against `max_connections`
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import socket
 import ssl
 import subprocess
@@ -145,23 +148,32 @@ def client_hello() -> bytes:
     return outgoing.read()
 
 
-Attack = Callable[[Proxy, int, threading.Event], None]
+@dataclass
+class Signals:
+    """Between an attack's thread and `measure`: all attackers connected; the attack is over."""
+
+    ready: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
-def _hold(socks: list[socket.socket], stop: threading.Event, tick: Callable[[], None]) -> None:
+Attack = Callable[[Proxy, int, Signals], None]
+
+
+def _hold(socks: list[socket.socket], signals: Signals, tick: Callable[[], None]) -> None:
+    signals.ready.set()
     try:
-        while not stop.wait(1.0):
+        while not signals.stop.wait(1.0):
             tick()
     finally:
         for sock in socks:
             sock.close()
 
 
-def slow_head(proxy: Proxy, count: int, stop: threading.Event) -> None:
+def slow_head(proxy: Proxy, count: int, signals: Signals) -> None:
     context = proxy.context()
     socks: list[socket.socket] = []
     for _ in range(count):
-        if stop.is_set():
+        if signals.stop.is_set():
             break
         with contextlib.suppress(OSError):
             tls = context.wrap_socket(
@@ -177,10 +189,10 @@ def slow_head(proxy: Proxy, count: int, stop: threading.Event) -> None:
             with contextlib.suppress(OSError, ssl.SSLError):
                 sock.send(b"x")
 
-    _hold(socks, stop, trickle)
+    _hold(socks, signals, trickle)
 
 
-def partial_hello(proxy: Proxy, count: int, stop: threading.Event) -> None:
+def partial_hello(proxy: Proxy, count: int, signals: Signals) -> None:
     head = client_hello()[:60]
     socks = []
     for _ in range(count):
@@ -188,15 +200,39 @@ def partial_hello(proxy: Proxy, count: int, stop: threading.Event) -> None:
             sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
             sock.sendall(head)
             socks.append(sock)
-    _hold(socks, stop, lambda: None)
+    _hold(socks, signals, lambda: None)
 
 
-def idle(proxy: Proxy, count: int, stop: threading.Event) -> None:
+def slowloris(proxy: Proxy, count: int, signals: Signals) -> None:
+    """Slow heads and stalled handshakes together, `count` of each."""
+    parts = [Signals(stop=signals.stop) for _ in range(2)]
+    threads = [
+        threading.Thread(target=attack, args=(proxy, count, part))
+        for attack, part in zip((slow_head, partial_hello), parts, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for part in parts:
+        while not (part.ready.wait(0.5) or signals.stop.is_set()):
+            pass
+    signals.ready.set()
+    for thread in threads:
+        thread.join()
+
+
+def idle(proxy: Proxy, count: int, signals: Signals) -> None:
     socks = []
     for _ in range(count):
         with contextlib.suppress(OSError):
             socks.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
-    _hold(socks, stop, lambda: None)
+    _hold(socks, signals, lambda: None)
+
+
+def raise_open_files_limit() -> int:
+    """The soft limit on open files raised to the hard one (the proxy inherits it)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def measure(name: str, attack: Attack, limits: str, count: int, window: float) -> None:
@@ -208,19 +244,25 @@ def measure(name: str, attack: Attack, limits: str, count: int, window: float) -
         probe(proxy, 1.0)  # warm-up: certificate, pools
         before = probe(proxy, window)
         rss_before = rss_mib(pid)
-        stop = threading.Event()
-        attacker = threading.Thread(target=attack, args=(proxy, count, stop))
+        signals = Signals()
+        attacker = threading.Thread(target=attack, args=(proxy, count, signals))
         attacker.start()
-        time.sleep(2.0)  # the attackers connect
+        connecting = time.monotonic()
+        signals.ready.wait(120)  # every attacker connected (bounded)
+        connected = time.monotonic() - connecting
+        time.sleep(1.0)
         cpu, wall = cpu_seconds(pid), time.monotonic()
         during = probe(proxy, window)
         cpu_share = (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
         rss_during = rss_mib(pid)
-        stop.set()
+        signals.stop.set()
         attacker.join()
         time.sleep(3.0)
         rss_after = rss_mib(pid)
-        print(f"{name} ({count} attackers; {limits.strip() or 'default limits'}):")
+        print(
+            f"{name} ({count} attackers, connected in {connected:.1f} s; "
+            f"{limits.strip() or 'default limits'}):"
+        )
         print(f"  normal client before: {before.summary()}")
         print(f"  normal client during: {during.summary()}")
         print(
@@ -232,18 +274,24 @@ def measure(name: str, attack: Attack, limits: str, count: int, window: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attackers", type=int, default=1000)
+    parser.add_argument("--attackers", type=int, default=1000, help="slow and stalled clients")
+    parser.add_argument("--idle", type=int, default=10500, help="idle-at-limit's connections")
+    parser.add_argument("--max-connections", type=int, default=10000)
     parser.add_argument("--window", type=float, default=6.0, help="seconds per probe phase")
-    parser.add_argument("--only", choices=("slow-head", "partial-hello", "idle-at-limit"))
+    parser.add_argument(
+        "--only", choices=("slow-head", "partial-hello", "slowloris", "idle-at-limit")
+    )
     args = parser.parse_args()
-    attacks: list[tuple[str, Attack, str]] = [
-        ("slow-head", slow_head, ""),
-        ("partial-hello", partial_hello, ""),
-        ("idle-at-limit", idle, f"max_connections = {args.attackers // 2}\n"),
+    print(f"open files limit: {raise_open_files_limit()}")
+    attacks: list[tuple[str, Attack, str, int]] = [
+        ("slow-head", slow_head, "", args.attackers),
+        ("partial-hello", partial_hello, "", args.attackers),
+        ("slowloris", slowloris, "", args.attackers),
+        ("idle-at-limit", idle, f"max_connections = {args.max_connections}\n", args.idle),
     ]
-    for name, attack, limits in attacks:
+    for name, attack, limits, count in attacks:
         if args.only in (None, name):
-            measure(name, attack, limits, args.attackers, args.window)
+            measure(name, attack, limits, count, args.window)
 
 
 if __name__ == "__main__":

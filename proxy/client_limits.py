@@ -1,8 +1,9 @@
 """Per-client limits: open connections and a request rate (token bucket) per client address.
 
-Both are off unless configured (`[limits] max_connections_per_ip`, `requests_per_second_per_ip`)
-and count per process (each worker keeps its own). An IPv6 client counts by its /64, the
-smallest network one subscriber is given, or one host could pose as 2^64 clients.
+Both are off unless configured (`[limits] max_connections_per_ip`, `requests_per_second_per_ip`;
+a site may set its own rate, counted in a bucket of its own) and count per process (each
+worker keeps its own). An IPv6 client counts by its /64, the smallest network one subscriber
+is given, or one host could pose as 2^64 clients.
 
 With `shared_request_rate` the rate counts across every process of every instance, in
 `[storage]`'s Redis (`shared_rate.py`). When Redis does not answer, requests are not refused for
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from proxy.config import LimitsConfig, StorageConfig
+from proxy.config import LimitsConfig, SiteConfig, StorageConfig
 from proxy.lograte import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -44,6 +45,11 @@ def client_key(ip: str) -> str:
     except ValueError:
         return ip
     return str(network)
+
+
+def _bucket(site_name: str, client: str) -> str:
+    """A bucket's key: the client's, within a site with its own rate."""
+    return f"{site_name} {client}" if site_name else client
 
 
 @dataclass(slots=True)
@@ -74,16 +80,14 @@ class ClientLimits:
         self._max_connections = limits.max_connections_per_ip
         self._rate = limits.requests_per_second_per_ip
         self._burst = float(limits.request_burst_per_ip)
-        shared = None
-        if limits.shared_request_rate and storage is not None and self._rate:
-            shared = (storage, self._rate, limits.request_burst_per_ip)
-        if self._shared is not None and self._shared.settings != shared:
+        shared = storage if limits.shared_request_rate else None
+        if self._shared is not None and self._shared.storage != shared:
             self._shared.close()
             self._shared = None
         if shared is not None and self._shared is None:
             from proxy.shared_rate import SharedRate  # only users of Redis import redis
 
-            self._shared = SharedRate(*shared)
+            self._shared = SharedRate(shared)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -106,17 +110,29 @@ class ClientLimits:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def check_request(self, client_ip: str) -> int | None:
-        """None when a request of `client_ip` may go ahead, else the seconds for 429's
-        Retry-After: counted in Redis when the rate is shared and Redis answers, else by
-        this process (`retry_after`)."""
+    def _rate_of(self, site: SiteConfig | None) -> tuple[str, float, float]:
+        """The site whose rate and burst a request to `site` counts against: the site's own
+        (its name: a bucket per client per such site), else [limits]' ("": one per client)."""
+        own = site.request_rate if site is not None else None
+        if site is None or own is None:
+            return "", self._rate, self._burst
+        burst = self._burst if own.burst is None else float(own.burst)
+        return site.name, own.per_second, burst
+
+    async def check_request(self, client_ip: str, site: SiteConfig | None = None) -> int | None:
+        """None when a request of `client_ip` to `site` may go ahead, else the seconds for
+        429's Retry-After: counted in Redis when the rate is shared and Redis answers, else
+        by this process (`retry_after`)."""
         shared = self._shared
-        if shared is None or not self._rate:
-            return self.retry_after(client_ip)
+        site_name, rate, burst = self._rate_of(site)
+        if shared is None or not rate:
+            return self.retry_after(client_ip, site)
         if time.monotonic() >= self._shared_down_until:
             key = client_key(client_ip)
             try:
-                wait = await trio.to_thread.run_sync(shared.wait, key, limiter=self._threads)
+                wait = await trio.to_thread.run_sync(
+                    shared.wait, _bucket(site_name, key), rate, int(burst), limiter=self._threads
+                )
             except shared.unavailable as exc:
                 self._shared_down_until = time.monotonic() + SHARED_RETRY
                 self._log_unshared(
@@ -128,37 +144,39 @@ class ClientLimits:
                 if self._shared_down_until > -math.inf:
                     self._shared_down_until = -math.inf
                     log.info("shared request rate: Redis reachable again")
-                return None if wait <= 0 else self._refused(key, wait)
+                return None if wait <= 0 else self._refused(key, site_name, rate, wait)
         self.unshared_requests += 1
-        return self.retry_after(client_ip)
+        return self.retry_after(client_ip, site)
 
-    def _refused(self, key: str, wait: float) -> int:
+    def _refused(self, key: str, site_name: str, rate: float, wait: float) -> int:
         """Count and log a 429; Retry-After in whole seconds, at least 1."""
         self.refused_requests += 1
-        self._log_requests("client %s: more than %g requests per second: 429", key, self._rate)
+        on_site = f" on site {site_name}" if site_name else ""
+        self._log_requests("client %s%s: more than %g requests per second: 429", key, on_site, rate)
         return max(1, math.ceil(wait))
 
-    def retry_after(self, client_ip: str) -> int | None:
-        """This process's bucket: None when a request of `client_ip` may go ahead (taking a
-        token), else the seconds until the client's bucket holds one again (for 429's
-        Retry-After). `client_ip` is the request's client as `trusted_proxies` identify it
-        (`Forwarder.identify`)."""
-        rate = self._rate
+    def retry_after(self, client_ip: str, site: SiteConfig | None = None) -> int | None:
+        """This process's bucket: None when a request of `client_ip` to `site` may go ahead
+        (taking a token), else the seconds until the client's bucket holds one again (for
+        429's Retry-After). `client_ip` is the request's client as `trusted_proxies`
+        identify it (`Forwarder.identify`)."""
+        site_name, rate, burst = self._rate_of(site)
         if not rate:
             return None
-        key = client_key(client_ip)
+        client = client_key(client_ip)
+        key = _bucket(site_name, client)
         now = time.monotonic()
         buckets = self._buckets
         bucket = buckets.get(key)
         if bucket is None:
-            bucket = buckets[key] = _Bucket(self._burst, now)
+            bucket = buckets[key] = _Bucket(burst, now)
             if len(buckets) > MAX_BUCKETS:
                 buckets.popitem(last=False)
         else:
             buckets.move_to_end(key)
-            bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * rate)
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
             bucket.at = now
         if bucket.tokens >= 1:
             bucket.tokens -= 1
             return None
-        return self._refused(key, (1 - bucket.tokens) / rate)
+        return self._refused(client, site_name, rate, (1 - bucket.tokens) / rate)

@@ -157,6 +157,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class RequestRate:
+    """A site's own request rate per client address, overriding `[limits]`'s for its requests."""
+
+    per_second: float  # 0: no limit for this site
+    burst: int | None = None  # None: [limits]' request_burst_per_ip
+
+
+@dataclass(frozen=True)
 class Upstream:
     url: str
     scheme: UpstreamScheme
@@ -320,6 +328,7 @@ class SiteConfig:
     on_demand: bool = False
     ask: str | None = None
     encode: Encode = field(default_factory=Encode)  # its routes' default, and its own group's
+    request_rate: RequestRate | None = None  # None: [limits]' requests_per_second_per_ip
 
     @cached_property
     def own_route(self) -> Route:

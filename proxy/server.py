@@ -311,7 +311,9 @@ class Server:
     async def _forward(self, exchange: Exchange, outcome: Outcome) -> None:
         forwarder = self._current.forwarder
         forwarder.identify(exchange.request, outcome)
-        retry_after = await self.client_limits.check_request(outcome.client_ip)
+        retry_after = await self.client_limits.check_request(
+            outcome.client_ip, forwarder.site(exchange.request)
+        )
         if retry_after is not None:
             head, body = plain_response(
                 429, "Too Many Requests", (b"retry-after", str(retry_after).encode("ascii"))

@@ -34,17 +34,17 @@ class SharedRate:
 
     unavailable: type[Exception] = redis.RedisError  # what `wait` raises when Redis is away
 
-    def __init__(self, storage: StorageConfig, rate: float, burst: int) -> None:
-        self.settings = (storage, rate, burst)
+    def __init__(self, storage: StorageConfig) -> None:
+        self.storage = storage
         self._client = redis_client(storage, SHARED_TIMEOUT)
         self._gcra = self._client.register_script(_GCRA)
         self._prefix = f"{storage.prefix}rate:"
-        self._args = [round(1_000_000 / rate), burst]
 
-    def wait(self, key: str) -> float:
-        """0 when a request of `key` may go ahead (counted), else the seconds until one
-        may; blocking, RedisError when Redis does not answer."""
-        micros = self._gcra(keys=[self._prefix + key], args=self._args)
+    def wait(self, key: str, rate: float, burst: int) -> float:
+        """0 when a request of `key` may go ahead (counted) at `rate` per second with
+        `burst`, else the seconds until one may; blocking, RedisError when Redis does not
+        answer."""
+        micros = self._gcra(keys=[self._prefix + key], args=[round(1_000_000 / rate), burst])
         return int(micros) / 1_000_000
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 
 No Docker engine runs here, so Debian's buildah builds the Dockerfile (`--isolation chroot`) and
 runs the image the same way, sharing the host's loopback. No registry is reachable either: the
-base image is Debian bookworm made with debootstrap and imported with podman, and the image's
+base image is Debian trixie (Python 3.13, OpenSSL 3.5, the openssl tool for the post-quantum
+check) made with debootstrap from the host's Debian mirror and imported with podman, and the image's
 dependencies come from a wheelhouse downloaded on the host (the Dockerfile's offline path,
 `--build-arg WHEELHOUSE=wheelhouse`).
 
@@ -49,13 +50,14 @@ from tests.support.slow import require_slow
 CACHE = Path(os.environ.get("PORT443_TEST_CACHE", "/var/cache/port443-test"))
 STORAGE = ["--root", str(CACHE / "storage"), "--runroot", "/run/port443-test"]
 BASE_RECIPE = {
-    "suite": "bookworm",
+    "suite": "trixie",
     "variant": "minbase",
     # No python3-pip: the Dockerfile must make do with the venv module, like python:*-slim.
-    "include": "python3,python3-venv,ca-certificates",
+    # openssl: `openssl s_client` in the image proves the post-quantum key exchange.
+    "include": "python3,python3-venv,ca-certificates,openssl",
     "arch": platform.machine(),
 }
-BASE_MAX_AGE = 7 * 24 * 3600  # security updates land in bookworm; rebuild weekly
+BASE_MAX_AGE = 7 * 24 * 3600  # security updates land in trixie; rebuild weekly
 UID = 10443  # the image's port443 user
 CERTS = "/var/lib/port443/certs"
 CONFIG = "/etc/port443/port443.toml"
@@ -93,7 +95,8 @@ def _buildah(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
 
 
 def _debian_mirror(suite: str) -> str:
-    """The Debian mirror apt uses for `suite` (deb822 .sources or one-line .list files)."""
+    """The Debian mirror apt uses for `suite` (deb822 .sources or one-line .list files): the
+    host's own suite, whose mirror serves the base's suite too."""
     apt = Path("/etc/apt")
     files = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
     files += sorted((apt / "sources.list.d").glob("*.sources"))
@@ -128,10 +131,10 @@ class BaseImage:
 
 @pytest.fixture(scope="session")
 def base_image() -> BaseImage:
-    """Debian bookworm with python3 as an image, made once and kept in CACHE."""
+    """Debian trixie with python3 as an image, made once and kept in CACHE."""
     require_slow("builds container images")
     _require("buildah", "podman", "debootstrap")
-    mirror = _debian_mirror(BASE_RECIPE["suite"])
+    mirror = _debian_mirror(platform.freedesktop_os_release()["VERSION_CODENAME"])
     recipe = json.dumps([BASE_RECIPE, mirror], sort_keys=True).encode()
     key = hashlib.sha256(recipe).hexdigest()[:12]
     ref = f"localhost/port443-base:{key}"
@@ -245,7 +248,7 @@ class Image:
 
 @pytest.fixture(scope="session")
 def image(base_image: BaseImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
-    """The Dockerfile built offline (wheelhouse) on the bookworm base; removed afterwards."""
+    """The Dockerfile built offline (wheelhouse) on the trixie base; removed afterwards."""
     _require("buildah", "podman", "debootstrap")
     started = time.monotonic()
     context = tmp_path_factory.mktemp("container") / "context"
@@ -464,6 +467,17 @@ async def test_container_serves_tls_and_stops_cleanly_on_sigterm(
         assert redirect.body.decode() == f"308 https://localhost:{https_port}/a?b", (
             redirect.stderr.decode()
         )
+
+        # Post-quantum key exchange, from inside the image (its OpenSSL 3.5): offered only
+        # X25519MLKEM768, the client negotiates it with the proxy.
+        hybrid = await run(
+            *buildah_run, "openssl", "s_client", "-connect", f"127.0.0.1:{https_port}",
+            "-servername", "localhost", "-groups", "X25519MLKEM768", "-CAfile",
+            f"{CERTS}/local/root.pem", "-verify_return_error", stdin=b"", timeout=30,
+        )  # fmt: skip
+        s_client = hybrid.stdout.decode(errors="replace")
+        assert hybrid.returncode == 0, s_client + hybrid.stderr.decode(errors="replace")
+        assert "Negotiated TLS1.3 group: X25519MLKEM768" in s_client, s_client
 
         healthcheck = [*buildah_run, *image.config["Healthcheck"]["Test"][1:]]
         assert (await run(*healthcheck)).returncode == 0

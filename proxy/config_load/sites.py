@@ -19,6 +19,7 @@ from proxy.config import (
     ClientCertHeaders,
     Encode,
     Issuer,
+    RequestRate,
     SiteConfig,
     UpstreamGroup,
     is_ip_address,
@@ -30,11 +31,12 @@ from proxy.config_load.reader import Table
 from proxy.config_load.routes import ENCODE_KEYS, RouteSections
 from proxy.toml_lines import KeyPath
 
+_RATE_KEYS = ("requests_per_second_per_ip", "request_burst_per_ip")  # named as in [limits]
 _SITE_KEYS = (
     "hosts", "upstreams", "cert", "key", "issuer", "challenge", *UPSTREAM_TLS_KEYS, "routes",
     "client_ca", "client_auth", "client_crl", "client_cert_headers",
     "on_demand", "ask",
-    *ENCODE_KEYS,
+    *ENCODE_KEYS, *_RATE_KEYS,
 )  # fmt: skip
 _CLIENT_CERT_HEADER_KEYS = tuple(f.name for f in dataclasses.fields(ClientCertHeaders))
 _CRL_SIGNING_KEYS = (
@@ -111,9 +113,25 @@ class SiteSections(RouteSections):
                     on_demand=on_demand,
                     ask=ask,
                     encode=encode,
+                    request_rate=self._request_rate(table, site_key),
                 )
             )
         return tuple(sites)
+
+    def _request_rate(self, table: Table, site_key: KeyPath) -> RequestRate | None:
+        """The site's own rate per client, overriding [limits]' (0: none for this site)."""
+        rate = self._value(
+            table, site_key, "requests_per_second_per_ip", None, convert.number_at_least_zero
+        )
+        burst = self._value(table, site_key, "request_burst_per_ip", None, convert.integer(1))
+        if rate is None:
+            if burst is not None and "requests_per_second_per_ip" not in table:
+                self._problem(
+                    (*site_key, "request_burst_per_ip"),
+                    "needs the site's requests_per_second_per_ip (the rate it bounds)",
+                )
+            return None
+        return RequestRate(per_second=rate, burst=burst)
 
     def _ask(
         self,

@@ -11,7 +11,7 @@ import logging
 
 import trio
 
-from proxy.config import Config, Redirect, Respond, Route
+from proxy.config import Config, Redirect, Respond, Route, SiteConfig
 from proxy.handlers.observed import RequestHandler, respond
 from proxy.handlers.resend import ReplayBuffer, Resend, after_failure
 from proxy.http.encoding import response_coder
@@ -97,9 +97,13 @@ class Forwarder(RequestHandler):
         if trusted and is_trusted(request.client_ip, trusted):
             outcome.client_ip = client_address(request.client_ip, request.headers, trusted)
 
+    def site(self, request: Request) -> SiteConfig | None:
+        """The site serving `request`: by its host, else the default site."""
+        return self._config.site_for_host(host_without_port(request.host)) or self._default_site
+
     async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
         request = exchange.request
-        site = self._config.site_for_host(host_without_port(request.host)) or self._default_site
+        site = self.site(request)
         if site is None:
             await self._respond(
                 exchange, outcome, 421, "Misdirected Request: no site for this host"
