@@ -142,18 +142,25 @@ async def fuzz_proxy(
     def run_example(data: Any) -> None:
         trio.from_thread.run(example, data)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(keep_checking, health_check, health)
-        fuzz = partial(
-            run_budget,
-            run_example,
-            strategy,
-            SECONDS,
-            shrink=False,
-            stop=lambda: health.failure is not None,
-        )
-        tried = await trio.to_thread.run_sync(fuzz)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_checking, health_check, health)
+            fuzz = partial(
+                run_budget,
+                run_example,
+                strategy,
+                SECONDS,
+                shrink=False,
+                stop=lambda: health.failure is not None,
+            )
+            tried = await trio.to_thread.run_sync(fuzz)
+            nursery.cancel_scope.cancel()
+    except Exception as exc:  # an example failed: say what the proxy was doing meanwhile
+        status = proxy.process.poll()
+        state = "runs" if status is None else f"exited with status {status}"
+        raise AssertionError(
+            f"fuzzing stopped: {exc!r}; the proxy {state}; its log ends:\n{proxy.log()[-4000:]}"
+        ) from exc
     assert health.failure is None, health.failure
     with trio.fail_after(EXAMPLE_TIMEOUT):
         await health_check()  # and after the run
