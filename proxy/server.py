@@ -311,16 +311,15 @@ class Server:
     async def _forward(self, exchange: Exchange, outcome: Outcome) -> None:
         forwarder = self._current.forwarder
         forwarder.identify(exchange.request, outcome)
-        retry_after = await self.client_limits.check_request(
-            outcome.client_ip, forwarder.site(exchange.request)
-        )
+        site = forwarder.site(exchange.request)
+        retry_after = await self.client_limits.check_request(outcome.client_ip, site)
         if retry_after is not None:
             head, body = plain_response(
                 429, "Too Many Requests", (b"retry-after", str(retry_after).encode("ascii"))
             )
             await respond(exchange, outcome, head, body)
             return
-        await forwarder(exchange, outcome)
+        await forwarder.serve(exchange, outcome, site)
 
     async def _redirect(self, exchange: Exchange, outcome: Outcome) -> None:
         await self._current.redirector(exchange, outcome)

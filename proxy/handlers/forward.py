@@ -12,7 +12,7 @@ import logging
 import trio
 
 from proxy.config import Config, Redirect, Respond, Route, SiteConfig
-from proxy.handlers.observed import RequestHandler, respond
+from proxy.handlers.observed import respond
 from proxy.handlers.resend import ReplayBuffer, Resend, after_failure
 from proxy.http.encoding import response_coder
 from proxy.http.headers import (
@@ -79,8 +79,9 @@ def _decisive(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0]
 
 
-class Forwarder(RequestHandler):
-    """The request handler of the HTTPS listener for one configuration."""
+class Forwarder:
+    """What the HTTPS listener's requests get for one configuration: the server finds the
+    site once (`site`, which its per-site rate limit needs too) and hands it to `serve`."""
 
     def __init__(self, config: Config, upstreams: Upstreams) -> None:
         self._config = config
@@ -101,9 +102,9 @@ class Forwarder(RequestHandler):
         """The site serving `request`: by its host, else the default site."""
         return self._config.site_for_host(host_without_port(request.host)) or self._default_site
 
-    async def __call__(self, exchange: Exchange, outcome: Outcome) -> None:
+    async def serve(self, exchange: Exchange, outcome: Outcome, site: SiteConfig | None) -> None:
+        """Answer the request to `site` (`self.site` of it), filling in the outcome."""
         request = exchange.request
-        site = self.site(request)
         if site is None:
             await self._respond(
                 exchange, outcome, 421, "Misdirected Request: no site for this host"
