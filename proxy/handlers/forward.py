@@ -14,7 +14,7 @@ import trio
 from proxy.config import Config, Redirect, Respond, Route, SiteConfig
 from proxy.handlers.observed import respond
 from proxy.handlers.resend import ReplayBuffer, Resend, after_failure
-from proxy.http.encoding import response_coder
+from proxy.http.encoding import IDENTITY, response_coder
 from proxy.http.headers import (
     apply_header_ops,
     client_response_headers,
@@ -332,8 +332,11 @@ class Forwarder:
         timeout = group.idle
         if event is None:
             event = await upstream.next_event(timeout)
+        # An encoder flushes only before a wait, so it must know whether the next event is
+        # already there; passing bytes through needs no such look ahead.
+        look_ahead = coder is not IDENTITY
         while isinstance(event, bytes):
-            following = upstream.buffered_event()  # None: the next must be waited for
+            following = upstream.buffered_event() if look_ahead else None  # None: must wait
             data = coder.feed(event, flush=following is None, end=isinstance(following, BodyEnd))
             if data:
                 outcome.bytes_out += len(data)
