@@ -126,7 +126,7 @@ class ClientLimits:
         shared = self._shared
         site_name, rate, burst = self._rate_of(site)
         if shared is None or not rate:
-            return self.retry_after(client_ip, site)
+            return self._take_local(client_ip, site_name, rate, burst)
         if time.monotonic() >= self._shared_down_until:
             key = client_key(client_ip)
             try:
@@ -146,7 +146,7 @@ class ClientLimits:
                     log.info("shared request rate: Redis reachable again")
                 return None if wait <= 0 else self._refused(key, site_name, rate, wait)
         self.unshared_requests += 1
-        return self.retry_after(client_ip, site)
+        return self._take_local(client_ip, site_name, rate, burst)
 
     def _refused(self, key: str, site_name: str, rate: float, wait: float) -> int:
         """Count and log a 429; Retry-After in whole seconds, at least 1."""
@@ -160,7 +160,9 @@ class ClientLimits:
         (taking a token), else the seconds until the client's bucket holds one again (for
         429's Retry-After). `client_ip` is the request's client as `trusted_proxies`
         identify it (`Forwarder.identify`)."""
-        site_name, rate, burst = self._rate_of(site)
+        return self._take_local(client_ip, *self._rate_of(site))
+
+    def _take_local(self, client_ip: str, site_name: str, rate: float, burst: float) -> int | None:
         if not rate:
             return None
         client = client_key(client_ip)

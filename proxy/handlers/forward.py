@@ -36,7 +36,7 @@ from proxy.http.model import (
     plain_response,
 )
 from proxy.netio import ByteStream, StreamTimeout
-from proxy.routing.identity import client_address, is_trusted
+from proxy.routing.identity import behind_trusted_peer, is_trusted
 from proxy.routing.routes import match_route, redirect_location, rewritten_target
 from proxy.upstream.balance import request_key
 from proxy.upstream.group import GroupUpstreams, NoHealthyBackend, UpstreamUnavailable
@@ -96,7 +96,8 @@ class Forwarder:
         per-client rate: the peer, or behind trusted proxies the first untrusted hop."""
         trusted = self._trusted
         if trusted and is_trusted(request.client_ip, trusted):
-            outcome.client_ip = client_address(request.client_ip, request.headers, trusted)
+            outcome.peer_trusted = True
+            outcome.client_ip = behind_trusted_peer(request.client_ip, request.headers, trusted)
 
     def site(self, request: Request) -> SiteConfig | None:
         """The site serving `request`: by its host, else the default site."""
@@ -195,9 +196,9 @@ class Forwarder:
         self, exchange: Exchange, group: GroupUpstreams, route: Route, outcome: Outcome
     ) -> None:
         request = exchange.request
-        trusted = self._trusted
-        keep = bool(trusted) and is_trusted(request.client_ip, trusted)
-        outgoing = upstream_request(request, keep_forwarded=keep, trace=outcome.trace)
+        outgoing = upstream_request(
+            request, keep_forwarded=outcome.peer_trusted, trace=outcome.trace
+        )
         outgoing.target = rewritten_target(route, outgoing.target)
         if route.request_headers:
             outgoing.fields = apply_header_ops(outgoing.fields, route.request_headers)

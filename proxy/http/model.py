@@ -97,6 +97,7 @@ class Outcome:
     upstream: str | None = None
     upstream_time: float | None = None  # from request start to upstream response head
     trace: TraceContext | None = None  # set when tracing is on
+    peer_trusted: bool = False  # the peer is one of trusted_proxies (its X-Forwarded-* kept)
 
 
 class Observer(Protocol):

@@ -1,6 +1,6 @@
 """Who the client is: the peer, or, behind trusted proxies, the first untrusted hop.
 
-Computed once per request by the forwarder (`client_address`); the X-Forwarded-For chain
+Computed once per request by the forwarder (`behind_trusted_peer`); the X-Forwarded-For chain
 it reads is the one `http/headers.upstream_request` keeps and appends to for the same peers.
 Behind a PROXY protocol header the peer already is the address the header names
 (`proxy_gate.py`): the balancer never appears here.
@@ -60,6 +60,11 @@ def client_address(peer: str, headers: Headers, trusted: Sequence[IPNetwork]) ->
     the chain that is not trusted (the leftmost one if all are)."""
     if not trusted or not is_trusted(peer, trusted):
         return peer
+    return behind_trusted_peer(peer, headers, trusted)
+
+
+def behind_trusted_peer(peer: str, headers: Headers, trusted: Sequence[IPNetwork]) -> str:
+    """`client_address` for a peer already known to be trusted."""
     hops = chain(headers)
     for hop in reversed(hops):
         if not is_trusted(hop, trusted):
