@@ -19,6 +19,7 @@ from proxy.config_load import ConfigError, load_config
 from proxy.config_load.flags import FLAGS_PATH, QuickStart, quick_start_config
 from proxy.doctor import run_doctor
 from proxy.handlers.admin import ProcessView
+from proxy.memory import freeze_startup_objects
 from proxy.pidfile import read_pid, remove_pid, write_pid
 from proxy.server import Server
 from proxy.storage_check import check_certificate_store
@@ -148,7 +149,7 @@ async def _serve(config: Config, worker: WorkerSpec | None) -> None:
             nursery.start_soon(_handle_signals, server, nursery.cancel_scope)
             view = ProcessView(server.metrics, server)
             nursery.start_soon(answer_supervisor, channel, view, server.shutdown)
-            await server.run()
+            await _run_server(server)
             nursery.cancel_scope.cancel()
     finally:
         channel.close()
@@ -160,10 +161,17 @@ async def _serve_alone(config: Config) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_handle_signals, server, nursery.cancel_scope)
-            await server.run()
+            await _run_server(server)
             nursery.cancel_scope.cancel()
     finally:
         remove_pid(config)
+
+
+async def _run_server(server: Server) -> None:
+    """Serve until stopped; once listening, what startup built is frozen (memory.py)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        freeze_startup_objects()
 
 
 async def _supervise(config: Config) -> None:

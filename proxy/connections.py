@@ -22,7 +22,7 @@ import trio
 
 from proxy.client_limits import ClientLimits
 from proxy.lograte import RateLimitedLog
-from proxy.memtrim import release_free_memory
+from proxy.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class ConnectionRegistry:
         slots = self._slots
         slots.discard(slot)
         if self._peak - len(slots) >= TRIM_AFTER_CLOSED and len(slots) <= self._peak // 2:
-            # Most of a wave of connections has gone: give their memory back (memtrim.py).
+            # Most of a wave of connections has gone: give their memory back (memory.py).
             self._peak = len(slots)
             release_free_memory()
         if self._changed:

@@ -8,7 +8,7 @@ import resource
 import pytest
 import trio
 
-from proxy import client_limits, connections, lograte, memtrim
+from proxy import client_limits, connections, lograte, memory
 from proxy.client_limits import ClientLimits, client_key
 from proxy.config import LimitsConfig
 from proxy.connections import ConnectionRegistry, DescriptorReserve, Slot
@@ -173,4 +173,4 @@ def test_freed_memory_goes_back_once_a_wave_of_connections_closed(
     for slot in slots[500:]:
         slot.release()
     assert trims == [True, True]  # the other half: per wave, not per connection
-    assert memtrim.release_free_memory() in (True, False)  # callable on any C library
+    assert memory.release_free_memory() in (True, False)  # callable on any C library

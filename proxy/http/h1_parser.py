@@ -70,51 +70,27 @@ class _MoreThanOneMessage(Exception):
 
 
 class H1Parser:
-    """One direction of an HTTP/1.1 connection: requests (`request=True`) or responses."""
+    """One direction of an HTTP/1.1 connection: requests (`request=True`) or responses.
 
-    __slots__ = (
-        "_body_left",
-        "_ended",
-        "_eof",
-        "_events",
-        "_framing",
-        "_head",
-        "_head_done",
-        "_headers",
-        "_is_request",
-        "_max_head",
-        "_name",
-        "_parser",
-        "_pending",
-        "_status",
-        "_trailers",
-        "_url",
-        "bodiless_response",
-        "overrun",
-        "upgraded",
-    )
+    llhttp holds its callbacks' object, so they live on `_Message`, which never refers back:
+    a parser and its message are freed by reference counting when the caller drops them,
+    not left as a reference cycle per message for the garbage collector (measured: about
+    30 objects per request, and the collector's passes over them).
+    """
+
+    __slots__ = ("_eof", "_max_head", "_message", "_parser", "_pending", "overrun")
 
     def __init__(self, *, request: bool, max_head_bytes: int, pending: bytes = b"") -> None:
-        self._is_request = request
         self._max_head = max_head_bytes
+        self._message = message = _Message(request)
         self._parser: httptools.HttpRequestParser | httptools.HttpResponseParser = (
-            httptools.HttpRequestParser(self) if request else httptools.HttpResponseParser(self)
+            httptools.HttpRequestParser(message)
+            if request
+            else httptools.HttpResponseParser(message)
         )
         self._pending = pending  # received, not yet fed to llhttp
-        self._events: list[Event] = []
-        self._head: bytes | bytearray = b""  # the head so far, as fed
-        self._head_done = False
-        self._url: list[bytes] = []
-        self._status = b""
-        self._headers: Headers = []
-        self._trailers: Headers = []
-        self._framing = _NONE
-        self._body_left = 0
-        self._ended = False  # the message is complete; later input is the next one's
         self._eof = False
-        self.bodiless_response = False  # set by the caller for a response to HEAD
         self.overrun = False  # bytes followed a chunked body in the same read: not kept
-        self.upgraded = False  # the message switched protocols; `trailing_data` follows it
 
     # -- input and events ------------------------------------------------------------------
 
@@ -124,6 +100,20 @@ class H1Parser:
             self._pending += data
         else:
             self._eof = True
+
+    @property
+    def bodiless_response(self) -> bool:
+        return self._message.bodiless_response
+
+    @bodiless_response.setter
+    def bodiless_response(self, value: bool) -> None:
+        """Set by the caller for a response to HEAD."""
+        self._message.bodiless_response = value
+
+    @property
+    def upgraded(self) -> bool:
+        """The message switched protocols; `trailing_data` follows it."""
+        return self._message.upgraded
 
     @property
     def trailing_data(self) -> bytes:
@@ -137,15 +127,17 @@ class H1Parser:
 
     @property
     def complete(self) -> bool:
-        return self._ended and not self._events
+        message = self._message
+        return message.ended and not message.events
 
     def next_event(self) -> Event:
         """The next event; raises ParseError for a malformed message."""
-        events = self._events
+        message = self._message
+        events = message.events
         while not events:
-            if self._ended:
+            if message.ended:
                 return NEED_DATA
-            if not self._head_done:
+            if not message.head_done:
                 if not self._feed_head():
                     return self._at_end_of_input()
             elif not self._feed_body():
@@ -155,15 +147,17 @@ class H1Parser:
     def _at_end_of_input(self) -> Event:
         if not self._eof:
             return NEED_DATA
-        if self._framing == _UNTIL_CLOSE and self._head_done:
-            self._ended = True
-            return MessageEnd(None)
+        message = self._message
+        if message.framing == _UNTIL_CLOSE and message.head_done:
+            message.end(None)
+            return message.events.pop(0)
         return CLOSED  # before a message or in the middle of one: the caller knows which
 
     def _feed_head(self) -> bool:
         """Feed the pending bytes up to the head's blank line; False when none were there."""
+        message = self._message
         pending = self._pending
-        head = self._head
+        head = message.head
         if not head and pending[:1] in _LINE_ENDS:  # empty lines before a request line
             pending = pending.lstrip(b"\r\n")  # are ignored (RFC 9112 §2.2)
         if not pending:
@@ -181,17 +175,21 @@ class H1Parser:
         if isinstance(head, bytearray) and head:
             head += chunk
         else:  # a head that came in one read is kept as it came, no copy
-            self._head = head = chunk if end >= 0 else bytearray(chunk)
+            message.head = head = chunk if end >= 0 else bytearray(chunk)
+        parser = self._parser
+        message.llhttp = parser  # for the head's callback, while it is fed (no cycle)
         try:
-            self._parser.feed_data(chunk)
+            parser.feed_data(chunk)
         except httptools.HttpParserUpgrade:
             # A 101, or a request asking to switch (llhttp skips its body): what follows
             # the head belongs to the new protocol.
-            if self._framing != _NONE:
+            if message.framing != _NONE:
                 raise ParseError("a protocol upgrade request with a body") from None
-            self.upgraded = self._ended = True
+            message.upgraded = message.ended = True
         except httptools.HttpParserError as exc:
             raise ParseError(_reason(exc)) from None
+        finally:
+            message.llhttp = None
         if len(head) > self._max_head:
             raise ParseError(f"head larger than {self._max_head} bytes", 431)
         return True
@@ -200,10 +198,11 @@ class H1Parser:
         pending = self._pending
         if not pending:
             return False
-        if self._framing == _LENGTH:
-            take = min(len(pending), self._body_left)
+        message = self._message
+        if message.framing == _LENGTH:
+            take = min(len(pending), message.body_left)
             chunk, self._pending = pending[:take], pending[take:]
-            self._body_left -= take
+            message.body_left -= take
         else:
             chunk, self._pending = pending, b""
         try:
@@ -216,41 +215,77 @@ class H1Parser:
             raise ParseError(_reason(exc)) from None
         return True
 
-    # -- llhttp callbacks ------------------------------------------------------------------
+
+class _Message:
+    """llhttp's callbacks, and the message they have parsed so far."""
+
+    __slots__ = (
+        "bodiless_response",
+        "body_left",
+        "ended",
+        "events",
+        "framing",
+        "head",
+        "head_done",
+        "headers",
+        "is_request",
+        "llhttp",
+        "status",
+        "trailers",
+        "upgraded",
+        "url",
+    )
+
+    def __init__(self, request: bool) -> None:
+        self.is_request = request
+        self.llhttp: httptools.HttpRequestParser | httptools.HttpResponseParser | None = None
+        self.events: list[Event] = []
+        self.head: bytes | bytearray = b""  # the head so far, as fed
+        self.head_done = False
+        self.url: list[bytes] = []
+        self.status = b""
+        self.headers: Headers = []
+        self.trailers: Headers = []
+        self.framing = _NONE
+        self.body_left = 0
+        self.ended = False  # the message is complete; later input is the next one's
+        self.bodiless_response = False
+        self.upgraded = False
 
     def on_message_begin(self) -> None:
-        if self._ended:
+        if self.ended:
             raise _MoreThanOneMessage
 
     def on_url(self, url: bytes) -> None:
-        self._url.append(url)
+        self.url.append(url)
 
     def on_status(self, status: bytes) -> None:
-        self._status += status
+        self.status += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         field = (name.lower(), value.rstrip(b" \t"))
-        (self._trailers if self._head_done else self._headers).append(field)
+        (self.trailers if self.head_done else self.headers).append(field)
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
+        parser = self.llhttp
+        assert parser is not None
         version = parser.get_http_version().encode("ascii")
-        headers = self._headers
-        if self._is_request:
+        headers = self.headers
+        if self.is_request:
             assert isinstance(parser, httptools.HttpRequestParser)
-            method, target, status = parser.get_method(), b"".join(self._url), 0
+            method, target, status = parser.get_method(), b"".join(self.url), 0
         else:
             assert isinstance(parser, httptools.HttpResponseParser)
             method, target, status = b"", b"", parser.get_status_code()
-        head = MessageHead(method, target, status, version, headers, bytes(self._head))
-        self._events.append(head)
+        head = MessageHead(method, target, status, version, headers, bytes(self.head))
+        self.events.append(head)
         if 100 <= status < 200:  # interim: the final response's head follows
-            self._head, self._headers, self._status = b"", [], b""
+            self.head, self.headers, self.status = b"", [], b""
             return
-        self._head_done = True
-        self._framing = self._body_framing(status, headers)
-        if self._framing == _NONE:
-            self._end(None)
+        self.head_done = True
+        self.framing = self._body_framing(status, headers)
+        if self.framing == _NONE:
+            self.end(None)
 
     def _body_framing(self, status: int, headers: Headers) -> int:
         if self.bodiless_response or status in (204, 304):
@@ -262,21 +297,21 @@ class H1Parser:
             if name == b"content-length":
                 length = value
         if length is not None:
-            self._body_left = int(length)
-            return _LENGTH if self._body_left else _NONE
-        return _NONE if self._is_request else _UNTIL_CLOSE
+            self.body_left = int(length)
+            return _LENGTH if self.body_left else _NONE
+        return _NONE if self.is_request else _UNTIL_CLOSE
 
     def on_body(self, body: bytes) -> None:
-        self._events.append(body)
+        self.events.append(body)
 
     def on_message_complete(self) -> None:
-        if self._head_done and not self._ended:  # not an interim response; a bodiless
+        if self.head_done and not self.ended:  # not an interim response; a bodiless
             # message ended with its head already
-            self._end(self._trailers or None)
+            self.end(self.trailers or None)
 
-    def _end(self, trailers: Headers | None) -> None:
-        self._ended = True
-        self._events.append(MessageEnd(trailers))
+    def end(self, trailers: Headers | None) -> None:
+        self.ended = True
+        self.events.append(MessageEnd(trailers))
 
 
 def _reason(exc: Exception) -> str:
