@@ -1,10 +1,13 @@
 """Abusive clients against a real port443 process, and what a concurrent normal client sees.
 
     .venv/bin/python bench/abuse.py [--attackers 1000] [--idle 10500] [--max-connections 10000]
+                                    [--waves 1]
 
 For each attack: a normal client makes one request per new TLS connection in a loop (its p50,
 p99 and failures before and during the attack), the proxy's CPU share during it, and its RSS
-before, during and after (3 s after the attackers left). Loopback only; every loop is bounded
+before, during and after (3 s after the attackers left). With `--waves N` the same attack then
+comes back N-1 times and the RSS during and after each wave is printed: what one wave leaves
+behind is reused by the next, or it grows. Loopback only; every loop is bounded
 by a count and a time. The open-files limit is raised to its hard limit (the attackers' and
 the proxy's descriptors). Attacks:
   slow-head      `attackers` TLS handshakes done, then a request head trickled a byte a second
@@ -235,41 +238,70 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def measure(name: str, attack: Attack, limits: str, count: int, window: float) -> None:
+@dataclass
+class Wave:
+    """One wave of an attack: how long the attackers took to connect, and what was measured
+    while they were on (a probe of the normal client, the proxy's CPU share and RSS)."""
+
+    connected: float = 0.0
+    during: Latencies | None = None
+    cpu_share: float = 0.0
+    rss_during: float = 0.0
+    rss_after: float = 0.0
+
+
+def attack_wave(proxy: Proxy, attack: Attack, count: int, window: float) -> Wave:
+    """Connect the attackers, measure for `window` s (no probe when 0), let them go; the RSS
+    3 s after they left."""
+    pid = proxy.process.pid
+    result = Wave()
+    signals = Signals()
+    attacker = threading.Thread(target=attack, args=(proxy, count, signals))
+    attacker.start()
+    connecting = time.monotonic()
+    signals.ready.wait(120)  # every attacker connected (bounded)
+    result.connected = time.monotonic() - connecting
+    time.sleep(1.0)
+    if window:
+        cpu, wall = cpu_seconds(pid), time.monotonic()
+        result.during = probe(proxy, window)
+        result.cpu_share = (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
+    result.rss_during = rss_mib(pid)
+    signals.stop.set()
+    attacker.join()
+    time.sleep(3.0)
+    result.rss_after = rss_mib(pid)
+    return result
+
+
+def measure(name: str, attack: Attack, limits: str, count: int, window: float, waves: int) -> None:
     with (
         tempfile.TemporaryDirectory(prefix="port443-abuse-") as tmp,
         running(Path(tmp), limits) as proxy,
     ):
-        pid = proxy.process.pid
         probe(proxy, 1.0)  # warm-up: certificate, pools
         before = probe(proxy, window)
-        rss_before = rss_mib(pid)
-        signals = Signals()
-        attacker = threading.Thread(target=attack, args=(proxy, count, signals))
-        attacker.start()
-        connecting = time.monotonic()
-        signals.ready.wait(120)  # every attacker connected (bounded)
-        connected = time.monotonic() - connecting
-        time.sleep(1.0)
-        cpu, wall = cpu_seconds(pid), time.monotonic()
-        during = probe(proxy, window)
-        cpu_share = (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
-        rss_during = rss_mib(pid)
-        signals.stop.set()
-        attacker.join()
-        time.sleep(3.0)
-        rss_after = rss_mib(pid)
+        rss_before = rss_mib(proxy.process.pid)
+        first = attack_wave(proxy, attack, count, window)
+        assert first.during is not None
         print(
-            f"{name} ({count} attackers, connected in {connected:.1f} s; "
+            f"{name} ({count} attackers, connected in {first.connected:.1f} s; "
             f"{limits.strip() or 'default limits'}):"
         )
         print(f"  normal client before: {before.summary()}")
-        print(f"  normal client during: {during.summary()}")
+        print(f"  normal client during: {first.during.summary()}")
         print(
-            f"  proxy CPU during: {cpu_share * 100:.0f}%; RSS before {rss_before:.0f} MiB, "
-            f"during {rss_during:.0f} MiB, after {rss_after:.0f} MiB",
+            f"  proxy CPU during: {first.cpu_share * 100:.0f}%; RSS before {rss_before:.0f} MiB, "
+            f"during {first.rss_during:.0f} MiB, after {first.rss_after:.0f} MiB",
             flush=True,
         )
+        for number in range(2, waves + 1):
+            again = attack_wave(proxy, attack, count, 0)
+            print(
+                f"  wave {number}: RSS during {again.rss_during:.0f} MiB, "
+                f"after {again.rss_after:.0f} MiB",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -278,6 +310,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=10500, help="idle-at-limit's connections")
     parser.add_argument("--max-connections", type=int, default=10000)
     parser.add_argument("--window", type=float, default=6.0, help="seconds per probe phase")
+    parser.add_argument("--waves", type=int, default=1, help="attacks in a row on one proxy")
     parser.add_argument(
         "--only", choices=("slow-head", "partial-hello", "slowloris", "idle-at-limit")
     )
@@ -291,7 +324,7 @@ def main() -> None:
     ]
     for name, attack, limits, count in attacks:
         if args.only in (None, name):
-            measure(name, attack, limits, count, args.window)
+            measure(name, attack, limits, count, args.window, args.waves)
 
 
 if __name__ == "__main__":
