@@ -99,92 +99,83 @@ def _check_handshake_header(message: bytearray) -> int | None:
     return length
 
 
-class _Reader:
-    """Bounds-checked cursor over TLS presentation-language vectors."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def take(self, n: int) -> bytes:
-        end = self._pos + n
-        if end > len(self._data):
-            raise ClientHelloError("ClientHello field runs past its end")
-        chunk = self._data[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def vector(self, length_size: int, *, min_length: int = 0, max_length: int = 2**24) -> _Reader:
-        length = self.uint(length_size)
-        if not min_length <= length <= max_length:
-            raise ClientHelloError(f"vector length {length} out of range")
-        return _Reader(self.take(length))
-
-    def remaining(self) -> int:
-        return len(self._data) - self._pos
-
-    def rest(self) -> bytes:
-        return self.take(self.remaining())
-
-    def done(self) -> bool:
-        return self._pos == len(self._data)
-
-    def expect_end(self) -> None:
-        if not self.done():
-            raise ClientHelloError("trailing bytes in ClientHello field")
+def _vector(data: bytes, pos: int, end: int, size: int, least: int = 0) -> tuple[int, int]:
+    """The bounds of the vector at `pos` whose length takes `size` bytes (TLS presentation
+    language), inside `data[:end]`. Offsets, not slices: a hello has ~20 vectors, and this
+    runs for every new connection."""
+    start = pos + size
+    if start > end:
+        raise ClientHelloError("ClientHello field runs past its end")
+    stop = start + int.from_bytes(data[pos:start], "big")
+    if stop > end:
+        raise ClientHelloError("ClientHello field runs past its end")
+    if stop - start < least:
+        raise ClientHelloError(f"vector length {stop - start} below {least}")
+    return start, stop
 
 
 def _parse_body(body: bytes) -> ClientHello:
-    reader = _Reader(body)
-    if reader.uint(1) != 3:
+    end = len(body)
+    if end < 34:
+        raise ClientHelloError("ClientHello field runs past its end")
+    if body[0] != 3:
         raise ClientHelloError("unsupported ClientHello version")
-    reader.take(1 + 32)  # minor version, random
-    reader.vector(1, max_length=32)  # legacy_session_id
-    if reader.vector(2, min_length=2).remaining() % 2:
+    start, pos = _vector(body, 34, end, 1)  # after version and random: legacy_session_id
+    if pos - start > 32:
+        raise ClientHelloError(f"vector length {pos - start} out of range")
+    start, pos = _vector(body, pos, end, 2, least=2)  # cipher_suites
+    if (pos - start) % 2:
         raise ClientHelloError("cipher_suites has an odd length")
-    reader.vector(1, min_length=1)  # legacy_compression_methods
+    _, pos = _vector(body, pos, end, 1, least=1)  # legacy_compression_methods
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
-    if not reader.done():  # extensions are optional before TLS 1.3
-        extensions = reader.vector(2)
-        reader.expect_end()
-        seen: set[int] = set()
-        while not extensions.done():
-            ext_type = extensions.uint(2)
-            ext_data = extensions.vector(2)
-            if ext_type in seen:
-                raise ClientHelloError(f"duplicate extension {ext_type}")
-            seen.add(ext_type)
-            if ext_type == _EXT_SERVER_NAME:
-                server_name = _parse_server_name(ext_data)
-            elif ext_type == _EXT_ALPN:
-                alpn = _parse_alpn(ext_data)
+    if pos == end:  # extensions are optional before TLS 1.3
+        return ClientHello(server_name=server_name, alpn=alpn)
+    pos, stop = _vector(body, pos, end, 2)
+    if stop != end:
+        raise ClientHelloError("trailing bytes in ClientHello field")
+    seen: set[int] = set()
+    while pos < stop:  # each extension: type (2 bytes), length (2 bytes), data
+        start = pos + 4
+        if start > stop:
+            raise ClientHelloError("ClientHello field runs past its end")
+        ext_type = body[pos] << 8 | body[pos + 1]
+        pos = start + (body[pos + 2] << 8 | body[pos + 3])
+        if pos > stop:
+            raise ClientHelloError("ClientHello field runs past its end")
+        if ext_type in seen:
+            raise ClientHelloError(f"duplicate extension {ext_type}")
+        seen.add(ext_type)
+        if ext_type == _EXT_SERVER_NAME:
+            server_name = _parse_server_name(body, start, pos)
+        elif ext_type == _EXT_ALPN:
+            alpn = _parse_alpn(body, start, pos)
     return ClientHello(server_name=server_name, alpn=alpn)
 
 
-def _parse_server_name(ext: _Reader) -> str | None:
-    names = ext.vector(2, min_length=1)
-    ext.expect_end()
+def _parse_server_name(data: bytes, pos: int, end: int) -> str | None:
+    pos, stop = _vector(data, pos, end, 2, least=1)
+    if stop != end:
+        raise ClientHelloError("trailing bytes in ClientHello field")
     host_name: str | None = None
-    while not names.done():
-        name_type = names.uint(1)
-        name = names.vector(2, min_length=1).rest()
+    while pos < stop:
+        name_type = data[pos]
+        start, pos = _vector(data, pos + 1, stop, 2, least=1)
         if name_type == _NAME_TYPE_HOST_NAME and host_name is None:
             try:
-                host_name = name.decode("ascii").lower()
+                host_name = data[start:pos].decode("ascii").lower()
             except UnicodeDecodeError:
                 raise ClientHelloError("SNI host_name is not ASCII") from None
     return host_name
 
 
-def _parse_alpn(ext: _Reader) -> tuple[str, ...]:
-    protocols = ext.vector(2, min_length=2)
-    ext.expect_end()
+def _parse_alpn(data: bytes, pos: int, end: int) -> tuple[str, ...]:
+    pos, stop = _vector(data, pos, end, 2, least=2)
+    if stop != end:
+        raise ClientHelloError("trailing bytes in ClientHello field")
     offered: list[str] = []
-    while not protocols.done():
+    while pos < stop:
+        start, pos = _vector(data, pos, stop, 1, least=1)
         # latin-1 maps every byte, so odd protocol ids never fail the connection.
-        offered.append(protocols.vector(1, min_length=1).rest().decode("latin-1"))
+        offered.append(data[start:pos].decode("latin-1"))
     return tuple(offered)
