@@ -59,7 +59,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     two = (os.cpu_count() or 1) >= 2
     p.add_argument("--proxy-cpus", default="0", help="CPUs of the system under test (0)")
     p.add_argument("--client-cpus", default="1" if two else "0", help="CPUs of h2load+backend")
-    p.add_argument("--python", type=Path, default=Path(sys.executable), help="runs port443")
+    p.add_argument(
+        "--python",
+        type=Path,
+        default=Path(sys.executable),
+        help="runs port443 (make bench: the distribution's python3, built with PGO and LTO)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--report-only", type=Path, metavar="JSON", help="rebuild the page from JSON")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
@@ -119,7 +124,8 @@ def machine_meta(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, obj
             "HAProxy": _version(["haproxy", "-v"], 2),
             "Caddy": _version(["caddy", "version"], 0),
             "OpenSSL": _version(["openssl", "version"], 1),
-            "Python (port443)": _version([str(args.python), "--version"], 1),
+            "Python (port443)": f"{_version([str(args.python), '--version'], 1)} "
+            f"({args.python.resolve()})",
         },
     }
 
