@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from tests.support import slow
+from tests.support.ask import AskEndpoint, serve_ask
 from tests.support.backend import Backend, serve_backend
 from tests.support.net import free_port
 from tests.support.pebble import Pebble, run_pebble
@@ -30,6 +31,13 @@ def _slow_mark_kept(request: pytest.FixtureRequest) -> Iterator[None]:
 async def backend(nursery: trio.Nursery) -> Backend:
     """The HTTP/1.1 test backend (tests/support/backend.py), in this test's event loop."""
     started: Backend = await nursery.start(serve_backend, Backend())
+    return started
+
+
+@pytest.fixture
+async def ask(nursery: trio.Nursery) -> AskEndpoint:
+    """An on-demand TLS ask endpoint (tests/support/ask.py) approving no name until told."""
+    started: AskEndpoint = await nursery.start(serve_ask, AskEndpoint())
     return started
 
 
