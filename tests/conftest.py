@@ -12,8 +12,10 @@ import pytest
 import trio
 
 from tests.support import slow
+from tests.support.ask import AskEndpoint, serve_ask
 from tests.support.backend import Backend, serve_backend
 from tests.support.net import free_port
+from tests.support.otlp import Collector, serve_collector
 from tests.support.pebble import Pebble, run_pebble
 from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
 
@@ -30,6 +32,20 @@ def _slow_mark_kept(request: pytest.FixtureRequest) -> Iterator[None]:
 async def backend(nursery: trio.Nursery) -> Backend:
     """The HTTP/1.1 test backend (tests/support/backend.py), in this test's event loop."""
     started: Backend = await nursery.start(serve_backend, Backend())
+    return started
+
+
+@pytest.fixture
+async def ask(nursery: trio.Nursery) -> AskEndpoint:
+    """An on-demand TLS ask endpoint (tests/support/ask.py) approving no name until told."""
+    started: AskEndpoint = await nursery.start(serve_ask, AskEndpoint())
+    return started
+
+
+@pytest.fixture
+async def collector(nursery: trio.Nursery) -> Collector:
+    """An OTLP/HTTP traces receiver (tests/support/otlp.py) keeping what it is sent."""
+    started: Collector = await nursery.start(serve_collector, Collector())
     return started
 
 

@@ -35,6 +35,7 @@ from proxy.certs.acme_challenges import (
 )
 from tests.support.net import free_port
 from tests.support.pebble import Pebble
+from tests.support.tiny_http import Reply, serve_http
 
 EAB_KID, EAB_HMAC = "kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
 
@@ -51,25 +52,18 @@ class Responder:
     tls_handshakes: int = 0
     served: list[str] = field(default_factory=list)
 
-    async def serve_http(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while (event := conn.next_event()) is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
-        assert isinstance(event, h11.Request)
+    async def answer_http(self, request: h11.Request, body: bytes) -> Reply:
         self.http_requests += 1
-        target = event.target.decode()
-        body = None
+        target = request.target.decode()
+        key_authorization = None
         if target.startswith(HTTP01_PATH_PREFIX):
-            body = http01_key_authorization(self.certs_dir, target[len(HTTP01_PATH_PREFIX) :])
-        if body is not None and self.wrong_key_authorization:
-            body = body.split(b".")[0] + b".not-the-account-thumbprint"
-        status, body = (200, body) if body is not None else (404, b"")
-        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-        await stream.send_all(
-            (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
-        )
-        await stream.aclose()
+            token = target[len(HTTP01_PATH_PREFIX) :]
+            key_authorization = http01_key_authorization(self.certs_dir, token)
+        if key_authorization is None:
+            return 404, [("Content-Type", "text/plain")], b""
+        if self.wrong_key_authorization:
+            key_authorization = key_authorization.split(b".")[0] + b".not-the-account-thumbprint"
+        return 200, [("Content-Type", "text/plain")], key_authorization
 
     async def serve_tls(self, stream: trio.SocketStream) -> None:
         base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -94,10 +88,10 @@ class Responder:
 
 @pytest.fixture
 async def responder(nursery: trio.Nursery, tmp_path: Path) -> Responder:
-    http = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    responder = Responder(tmp_path / "certs")
+    responder.http_port = await nursery.start(serve_http, responder.answer_http)
     tls = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    responder = Responder(tmp_path / "certs", _port(http), _port(tls))
-    nursery.start_soon(trio.serve_listeners, responder.serve_http, http)
+    responder.tls_port = _port(tls)
     nursery.start_soon(trio.serve_listeners, responder.serve_tls, tls)
     return responder
 

@@ -28,7 +28,7 @@ from proxy.certs.report import certificate_reports
 from proxy.certs.store import CertStore
 from proxy.config import AcmeConfig, Config, SiteConfig
 from proxy.config_load import load_config
-from tests.support.ask import AskEndpoint, serve_ask
+from tests.support.ask import AskEndpoint
 from tests.support.net import free_port
 from tests.support.run import port443
 from tests.test_cert_manager import (
@@ -230,13 +230,8 @@ def test_first_orders_beyond_the_rate_raise(tmp_path: Path) -> None:
 # -- the ask endpoint over HTTP ------------------------------------------------------------
 
 
-@pytest.fixture
-async def ask(nursery: trio.Nursery) -> AskEndpoint:
-    started: AskEndpoint = await nursery.start(serve_ask, AskEndpoint({"yes.example"}))
-    return started
-
-
 async def test_ask_endpoint_approves_on_200_only(ask: AskEndpoint) -> None:
+    ask.approved.add("yes.example")
     assert await ask_endpoint(ask.url, "yes.example")
     assert not await ask_endpoint(ask.url, "no.example")
     assert not await ask_endpoint(ask.url + "?key=v", "no.example")

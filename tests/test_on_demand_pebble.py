@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from proxy.certs.store import CertStore
-from tests.support.ask import AskEndpoint, serve_ask
+from tests.support.ask import AskEndpoint
 from tests.support.backend import Backend
 from tests.support.certs import acme_toml, pebble_root, served, wait_served
 from tests.support.curl import curl
@@ -32,33 +34,59 @@ pytestmark = pytest.mark.slow
 NEW_ORDER = re.compile(r"Added order \"")  # Pebble logs each order it creates (not retries)
 
 
+@dataclass
+class OnDemandRig:
+    """What every test here needs: Pebble validating through the proxy's own ports, the ask
+    endpoint approving names, the backend behind the on-demand site, Pebble's root as a file."""
+
+    pebble: Pebble
+    ask: AskEndpoint
+    backend: Backend
+    ports: tuple[int, int]  # the proxy's (http, https), where Pebble validates
+    tmp_path: Path
+    root: Path
+
+    def toml(self, limits: str = "", challenge: str = "http-01") -> str:
+        """One site taking any name on demand, approved by `ask`; `limits` go in [acme]."""
+        body = acme_toml(self.pebble, challenge) + limits
+        return body + (
+            f'[[sites]]\non_demand = true\nask = "{self.ask.url}"\n'
+            f'upstreams = ["{self.backend.url}"]\n'
+        )
+
+    async def start_proxy(self, limits: str = "", challenge: str = "http-01") -> ProxyProcess:
+        body = self.toml(limits, challenge)
+        return await start_proxy(self.tmp_path, body, issuer="acme", ports=self.ports, admin=True)
+
+    def orders(self) -> int:
+        """How many orders Pebble has created (not retries), from its log."""
+        log = (self.tmp_path / "pebble-0" / "pebble.log").read_text()
+        return len(NEW_ORDER.findall(log))
+
+
 @pytest.fixture
-async def ask(nursery: trio.Nursery) -> AskEndpoint:
-    started: AskEndpoint = await nursery.start(serve_ask, AskEndpoint())
-    return started
-
-
-def on_demand_toml(
-    pebble: Pebble, ask: AskEndpoint, backend: Backend, limits: str = "", challenge: str = "http-01"
-) -> str:
-    """One site taking any name on demand, approved by `ask`; `limits` go in [acme]."""
-    body = acme_toml(pebble, challenge) + limits
-    return body + (
-        f'[[sites]]\non_demand = true\nask = "{ask.url}"\nupstreams = ["{backend.url}"]\n'
-    )
-
-
-async def start_on_demand_proxy(
-    tmp_path: Path,
-    pebble: Pebble,
+def on_demand(
+    start_pebble: Callable[..., Pebble],
     ask: AskEndpoint,
     backend: Backend,
-    ports: tuple[int, int],
-    limits: str = "",
-    challenge: str = "http-01",
-) -> ProxyProcess:
-    body = on_demand_toml(pebble, ask, backend, limits, challenge)
-    return await start_proxy(tmp_path, body, issuer="acme", ports=ports, admin=True)
+    proxy_ports: tuple[int, int],
+    tmp_path: Path,
+) -> Callable[..., OnDemandRig]:
+    """`on_demand(**pebble_options)`: the rig, with a Pebble started with those options."""
+
+    def make(**pebble_options: Any) -> OnDemandRig:
+        http, https = proxy_ports
+        pebble = start_pebble(http_port=http, tls_port=https, **pebble_options)
+        return OnDemandRig(
+            pebble=pebble,
+            ask=ask,
+            backend=backend,
+            ports=proxy_ports,
+            tmp_path=tmp_path,
+            root=pebble_root(pebble, tmp_path),
+        )
+
+    return make
 
 
 async def handshake(proxy: ProxyProcess, name: str, root: Path) -> Handshake:
@@ -70,24 +98,16 @@ async def handshake(proxy: ProxyProcess, name: str, root: Path) -> Handshake:
 
 @pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
 async def test_an_approved_name_gets_a_certificate_during_its_first_handshake(
-    start_pebble: Callable[..., Pebble],
-    ask: AskEndpoint,
-    backend: Backend,
-    proxy_ports: tuple[int, int],
-    tmp_path: Path,
-    challenge: str,
+    on_demand: Callable[..., OnDemandRig], challenge: str
 ) -> None:
     """Also by TLS-ALPN-01: the validator's handshake for the name that is waiting for its
     certificate is answered, not held behind the order it belongs to."""
-    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1])
-    ask.approved.add("shop.customer.test")
-    proxy = await start_on_demand_proxy(
-        tmp_path, pebble, ask, backend, proxy_ports, challenge=challenge
-    )
+    rig = on_demand()
+    rig.ask.approved.add("shop.customer.test")
+    proxy = await rig.start_proxy(challenge=challenge)
     try:
         await proxy.wait_ready()  # an on-demand site has no certificate of its own to wait for
-        root = pebble_root(pebble, tmp_path)
-        args = proxy.curl_args("/echo", "shop.customer.test", cafile=root)
+        args = proxy.curl_args("/echo", "shop.customer.test", cafile=rig.root)
         async with trio.open_nursery() as nursery:  # two first handshakes at once
             replies = []
 
@@ -101,58 +121,45 @@ async def test_an_approved_name_gets_a_certificate_during_its_first_handshake(
         metrics = parse_metrics((await proxy.admin("/metrics")).text)
     finally:
         await proxy.terminate()
-    assert ask.asked == ["shop.customer.test"]
-    assert len(NEW_ORDER.findall(pebble_log(tmp_path))) == 1
+    assert rig.ask.asked == ["shop.customer.test"]
+    assert rig.orders() == 1
     stored = CertStore(proxy.certs_dir).load("shop.customer.test")
     assert stored is not None and stored.names == ("shop.customer.test",)
-    assert stored.meta["directory"] == pebble.directory
-    assert f"from {pebble.directory}, {challenge}" in proxy.log()
+    assert stored.meta["directory"] == rig.pebble.directory
+    assert f"from {rig.pebble.directory}, {challenge}" in proxy.log()
     assert sample(metrics, "port443_on_demand_total", outcome="ordered") == 1
     assert "Traceback" not in proxy.log()
 
 
 async def test_a_refused_name_gets_an_alert_and_is_asked_for_once(
-    start_pebble: Callable[..., Pebble],
-    ask: AskEndpoint,
-    backend: Backend,
-    proxy_ports: tuple[int, int],
-    tmp_path: Path,
+    on_demand: Callable[..., OnDemandRig],
 ) -> None:
-    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1])
-    proxy = await start_on_demand_proxy(tmp_path, pebble, ask, backend, proxy_ports)
+    rig = on_demand()
+    proxy = await rig.start_proxy()
     try:
-        root = pebble_root(pebble, tmp_path)
         for _ in range(3):
-            refused = await handshake(proxy, "refused.customer.test", root)
+            refused = await handshake(proxy, "refused.customer.test", rig.root)
             assert "unrecognized name" in refused.output, refused
         metrics = parse_metrics((await proxy.admin("/metrics")).text)
     finally:
         await proxy.terminate()
-    assert ask.asked == ["refused.customer.test"]
-    assert not NEW_ORDER.search(pebble_log(tmp_path))
+    assert rig.ask.asked == ["refused.customer.test"]
+    assert rig.orders() == 0
     assert sample(metrics, "port443_on_demand_total", outcome="refused") == 1
 
 
-async def test_the_order_rate_limit_holds(
-    start_pebble: Callable[..., Pebble],
-    ask: AskEndpoint,
-    backend: Backend,
-    proxy_ports: tuple[int, int],
-    tmp_path: Path,
-) -> None:
+async def test_the_order_rate_limit_holds(on_demand: Callable[..., OnDemandRig]) -> None:
     """on_demand_rate = 2: of five approved names asked for at once, two are ordered; the
     others get an alert and are not ordered again within the cache time."""
-    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1])
+    rig = on_demand()
     names = [f"shop{i}.customer.test" for i in range(5)]
-    ask.approved.update(names)
-    limits = "on_demand_rate = 2\n"
-    proxy = await start_on_demand_proxy(tmp_path, pebble, ask, backend, proxy_ports, limits)
+    rig.ask.approved.update(names)
+    proxy = await rig.start_proxy("on_demand_rate = 2\n")
     try:
-        root = pebble_root(pebble, tmp_path)
         handshakes: dict[str, Handshake] = {}
 
         async def first(name: str) -> None:
-            handshakes[name] = await handshake(proxy, name, root)
+            handshakes[name] = await handshake(proxy, name, rig.root)
 
         async with trio.open_nursery() as nursery:
             for name in names:
@@ -161,75 +168,59 @@ async def test_the_order_rate_limit_holds(
         refused = [name for name in names if "unrecognized name" in handshakes[name].output]
         assert len(served) == 2 and sorted(served + refused) == names, handshakes
         for name in refused:  # remembered: no new order
-            assert "unrecognized name" in (await handshake(proxy, name, root)).output
+            assert "unrecognized name" in (await handshake(proxy, name, rig.root)).output
         metrics = parse_metrics((await proxy.admin("/metrics")).text)
     finally:
         await proxy.terminate()
-    assert len(NEW_ORDER.findall(pebble_log(tmp_path))) == 2
+    assert rig.orders() == 2
     assert sample(metrics, "port443_on_demand_total", outcome="ordered") == 2
     assert sample(metrics, "port443_on_demand_total", outcome="rate_limited") == 3
-    assert sorted(ask.asked) == names
+    assert sorted(rig.ask.asked) == names
 
 
 async def test_an_on_demand_certificate_is_renewed_without_the_rate_limit(
-    start_pebble: Callable[..., Pebble],
-    ask: AskEndpoint,
-    backend: Backend,
-    proxy_ports: tuple[int, int],
-    tmp_path: Path,
+    on_demand: Callable[..., OnDemandRig],
 ) -> None:
     """A 20 s certificate is renewed at half its lifetime by the sites' renewal loop: not
     asked for again, and not held back by on_demand_rate = 1, spent on the first order."""
-    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1], validity_seconds=20)
-    ask.approved.add("short.customer.test")
-    limits = "on_demand_rate = 1\n"
-    proxy = await start_on_demand_proxy(tmp_path, pebble, ask, backend, proxy_ports, limits)
+    rig = on_demand(validity_seconds=20)
+    rig.ask.approved.add("short.customer.test")
+    proxy = await rig.start_proxy("on_demand_rate = 1\n")
     try:
-        root = pebble_root(pebble, tmp_path)
-        first = await served(proxy, "short.customer.test", root)
+        first = await served(proxy, "short.customer.test", rig.root)
         assert first is not None
         await wait_served(
             proxy,
             "short.customer.test",
-            lambda: root,
+            lambda: rig.root,
             until=lambda cert: cert.serial_number != first.serial_number,
         )
         metrics = parse_metrics((await proxy.admin("/metrics")).text)
     finally:
         await proxy.terminate()
-    assert ask.asked == ["short.customer.test"]
+    assert rig.ask.asked == ["short.customer.test"]
     assert sample(metrics, "port443_on_demand_total", outcome="ordered") == 1
     assert sample(metrics, "port443_on_demand_total", outcome="rate_limited") == 0
-    assert len(NEW_ORDER.findall(pebble_log(tmp_path))) >= 2
+    assert rig.orders() >= 2
 
 
 async def test_workers_share_an_on_demand_certificate_through_the_store(
-    start_pebble: Callable[..., Pebble],
-    ask: AskEndpoint,
-    backend: Backend,
-    proxy_ports: tuple[int, int],
-    tmp_path: Path,
+    on_demand: Callable[..., OnDemandRig],
 ) -> None:
     """The worker that met the name first orders; the other asks once and loads it from the
     store: one order, one certificate, whichever worker a client reaches."""
-    pebble = start_pebble(http_port=proxy_ports[0], tls_port=proxy_ports[1])
-    ask.approved.add("shared.customer.test")
-    body = on_demand_toml(pebble, ask, backend)
-    proxy = await start_workers(tmp_path, body, issuer="acme", ports=proxy_ports)
+    rig = on_demand()
+    rig.ask.approved.add("shared.customer.test")
+    proxy = await start_workers(rig.tmp_path, rig.toml(), issuer="acme", ports=rig.ports)
     try:
-        root = pebble_root(pebble, tmp_path)
         serials = set()
         for _ in range(40):  # until both workers have been asked (the kernel spreads clients)
-            cert = await served(proxy, "shared.customer.test", root)
+            cert = await served(proxy, "shared.customer.test", rig.root)
             assert cert is not None
             serials.add(cert.serial_number)
-            if len(ask.asked) == 2:
+            if len(rig.ask.asked) == 2:
                 break
     finally:
         await proxy.terminate()
-    assert ask.asked == ["shared.customer.test"] * 2 and len(serials) == 1
-    assert len(NEW_ORDER.findall(pebble_log(tmp_path))) == 1
-
-
-def pebble_log(tmp_path: Path) -> str:
-    return (tmp_path / "pebble-0" / "pebble.log").read_text()
+    assert rig.ask.asked == ["shared.customer.test"] * 2 and len(serials) == 1
+    assert rig.orders() == 1

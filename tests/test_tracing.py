@@ -8,12 +8,11 @@ import signal
 from pathlib import Path
 
 import pytest
-import trio
 
 from tests.support.backend import Backend
 from tests.support.curl import curl
 from tests.support.net import free_port
-from tests.support.otlp import Collector, ReceivedSpan, serve_collector
+from tests.support.otlp import Collector, ReceivedSpan
 from tests.support.proxy import ProxyProcess, sites_toml, start_proxy
 from tests.support.workers import start_workers, worker_pids
 
@@ -23,12 +22,6 @@ INCOMING_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 INCOMING_SPAN = "00f067aa0ba902b7"
 INCOMING = f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-01"
 SPAN_SERVER = 2  # SPAN_KIND_SERVER in the OTLP protobuf
-
-
-@pytest.fixture
-async def collector(nursery: trio.Nursery) -> Collector:
-    started: Collector = await nursery.start(serve_collector, Collector())
-    return started
 
 
 def tracing_toml(backend: Backend, endpoint: str) -> str:

@@ -19,7 +19,7 @@ from proxy.http.headers import upstream_request
 from proxy.http.model import ConnectionInfo, Exchange, Outcome, Request
 from proxy.tracing.context import RemoteParent, TraceContext, begin_trace, parse_parent
 from proxy.tracing.tracer import Tracer
-from tests.support.otlp import Collector, serve_collector
+from tests.support.otlp import Collector
 from tests.support.run import ROOT
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -318,9 +318,8 @@ def test_the_exporters_repeated_warnings_are_held_back() -> None:
 
 
 async def test_spans_queued_while_exporting_are_flushed_on_the_way_out(
-    nursery: trio.Nursery,
+    collector: Collector,
 ) -> None:
-    collector: Collector = await nursery.start(serve_collector, Collector())
     config = TracingConfig(enabled=True, endpoint=collector.endpoint, service_name="unit")
     tracer = Tracer(config, ())
     done = outcome(request(), status=204)

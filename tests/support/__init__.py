@@ -10,6 +10,9 @@
 - `net.py`: free loopback ports; /proc's view of who listens and who accepted.
 - `backend.py`, `h2backend.py`, `rawbackend.py`: HTTP/1.1, HTTP/2 and scripted raw upstreams
   served in the test's event loop; `h2client.py`: an HTTP/2 client that can misbehave.
+- `tiny_http.py`: `serve_http(answer)`, the one small HTTP/1.1 server for doubles that answer
+  whole requests: `ask.py` (on-demand TLS ask endpoint), `otlp.py` (OTLP traces receiver),
+  `ari_double.py`, test_acme.py's HTTP-01 responder.
 - `openssl.py`: `openssl s_client` handshakes, parsed (`handshake`, `s_client`).
 - `tls.py`: TLS client connections to the proxy for tests that write their own bytes;
   `tls_server.py`: TLS servers in this process; `tls_hello.py`: real ClientHellos as bytes.

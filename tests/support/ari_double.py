@@ -16,12 +16,14 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import h11
 import requests
 import trio
 
 from tests.support.pebble import Pebble
+from tests.support.tiny_http import Reply, serve_http
 
 # Recorded from https://acme-v02.api.letsencrypt.org (GET renewalInfo/<CertID>); the
 # double substitutes the window's start and end.
@@ -51,35 +53,11 @@ class AriDouble:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.pebble.tls_cert, self.pebble.tls_key)
-        listeners = await trio.open_ssl_over_tcp_listeners(0, context, host="127.0.0.1")
-        tcp = listeners[0].transport_listener
-        assert isinstance(tcp, trio.SocketListener)
-        self.port = int(tcp.socket.getsockname()[1])
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(partial(serve_http, self._answer, ssl_context=context))
+            task_status.started()
 
-    async def _connection(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                request, body = await _read_request(conn, stream)
-                if request is None:
-                    return
-                status, headers, payload = await self._answer(request, body)
-                headers.append(("Content-Length", str(len(payload))))
-                out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-                if request.method != b"HEAD":
-                    out += conn.send(h11.Data(data=payload)) or b""
-                await stream.send_all(out + (conn.send(h11.EndOfMessage()) or b""))
-                conn.start_next_cycle()
-        except (trio.BrokenResourceError, h11.RemoteProtocolError):
-            return
-        finally:
-            await stream.aclose()
-
-    async def _answer(
-        self, request: h11.Request, body: bytes
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _answer(self, request: h11.Request, body: bytes) -> Reply:
         host = dict(request.headers)[b"host"].decode()
         path = request.target.decode()
         if path.startswith("/renewal-info/"):
@@ -96,7 +74,7 @@ class AriDouble:
             self.new_orders.append(json.loads(_b64url(json.loads(body)["payload"])))
         return status, headers, payload
 
-    def _renewal_info(self, cert_id: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    def _renewal_info(self, cert_id: str) -> Reply:
         self.renewal_info_requests.append(cert_id)
         start, end = self.window(cert_id)
         answer = json.loads(json.dumps(RECORDED_RENEWAL_INFO))
@@ -106,7 +84,7 @@ class AriDouble:
 
     def _forward(
         self, method: str, path: str, host: str, headers: dict[bytes, bytes], body: bytes
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
+    ) -> Reply:
         pebble = self.pebble.directory.removesuffix("/dir")
         content_type = headers.get(b"content-type", b"application/jose+json").decode()
         response = requests.request(
@@ -119,24 +97,6 @@ class AriDouble:
         )
         kept = [(k, v) for k, v in response.headers.items() if k.lower() in _FORWARDED]
         return response.status_code, kept, response.content
-
-
-async def _read_request(
-    conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream]
-) -> tuple[h11.Request | None, bytes]:
-    request, body = None, b""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(65536)))
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            return request, body
-        else:  # ConnectionClosed
-            return None, b""
 
 
 def _b64url(text: str) -> bytes:
