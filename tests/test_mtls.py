@@ -98,6 +98,7 @@ async def test_require_passes_a_good_certificate_and_names_it_upstream(
     for option, protocol in PROTOCOLS:
         reply = await get(proxy, "secure.localhost", "/echo", option, *FORGED, client=clients.alice)
         assert reply.status == 200 and reply.head[0].startswith(protocol), reply
+        assert reply.header("alt-svc") is None  # HTTP/3 would answer this site 421
         # exactly the proxy's fields: the client's copies never reach the upstream
         assert last_fields(backend) == [
             ("x-client-subject", "CN=alice,O=Example\\, Inc."),
@@ -165,6 +166,7 @@ async def test_a_site_without_mtls_still_strips_the_named_fields(
     for option, _ in PROTOCOLS:
         reply = await get(proxy, "localhost", "/echo", option, *FORGED, client=clients.alice)
         assert reply.status == 200, reply
+        assert reply.header("alt-svc") == f'h3=":{proxy.https_port}"; ma=86400'
         assert last_fields(backend) == []
 
 

@@ -27,6 +27,7 @@ from proxy.http.headers import (
 from proxy.http.model import (
     ClientGone,
     Exchange,
+    Headers,
     MalformedBody,
     Outcome,
     Request,
@@ -88,6 +89,9 @@ class Forwarder:
         self._trusted = config.trusted_proxies
         self._upstreams = upstreams
         self._added = https_response_fields(config)  # HSTS, Alt-Svc
+        # HTTP/3 carries no client certificates (a site asking for them answers 421 there),
+        # so a connection whose handshake asked for one is not sent to it.
+        self._added_for_mtls = https_response_fields(config, advertise_http3=False)
         default = config.tls.default_site
         self._default_site = config.site_for_host(default) if default else None
 
@@ -158,7 +162,7 @@ class Forwarder:
         self, exchange: Exchange, outcome: Outcome, route: Route, head: ResponseHead, body: bytes
     ) -> None:
         """A response the route itself makes (redirect, respond), with its header edits."""
-        head.headers.extend(self._added)
+        head.headers.extend(self._added_for(exchange))
         if route.response_headers:
             head.headers = apply_header_ops(head.headers, route.response_headers)
         await respond(exchange, outcome, head, body)
@@ -307,7 +311,9 @@ class Forwarder:
         if not isinstance(first, ResponseHead):
             raise UpstreamClosed(f"{upstream.url} sent body data before a response head")
         outcome.upstream_time = trio.current_time() - outcome.started
-        headers = client_response_headers(first.headers, first.http_version, self._added)
+        headers = client_response_headers(
+            first.headers, first.http_version, self._added_for(exchange)
+        )
         if route.response_headers:
             headers = apply_header_ops(headers, route.response_headers)
         head = ResponseHead(first.status, headers)
@@ -412,5 +418,8 @@ class Forwarder:
         *extra: tuple[bytes, bytes],
     ) -> None:
         head, body = plain_response(status, message, *extra)
-        head.headers.extend(self._added)
+        head.headers.extend(self._added_for(exchange))
         await respond(exchange, outcome, head, body)
+
+    def _added_for(self, exchange: Exchange) -> Headers:
+        return self._added if exchange.info.client_auth is None else self._added_for_mtls

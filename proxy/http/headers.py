@@ -156,14 +156,15 @@ def client_response_headers(headers: Headers, upstream_version: bytes, added: He
     return out
 
 
-def https_response_fields(config: Config) -> Headers:
+def https_response_fields(config: Config, *, advertise_http3: bool = True) -> Headers:
     """Fields every HTTPS response carries: HSTS when on, and Alt-Svc advertising HTTP/3
-    on the HTTPS port when it is served (RFC 7838; a day, as Caddy and nginx say)."""
+    on the HTTPS port when it is served (RFC 7838; a day, as Caddy and nginx say) and
+    `advertise_http3`."""
     fields: Headers = []
     hsts = config.hsts.header_value()
     if hsts is not None:
         fields.append((b"strict-transport-security", hsts))
-    if config.listen.http3:
+    if config.listen.http3 and advertise_http3:
         fields.append((b"alt-svc", b'h3=":%d"; ma=86400' % config.listen.https))
     return fields
 
