@@ -291,9 +291,19 @@ def test_on_demand_config_problems(tmp_path: Path) -> None:
     ]
 
 
-def test_an_on_demand_site_has_no_certificate_report_of_its_own(tmp_path: Path) -> None:
+def test_an_on_demand_site_is_reported_by_the_names_it_obtained(tmp_path: Path) -> None:
     config = config_with(tmp_path, on_demand_site("*.shops.example"), site_config("a.example"))
     assert [report.site for report in certificate_reports(config)] == ["a.example"]
+    store = CertStore(config.certs.dir)
+    ca = LocalCA(tmp_path / "ca")
+    for name in ("b.shops.example", "a.example", "elsewhere.example"):  # the last: no site
+        store.write(name, *ca.issue([name]), {"issuer": "acme"})
+    reports = certificate_reports(config)
+    assert [(report.site, report.names) for report in reports] == [
+        ("a.example", ("a.example",)),
+        ("b.shops.example", ("b.shops.example",)),
+    ]
+    assert all(report.not_after is not None for report in reports)
 
 
 def test_check_refuses_on_demand_without_ask(tmp_path: Path) -> None:

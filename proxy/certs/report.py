@@ -7,7 +7,7 @@ the command works while the proxy runs elsewhere, or not at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -63,9 +63,16 @@ def certificate_reports(
     config: Config, store: CertificateStorage | None = None
 ) -> list[CertificateReport]:
     """From `store`, else from the files in `certs.dir` (this machine's copy). An on-demand
-    site has no certificate of its own (its names' are not listed yet)."""
+    site has no certificate of its own: each name it obtained one for is listed after the
+    configured sites, as the one-name site it was obtained as (`OnDemand`)."""
     store = store or CertStore(config.certs.dir)
-    return [_report(config, store, site) for site in config.sites if not site.on_demand]
+    reports = [_report(config, store, site) for site in config.sites if not site.on_demand]
+    if any(site.on_demand for site in config.sites):
+        for name in store.names():
+            site = config.site_for_host(name)
+            if site is not None and site.on_demand:
+                reports.append(_report(config, store, replace(site, hosts=(name,))))
+    return reports
 
 
 def certificates_table(
