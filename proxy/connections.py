@@ -22,7 +22,6 @@ import trio
 
 from proxy.client_limits import ClientLimits
 from proxy.lograte import RateLimitedLog
-from proxy.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ EVICT_BATCH = 32  # idle connections closed at once at the descriptor reserve (n
 RECOUNT_INTERVAL = 1.0  # seconds a count of open file descriptors is trusted
 MIN_RECOUNT_INTERVAL = 0.1  # near the limit: recount no more often than this
 RESERVE_RETRY = 0.1  # seconds between looks while the descriptor reserve is reached
-TRIM_AFTER_CLOSED = 500  # connections fewer than the peak before freed memory goes back
+EVICTION_SETTLE = 0.005  # seconds for evicted connections to close their sockets
 
 
 class Drainable(Protocol):
@@ -96,6 +95,11 @@ class Slot:
         if self._conn is not None:
             self._conn.close_if_idle()
 
+    def end(self) -> None:
+        """The connection's task is over and its socket closed."""
+        self.release()
+        self._registry.ended += 1
+
     def release(self) -> None:
         """The connection closed (or was evicted): it no longer counts. Once."""
         if not self.released:
@@ -115,9 +119,9 @@ class ConnectionRegistry:
         self.max_connections = max_connections
         self.draining = False
         self.evicted = 0  # idle connections closed to admit new ones, for the metrics
+        self.ended = 0  # connections whose socket has closed (Slot.end), ever
         self._slots: set[Slot] = set()
         self._idle: OrderedDict[Slot, None] = OrderedDict()  # oldest first
-        self._peak = 0  # most connections open at once since memory was last given back
         self._changed = trio.lowlevel.ParkingLot()  # a connection closed or went idle
         self._log_eviction = RateLimitedLog(log, logging.WARNING)
 
@@ -131,19 +135,12 @@ class ConnectionRegistry:
 
     def admit(self) -> Slot:
         slot = Slot(self)
-        slots = self._slots
-        slots.add(slot)
-        self._peak = max(self._peak, len(slots))
+        self._slots.add(slot)
         slot.idle()
         return slot
 
     def _released(self, slot: Slot) -> None:
-        slots = self._slots
-        slots.discard(slot)
-        if self._peak - len(slots) >= TRIM_AFTER_CLOSED and len(slots) <= self._peak // 2:
-            # Most of a wave of connections has gone: give their memory back (memory.py).
-            self._peak = len(slots)
-            release_free_memory()
+        self._slots.discard(slot)
         if self._changed:
             self._changed.unpark_all()
 
@@ -188,15 +185,19 @@ class DescriptorReserve:
     """Keeps `reserve` file descriptors free under RLIMIT_NOFILE: past that, stop accepting,
     so the clients already accepted can still open their upstream connections and the
     admin listener still answers. Counting /proc/self/fd costs time in proportion to what is
-    open, so a count is reused for a while, with two descriptors added per accept since (a
-    client and its upstream); near the limit it is redone at most every 100 ms."""
+    open, so a count is reused for a while: two descriptors added per accept since (a client
+    and its upstream), one taken off per connection that ended since (its client socket).
+    Near the limit it is redone at most every 100 ms, so it is these estimates that let
+    clients in as fast as idle connections are closed for them."""
 
-    def __init__(self, reserve: int) -> None:
+    def __init__(self, reserve: int, registry: ConnectionRegistry) -> None:
         self.reserve = reserve
         self.pauses = 0  # times accepting stopped at the reserve, for the metrics
+        self._registry = registry
         self._counted = 0
         self._counted_at = -math.inf
         self._accepted_since = 0
+        self._ended_before = 0  # registry.ended at the count
         self._log_pause = RateLimitedLog(log, logging.WARNING)
 
     def admits(self) -> bool:
@@ -206,26 +207,28 @@ class DescriptorReserve:
         age = time.monotonic() - self._counted_at
         if age >= RECOUNT_INTERVAL or (not self._within(soft) and age >= MIN_RECOUNT_INTERVAL):
             self._counted, self._accepted_since = open_descriptors(), 0
+            self._ended_before = self._registry.ended
             self._counted_at = time.monotonic()
         return self._within(soft)
 
     def _within(self, soft: int) -> bool:
-        return self._counted + 2 * self._accepted_since + self.reserve < soft
+        ended_since = self._registry.ended - self._ended_before
+        return self._counted + 2 * self._accepted_since - ended_since + self.reserve < soft
 
     def accepted(self) -> None:
         self._accepted_since += 1
 
-    async def wait(self, registry: ConnectionRegistry) -> None:
-        """Until accepting stays within the reserve, closing idle connections meanwhile
-        (a batch per look: the count is redone before the next)."""
+    async def wait(self) -> None:
+        """Until accepting stays within the reserve, closing idle connections meanwhile: a
+        batch, then a moment for their sockets to close, then another look."""
         if self.admits():
             return
         self.pauses += 1
         reason = f"fewer than {self.reserve} file descriptors left"
         self._log_pause("%s (%d open): not accepting for now", reason, self._counted)
         while True:
-            registry.evict_idle(reason, EVICT_BATCH)
-            await trio.sleep(RESERVE_RETRY)
+            evicted = self._registry.evict_idle(reason, EVICT_BATCH)
+            await trio.sleep(EVICTION_SETTLE if evicted else RESERVE_RETRY)
             if self.admits():
                 return
 

@@ -30,6 +30,7 @@ from proxy.http.h1 import H1Connection, Handler
 from proxy.http.h2 import H2ServerSession
 from proxy.http.model import ConnectionInfo, Exchange, Observer, Outcome, plain_response
 from proxy.lograte import RateLimitedLog
+from proxy.memory import give_back_free_memory
 from proxy.metrics import Metrics
 from proxy.netio import SocketStream, StreamTimeout, bind_reusable, close_socket
 from proxy.proxy_gate import ProxyProtocolGate, Rejected
@@ -144,7 +145,7 @@ async def accept_loop(
     while True:
         await trio.lowlevel.wait_readable(listener)
         if reserve is not None:
-            await reserve.wait(registry)
+            await reserve.wait()
         await registry.wait_for_room()
         while not registry.full and (reserve is None or reserve.admits()):
             try:
@@ -204,7 +205,7 @@ async def _run_connection(
         log.exception("client %s: connection handler failed", client_ip)
         close_socket(sock)
     finally:
-        slot.release()
+        slot.end()
         if counted and clients is not None:
             clients.connection_closed(client_key(client_ip))
 
@@ -263,7 +264,9 @@ class Server:
         self.client_limits = ClientLimits(limits, config.storage)
         self.admission = Admission(
             registry=self.registry,
-            reserve=DescriptorReserve(limits.fd_reserve) if limits.fd_reserve else None,
+            reserve=(
+                DescriptorReserve(limits.fd_reserve, self.registry) if limits.fd_reserve else None
+            ),
             clients=self.client_limits,
         )
         self.listening = False  # the public listeners are bound (readiness)
@@ -369,6 +372,7 @@ class Server:
                 )
                 await services.start(serve_admin, self.config.admin, handler, self._limits)
             await services.start(self._current.run)
+            services.start_soon(give_back_free_memory)
             listeners: Listeners = []
             try:
                 listeners = self._inherited or bind_public(self.config.listen)

@@ -8,7 +8,7 @@ import resource
 import pytest
 import trio
 
-from proxy import client_limits, connections, lograte, memory
+from proxy import client_limits, connections, lograte
 from proxy.client_limits import ClientLimits, client_key
 from proxy.config import LimitsConfig
 from proxy.connections import ConnectionRegistry, DescriptorReserve, Slot
@@ -120,7 +120,7 @@ def test_connections_per_client() -> None:
     assert limits._connections == {} and limits.refused_connections == 1
 
 
-def test_descriptor_reserve_counts_accepts_until_it_recounts(
+def test_descriptor_reserve_counts_accepts_and_closes_until_it_recounts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [0.0]
@@ -128,17 +128,52 @@ def test_descriptor_reserve_counts_accepts_until_it_recounts(
     monkeypatch.setattr(connections.time, "monotonic", lambda: now[0])
     monkeypatch.setattr(connections, "open_descriptors", lambda: open_fds[0])
     monkeypatch.setattr(connections.resource, "getrlimit", lambda _: (200, 200))
-    reserve = DescriptorReserve(64)
+    registry = ConnectionRegistry(10000)
+    reserve = DescriptorReserve(64, registry)
     assert reserve.admits()  # 100 open + 64 reserved < 200
-    for _ in range(18):
+    slots = [registry.admit() for _ in range(18)]
+    for _ in slots:
         reserve.accepted()  # each may bring an upstream connection: counted twice
-    assert not reserve.admits()  # 100 + 36 + 64: no more, until a recount says otherwise
+    assert not reserve.admits()  # 100 + 36 + 64: no more, until a recount or a close
+    slots[0].evict()
+    assert not reserve.admits()  # evicted, but its socket is not closed yet
+    slots[0].end()
+    assert reserve.admits()  # 100 + 36 - 1 + 64 < 200: the closed client socket is free
+    reserve.accepted()
+    assert not reserve.admits()
     open_fds[0] = 120
     now[0] += connections.MIN_RECOUNT_INTERVAL
-    assert reserve.admits()
+    assert reserve.admits()  # the recount: 120 + 64 < 200
     monkeypatch.setattr(connections.resource, "getrlimit", lambda _: (resource.RLIM_INFINITY,) * 2)
     open_fds[0] = 10**9
     assert reserve.admits()
+
+
+class EndingConn(Conn):
+    """Closes its socket when told, as a connection's task does (`Slot.end`)."""
+
+    def __init__(self, slot: Slot) -> None:
+        super().__init__(slot)
+        self.slot = slot
+
+    def close_if_idle(self) -> None:
+        super().close_if_idle()
+        self.slot.end()
+
+
+async def test_at_the_reserve_clients_are_let_in_as_soon_as_idle_ones_have_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connections, "open_descriptors", lambda: 150)  # never recounted lower
+    monkeypatch.setattr(connections.resource, "getrlimit", lambda _: (200, 200))
+    registry = ConnectionRegistry(10000)
+    reserve = DescriptorReserve(64, registry)
+    conns = [EndingConn(registry.admit()) for _ in range(100)]
+    assert not reserve.admits()  # 150 + 64 reserved > 200
+    with trio.fail_after(5):
+        await reserve.wait()
+    assert sum(c.closed for c in conns) == connections.EVICT_BATCH  # one batch was enough
+    assert reserve.admits() and reserve.pauses == 1
 
 
 def test_rate_limited_log_folds_repeats(
@@ -156,21 +191,3 @@ def test_rate_limited_log_folds_repeats(
         "flood from x",
         "flood from y (and 4 more since the last such line)",
     ]
-
-
-def test_freed_memory_goes_back_once_a_wave_of_connections_closed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    trims: list[bool] = []
-    monkeypatch.setattr(connections, "release_free_memory", lambda: trims.append(True) or True)
-    registry = ConnectionRegistry(10000)
-    slots = [registry.admit() for _ in range(1000)]
-    for slot in slots[:499]:
-        slot.release()
-    assert trims == []  # a few hundred fewer: ordinary churn
-    slots[499].release()
-    assert trims == [True]  # half of the peak gone
-    for slot in slots[500:]:
-        slot.release()
-    assert trims == [True, True]  # the other half: per wave, not per connection
-    assert memory.release_free_memory() in (True, False)  # callable on any C library
