@@ -1,41 +1,48 @@
 """Abusive clients against a real port443 process, and what a concurrent normal client sees.
 
-    .venv/bin/python bench/abuse.py [--attackers 1000] [--idle 10500] [--max-connections 10000]
-                                    [--waves 1]
+    .venv/bin/python bench/abuse.py [--only NAME[,NAME]] [--attackers 1000] [--idle 10500]
+                                    [--max-connections 10000] [--waves 1]
 
-For each attack: a normal client makes one request per new TLS connection in a loop (its p50,
-p99 and failures before and during the attack), the proxy's CPU share during it, and its RSS
-before, during and after (3 s after the attackers left). With `--waves N` the same attack then
-comes back N-1 times and the RSS during and after each wave is printed: what one wave leaves
-behind is reused by the next, or it grows. Loopback only; every loop is bounded
-by a count and a time. The open-files limit is raised to its hard limit (the attackers' and
-the proxy's descriptors). Attacks:
-  slow-head      `attackers` TLS handshakes done, then a request head trickled a byte a second
-  partial-hello  `attackers` times 60 bytes of a ClientHello, then nothing
-  slowloris      both of the above at once (`attackers` of each)
-  idle-at-limit  `idle` idle TCP connections against `max_connections`
+For each attack: a normal client (127.0.0.1) makes one request per new TLS connection in a
+loop (its p50, p99 and failures before and during the attack), the proxy's CPU share during
+it, its RSS before, during and after (6 s after the attackers left: the proxy looks
+at its heap every 5 s), and what the attackers
+(127.0.0.2, bench/attacks.py) got. With `--waves N` the same attack then comes back N-1 times
+and the RSS during and after each wave is printed: what one wave leaves behind is reused by
+the next, or it grows. Loopback only; every loop is bounded by a count and a time. The
+open-files limit is raised to its hard limit (the attackers' and the proxy's descriptors).
+The backend is bench/sink.py. A markdown table of every attack run ends the output.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import resource
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import attacks
+from bench.attacks import Attack, Signals, Target
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
-REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+REQUEST = b"GET /ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
 def free_port() -> int:
@@ -56,37 +63,53 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One attack as run here: the attacker, how many, and the proxy it meets."""
+
+    name: str
+    attack: Attack
+    count: int
+    what: str  # for the table: the attack in words
+    config: str = ""  # TOML added to the proxy's configuration
+    window: float | None = None  # seconds of each probe phase, when not --window
+    open_files: int | None = None  # the proxy's RLIMIT_NOFILE, when not the hard limit
+
+
 @dataclass
 class Proxy:
     process: subprocess.Popen[bytes]
-    port: int
-    root_ca: Path
-
-    def context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.root_ca))
-        context.set_alpn_protocols(["http/1.1"])
-        return context
+    target: Target
 
 
 @contextlib.contextmanager
-def running(work: Path, limits: str) -> Iterator[Proxy]:
+def running(work: Path, spec: Spec) -> Iterator[Proxy]:
     backend_port, https = free_port(), free_port()
     config = work / "port443.toml"
     config.write_text(
         f'log_level = "warning"\n[listen]\naddress = "127.0.0.1"\nhttp = 0\nhttps = {https}\n'
         f'[certs]\ndir = "{work / "certs"}"\n[admin]\nenabled = false\n'
-        f"[access_log]\nenabled = false\n[limits]\n{limits}\n"
+        f"[access_log]\nenabled = false\n{spec.config}\n"
         f'[[sites]]\nhosts = ["localhost"]\nupstreams = ["http://127.0.0.1:{backend_port}"]\n'
     )
     log = (work / "proxy.log").open("wb")
     backend = subprocess.Popen(
-        [sys.executable, "-m", "proxy.demo", "--port", str(backend_port)],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "bench" / "sink.py"), str(backend_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def limit_open_files() -> None:
+        if spec.open_files:
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (spec.open_files, hard))
+
     proxy = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "-c", str(config)], cwd=ROOT, stdout=log, stderr=log
+        [sys.executable, "-m", "proxy", "run", "-c", str(config)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+        preexec_fn=limit_open_files,
     )
     try:
         deadline = time.monotonic() + 20
@@ -94,7 +117,7 @@ def running(work: Path, limits: str) -> Iterator[Proxy]:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", https)):
                 break
             time.sleep(0.1)
-        yield Proxy(proxy, https, work / "certs" / "local" / "root.pem")
+        yield Proxy(proxy, Target(https, work / "certs" / "local" / "root.pem"))
     finally:
         for process in (proxy, backend):
             process.terminate()
@@ -111,25 +134,24 @@ class Latencies:
         ordered = sorted(self.values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
-    def summary(self) -> str:
+    def brief(self) -> str:
+        """p50 / p99 and failures, for the table."""
         p50, p99 = self.percentile(0.5), self.percentile(0.99)
         if p50 is None or p99 is None:
             return f"no answers, {self.failures} failures"
-        return (
-            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
-            f"({len(self.values)} requests, {self.failures} failures)"
-        )
+        total = len(self.values) + self.failures
+        return f"{p50 * 1000:.0f} / {p99 * 1000:.0f} ms, {self.failures} of {total} failed"
 
 
-def probe(proxy: Proxy, seconds: float) -> Latencies:
+def probe(target: Target, seconds: float) -> Latencies:
     """A normal client: a new TLS connection and one request at a time, for `seconds`."""
     out = Latencies()
-    context = proxy.context()
+    context = target.context()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         start = time.monotonic()
         try:
-            raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            raw = socket.create_connection(("127.0.0.1", target.port), timeout=5)
             with context.wrap_socket(raw, server_hostname="localhost") as tls:
                 tls.sendall(REQUEST)
                 if not tls.recv(65536).startswith(b"HTTP/1.1 200"):
@@ -141,96 +163,6 @@ def probe(proxy: Proxy, seconds: float) -> Latencies:
     return out
 
 
-def client_hello() -> bytes:
-    outgoing = ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(
-        ssl.MemoryBIO(), outgoing, server_hostname="localhost"
-    )
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
-@dataclass
-class Signals:
-    """Between an attack's thread and `measure`: all attackers connected; the attack is over."""
-
-    ready: threading.Event = field(default_factory=threading.Event)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-
-Attack = Callable[[Proxy, int, Signals], None]
-
-
-def _hold(socks: list[socket.socket], signals: Signals, tick: Callable[[], None]) -> None:
-    signals.ready.set()
-    try:
-        while not signals.stop.wait(1.0):
-            tick()
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def slow_head(proxy: Proxy, count: int, signals: Signals) -> None:
-    context = proxy.context()
-    socks: list[socket.socket] = []
-    for _ in range(count):
-        if signals.stop.is_set():
-            break
-        with contextlib.suppress(OSError):
-            tls = context.wrap_socket(
-                socket.create_connection(("127.0.0.1", proxy.port), timeout=5),
-                server_hostname="localhost",
-            )
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
-            tls.setblocking(False)
-            socks.append(tls)
-
-    def trickle() -> None:
-        for sock in socks:
-            with contextlib.suppress(OSError, ssl.SSLError):
-                sock.send(b"x")
-
-    _hold(socks, signals, trickle)
-
-
-def partial_hello(proxy: Proxy, count: int, signals: Signals) -> None:
-    head = client_hello()[:60]
-    socks = []
-    for _ in range(count):
-        with contextlib.suppress(OSError):
-            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-            sock.sendall(head)
-            socks.append(sock)
-    _hold(socks, signals, lambda: None)
-
-
-def slowloris(proxy: Proxy, count: int, signals: Signals) -> None:
-    """Slow heads and stalled handshakes together, `count` of each."""
-    parts = [Signals(stop=signals.stop) for _ in range(2)]
-    threads = [
-        threading.Thread(target=attack, args=(proxy, count, part))
-        for attack, part in zip((slow_head, partial_hello), parts, strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    for part in parts:
-        while not (part.ready.wait(0.5) or signals.stop.is_set()):
-            pass
-    signals.ready.set()
-    for thread in threads:
-        thread.join()
-
-
-def idle(proxy: Proxy, count: int, signals: Signals) -> None:
-    socks = []
-    for _ in range(count):
-        with contextlib.suppress(OSError):
-            socks.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
-    _hold(socks, signals, lambda: None)
-
-
 def raise_open_files_limit() -> int:
     """The soft limit on open files raised to the hard one (the proxy inherits it)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -240,68 +172,177 @@ def raise_open_files_limit() -> int:
 
 @dataclass
 class Wave:
-    """One wave of an attack: how long the attackers took to connect, and what was measured
-    while they were on (a probe of the normal client, the proxy's CPU share and RSS)."""
+    """One wave of an attack: how long the attackers took to be at full strength, what was
+    measured while they were (the normal client, the proxy's CPU share and RSS), and what
+    they got."""
 
     connected: float = 0.0
     during: Latencies | None = None
     cpu_share: float = 0.0
     rss_during: float = 0.0
     rss_after: float = 0.0
+    got: dict[str, int] = field(default_factory=dict)
 
 
-def attack_wave(proxy: Proxy, attack: Attack, count: int, window: float) -> Wave:
-    """Connect the attackers, measure for `window` s (no probe when 0), let them go; the RSS
-    3 s after they left."""
+def _attack(
+    spec: Spec, target: Target, ready: Event, stop: Event, got: Queue[Counter[str]]
+) -> None:
+    """The attackers' process: their threads never hold the normal client's GIL."""
+    signals = Signals()
+    attacker = threading.Thread(target=spec.attack, args=(target, spec.count, signals))
+    attacker.start()
+    if signals.ready.wait(120):  # every attacker connected (bounded)
+        ready.set()
+    stop.wait(600)
+    signals.stop.set()
+    attacker.join()
+    got.put(signals.got)
+
+
+def attack_wave(proxy: Proxy, spec: Spec, window: float) -> Wave:
+    """Bring the attackers, measure for `window` s (no probe when 0), let them go; the RSS
+    6 s after they left."""
     pid = proxy.process.pid
     result = Wave()
-    signals = Signals()
-    attacker = threading.Thread(target=attack, args=(proxy, count, signals))
-    attacker.start()
+    forked = multiprocessing.get_context("fork")  # the attack (closures) is inherited
+    ready, stop, got = forked.Event(), forked.Event(), forked.Queue()
+    attackers = forked.Process(target=_attack, args=(spec, proxy.target, ready, stop, got))
     connecting = time.monotonic()
-    signals.ready.wait(120)  # every attacker connected (bounded)
+    attackers.start()
+    ready.wait(120)
     result.connected = time.monotonic() - connecting
     time.sleep(1.0)
     if window:
         cpu, wall = cpu_seconds(pid), time.monotonic()
-        result.during = probe(proxy, window)
+        result.during = probe(proxy.target, window)
         result.cpu_share = (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
     result.rss_during = rss_mib(pid)
-    signals.stop.set()
-    attacker.join()
-    time.sleep(3.0)
+    stop.set()
+    result.got = dict(got.get(timeout=120).most_common())
+    attackers.join(30)
+    time.sleep(6.0)
     result.rss_after = rss_mib(pid)
     return result
 
 
-def measure(name: str, attack: Attack, limits: str, count: int, window: float, waves: int) -> None:
+def measure(spec: Spec, window: float, waves: int) -> str:
+    """Runs one attack; prints what was seen, returns its row of the table."""
+    window = spec.window or window
     with (
         tempfile.TemporaryDirectory(prefix="port443-abuse-") as tmp,
-        running(Path(tmp), limits) as proxy,
+        running(Path(tmp), spec) as proxy,
     ):
-        probe(proxy, 1.0)  # warm-up: certificate, pools
-        before = probe(proxy, window)
+        probe(proxy.target, 1.0)  # warm-up: certificate, pools
+        before = probe(proxy.target, window)
         rss_before = rss_mib(proxy.process.pid)
-        first = attack_wave(proxy, attack, count, window)
+        first = attack_wave(proxy, spec, window)
         assert first.during is not None
-        print(
-            f"{name} ({count} attackers, connected in {first.connected:.1f} s; "
-            f"{limits.strip() or 'default limits'}):"
-        )
-        print(f"  normal client before: {before.summary()}")
-        print(f"  normal client during: {first.during.summary()}")
-        print(
-            f"  proxy CPU during: {first.cpu_share * 100:.0f}%; RSS before {rss_before:.0f} MiB, "
-            f"during {first.rss_during:.0f} MiB, after {first.rss_after:.0f} MiB",
-            flush=True,
-        )
+        got = ", ".join(f"{what}: {n:,}" for what, n in first.got.items())
+        rss = f"{rss_before:.0f} / {first.rss_during:.0f} / {first.rss_after:.0f} MiB"
+        print(f"{spec.name} ({spec.what}; at full strength in {first.connected:.1f} s):")
+        print(f"  normal client before: {before.brief()}")
+        print(f"  normal client during: {first.during.brief()}")
+        print(f"  proxy CPU during: {first.cpu_share * 100:.0f}%; RSS before/during/after {rss}")
+        print(f"  the attackers got: {got}", flush=True)
         for number in range(2, waves + 1):
-            again = attack_wave(proxy, attack, count, 0)
+            again = attack_wave(proxy, spec, 0)
+            rss += f"; wave {number}: {again.rss_during:.0f} / {again.rss_after:.0f}"
             print(
                 f"  wave {number}: RSS during {again.rss_during:.0f} MiB, "
                 f"after {again.rss_after:.0f} MiB",
                 flush=True,
             )
+        return (
+            f"| {spec.name}: {spec.what} | {got} | {before.brief()} | {first.during.brief()} "
+            f"| {first.cpu_share * 100:.0f}% | {rss} |"
+        )
+
+
+def specs(args: argparse.Namespace) -> list[Spec]:
+    n = args.attackers
+    return [
+        Spec(
+            "slow-head",
+            attacks.slow_head,
+            n,
+            f"{n:,} TLS clients trickling a request head, a byte a second",
+        ),
+        Spec(
+            "partial-hello",
+            attacks.partial_hello,
+            n,
+            f"{n:,} connections with 60 bytes of a ClientHello, then silent",
+        ),
+        Spec(
+            "slowloris", attacks.slowloris, n, f"slow-head and partial-hello at once, {n:,} of each"
+        ),
+        Spec(
+            "idle-at-limit",
+            attacks.idle,
+            args.idle,
+            f"{args.idle:,} idle TCP connections, `max_connections = {args.max_connections}`",
+            f"[limits]\nmax_connections = {args.max_connections}\n",
+        ),
+        Spec(
+            "connections-per-ip",
+            attacks.idle,
+            n,
+            f"{n:,} idle TCP connections from one address, `max_connections_per_ip = 100`",
+            "[limits]\nmax_connections_per_ip = 100\n",
+        ),
+        Spec(
+            "request-rate",
+            attacks.in_threads(attacks.request_flood),
+            4,
+            "4 keep-alive connections sending requests back to back, "
+            "`requests_per_second_per_ip = 100`",
+            "[limits]\nrequests_per_second_per_ip = 100\n",
+        ),
+        Spec(
+            "open-files",
+            attacks.idle,
+            2000,
+            "2,000 idle TCP connections against a proxy allowed 1,024 open files",
+            open_files=1024,
+        ),
+        Spec(
+            "rapid-reset",
+            attacks.flood(attacks.rapid_reset, "HEADERS + RST_STREAM sent"),
+            4,
+            "HTTP/2 rapid reset: 4 connections at a time, requests each cancelled at once",
+        ),
+        Spec(
+            "made-you-reset",
+            attacks.flood(attacks.made_you_reset, "malformed requests sent"),
+            4,
+            "HTTP/2 MadeYouReset: 4 connections at a time, requests the proxy must reset",
+        ),
+        Spec(
+            "control-frames",
+            attacks.flood(attacks.control_frames, "PING and SETTINGS sent"),
+            4,
+            "HTTP/2 PING and SETTINGS floods, acknowledgements never read, 4 connections",
+        ),
+        Spec(
+            "continuation",
+            attacks.flood(attacks.continuation, "CONTINUATION frames sent"),
+            4,
+            "HTTP/2 header block without end, 16 KiB CONTINUATION frames, 4 connections",
+        ),
+        Spec(
+            "hpack-bomb",
+            attacks.flood(attacks.hpack_bomb, "bomb requests sent"),
+            4,
+            "HTTP/2 6 KB header blocks that decode to 8 MB, 4 connections",
+        ),
+        Spec(
+            "zero-window",
+            attacks.in_threads(attacks.zero_window),
+            5,
+            "HTTP/2 5 connections x 100 streams for 1 MB each, window 0 never opened",
+            window=12.0,
+        ),
+    ]
 
 
 def main() -> None:
@@ -311,20 +352,22 @@ def main() -> None:
     parser.add_argument("--max-connections", type=int, default=10000)
     parser.add_argument("--window", type=float, default=6.0, help="seconds per probe phase")
     parser.add_argument("--waves", type=int, default=1, help="attacks in a row on one proxy")
-    parser.add_argument(
-        "--only", choices=("slow-head", "partial-hello", "slowloris", "idle-at-limit")
-    )
+    parser.add_argument("--only", help="attacks to run, by name, comma-separated")
     args = parser.parse_args()
+    chosen = specs(args)
+    if args.only:
+        names = args.only.split(",")
+        unknown = set(names) - {spec.name for spec in chosen}
+        if unknown:
+            parser.error(f"no attack named {', '.join(sorted(unknown))}")
+        chosen = [spec for spec in chosen if spec.name in names]
     print(f"open files limit: {raise_open_files_limit()}")
-    attacks: list[tuple[str, Attack, str, int]] = [
-        ("slow-head", slow_head, "", args.attackers),
-        ("partial-hello", partial_hello, "", args.attackers),
-        ("slowloris", slowloris, "", args.attackers),
-        ("idle-at-limit", idle, f"max_connections = {args.max_connections}\n", args.idle),
-    ]
-    for name, attack, limits, count in attacks:
-        if args.only in (None, name):
-            measure(name, attack, limits, count, args.window, args.waves)
+    rows = [measure(spec, args.window, args.waves) for spec in chosen]
+    print(
+        "\n| attack | the attackers got | normal client before: p50 / p99 | during "
+        "| proxy CPU during | RSS before / during / after |\n|---|---|---|---|---|---|"
+    )
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

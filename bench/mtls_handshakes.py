@@ -13,6 +13,7 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `proxy` and `tests` importable
@@ -29,8 +30,12 @@ def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> None:
     to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = client_ctx.wrap_bio(to_client, to_server, server_hostname="localhost")
     server = server_ctx.wrap_bio(to_server, to_client, server_side=True)
-    steps = [client.do_handshake, server.do_handshake, lambda: server.write(b"x")]
-    steps.append(lambda: client.read(1))
+    steps: list[Callable[[], object]] = [
+        client.do_handshake,
+        server.do_handshake,
+        lambda: server.write(b"x"),
+        lambda: client.read(1),
+    ]
     while steps:
         for step in list(steps):
             try:
