@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, SettingsFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
 
 from proxy.config import Http2Config
 from proxy.http.h2_guard import EnhanceYourCalm, FloodGuard, RateCap
@@ -15,7 +21,7 @@ LIMIT = 20000
 def _feed(data: bytes, step: int) -> None:
     guard = FloodGuard(Http2Config(max_header_list_size=LIMIT))
     for start in range(0, len(data), step):
-        guard.received(data[start : start + step])
+        guard.received(data[start : start + step], 0.0)
 
 
 def _block(*sizes: int, ended: bool) -> bytes:
@@ -54,3 +60,23 @@ def test_rate_cap_counts_per_second() -> None:
     with pytest.raises(EnhanceYourCalm, match="more than 2 pings per second"):
         cap.hit(10.9)
     cap.hit(11.1)  # a new window
+
+
+@pytest.mark.parametrize("step", [1, 9, 1 << 20])
+def test_the_clients_resets_are_counted_before_h2_parses_the_read(step: int) -> None:
+    """Rapid reset: the 201st RST_STREAM within a second is refused as it is seen, so h2
+    never decodes the header blocks of the read that brought it."""
+    pairs = [
+        HeadersFrame(n, data=bytes(30), flags=["END_HEADERS", "END_STREAM"]).serialize()
+        + RstStreamFrame(n, error_code=8).serialize()
+        for n in range(1, 403, 2)
+    ]
+    guard = FloodGuard(Http2Config(max_resets_per_second=200))
+    data = PREFACE + b"".join(pairs[:200])
+    for start in range(0, len(data), step):
+        guard.received(data[start : start + step], 5.0)
+    with pytest.raises(EnhanceYourCalm, match="more than 200 stream resets per second"):
+        guard.received(pairs[200], 5.5)
+    guard = FloodGuard(Http2Config(max_resets_per_second=200))
+    guard.received(data, 5.0)
+    guard.received(pairs[200], 6.0)  # the next second: a new count

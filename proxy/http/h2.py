@@ -313,7 +313,7 @@ class H2ServerSession(Session[H2ServerStream]):
     # -- the flood guard ---------------------------------------------------------------------
 
     def _inspect(self, data: bytes) -> None:
-        self._guard.received(data)
+        self._guard.received(data, trio.current_time())
 
     def _on_control_frame(self, event: h2.events.Event) -> None:
         self._guard.control.hit(trio.current_time())
@@ -330,10 +330,6 @@ class H2ServerSession(Session[H2ServerStream]):
         if not event.data and not event.stream_ended:
             self._guard.control.hit(trio.current_time())  # empty DATA flood (CVE-2019-9518)
         super()._on_data(event)
-
-    def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
-        super()._on_stream_reset(event)
-        self._guard.resets.hit(trio.current_time())
 
     # -- streams -----------------------------------------------------------------------------
 
