@@ -5,8 +5,8 @@
 
 For each attack: a normal client (127.0.0.1) makes one request per new TLS connection in a
 loop (its p50, p99 and failures before and during the attack), the proxy's CPU share during
-it, its RSS before, during and after (6 s after the attackers left: the proxy looks
-at its heap every 5 s), and what the attackers
+it, its RSS before, during and after (11 s after the attackers left: the proxy
+looks at its heap every 5 s), and what the attackers
 (127.0.0.2, bench/attacks.py) got. With `--waves N` the same attack then comes back N-1 times
 and the RSS during and after each wave is printed: what one wave leaves behind is reused by
 the next, or it grows. Loopback only; every loop is bounded by a count and a time. The
@@ -201,7 +201,7 @@ def _attack(
 
 def attack_wave(proxy: Proxy, spec: Spec, window: float) -> Wave:
     """Bring the attackers, measure for `window` s (no probe when 0), let them go; the RSS
-    6 s after they left."""
+    11 s after they left (two of the proxy's looks at its heap)."""
     pid = proxy.process.pid
     result = Wave()
     forked = multiprocessing.get_context("fork")  # the attack (closures) is inherited
@@ -220,7 +220,7 @@ def attack_wave(proxy: Proxy, spec: Spec, window: float) -> Wave:
     stop.set()
     result.got = dict(got.get(timeout=120).most_common())
     attackers.join(30)
-    time.sleep(6.0)
+    time.sleep(11.0)
     result.rss_after = rss_mib(pid)
     return result
 
