@@ -5,11 +5,13 @@ Samples are recorded from h2load 1.52 and Linux 6.x; nothing here starts a proce
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame
 
-from bench import load, procstat, report, targets
+from bench import attacks, load, procstat, report, targets
 from bench.memory import IdleMemory
 from proxy.config_load import load_config
 
@@ -238,3 +240,28 @@ def test_page_shows_the_worker_spread_and_the_skipped_workers(page: str) -> None
     assert "- port443 2w: this port443 does not accept [server] workers = 2 yet" in page
     assert "![cpu-per-request](benchmarks/cpu-per-request.png)" in page
     assert "(not run: --no-sweep)" in page
+
+
+def test_attackers_read_http2_frames_by_their_headers_across_reads() -> None:
+    """What bench/abuse.py reports an HTTP/2 attacker got: responses, resets, GOAWAY."""
+    frames = (
+        HeadersFrame(1, data=b"\x88", flags=["END_HEADERS"]).serialize()
+        + RstStreamFrame(3, error_code=8).serialize()
+        + GoAwayFrame(0, last_stream_id=3, error_code=11).serialize()
+    )
+    reader = attacks.FrameReader()
+    assert reader.ending() == "closed without GOAWAY"
+    for at in range(0, len(frames), 5):  # frame headers split across reads
+        reader.feed(frames[at : at + 5])
+    assert (reader.heads, reader.resets) == (1, 1)
+    assert reader.ending() == "GOAWAY ENHANCE_YOUR_CALM"
+    reader.feed(GoAwayFrame(0, error_code=0xFF).serialize())
+    assert reader.ending() == "GOAWAY 255"  # a code h2 does not name
+
+
+def test_attackers_read_http1_responses_whole() -> None:
+    answers = io.BytesIO(
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 5\r\n\r\nslow!"
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    )
+    assert [attacks.read_status(answers), attacks.read_status(answers)] == [429, 200]
