@@ -10,8 +10,9 @@ passes only walked requests in flight (GC time per request about halved, pauses 
 glibc's malloc keeps what many small frees left in its heaps for reuse, so after 1,000 slow
 clients or 500 stalled large responses come and go the process keeps their RSS (measured:
 54 -> 76 MiB, and it stayed). `give_back_free_memory` looks every 5 s and returns the free
-pages once RSS has risen 8 MiB and that much of the heap is free (4 ms for 100 MiB). It is
-glibc's (`mallinfo2`, `malloc_trim`), so elsewhere (musl) it does nothing.
+pages once a wave has gone: 8 MiB of the heap free, and 8 MiB more than at its fullest
+since the last trim, or RSS up 8 MiB since (a trim of 100 MiB takes 4 ms). It is glibc's
+(`mallinfo2`, `malloc_trim`), so elsewhere (musl) it does nothing.
 """
 
 from __future__ import annotations
@@ -59,17 +60,12 @@ def _glibc() -> tuple[Callable[[int], int], Callable[[], _MallInfo2]] | None:
 
 _GLIBC = _glibc()
 TRIM_INTERVAL = 5.0  # seconds between looks at the heap
-TRIM_THRESHOLD = 8 << 20  # bytes: RSS risen by, and heap free, before a trim is worth it
+TRIM_THRESHOLD = 8 << 20  # bytes free, freed since the heap was fullest or RSS grew by
 
 
 def free_heap_bytes() -> int | None:
     """Bytes malloc holds free for reuse; None where the C library does not say."""
     return None if _GLIBC is None else int(_GLIBC[1]().fordblks)
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * PAGE_SIZE
 
 
 def release_free_memory() -> bool:
@@ -81,19 +77,31 @@ def release_free_memory() -> bool:
 
 
 class HeapTrimmer:
-    """When a trim is worth it: RSS has risen `threshold` above its lowest since the last
-    trim (a wave came), and at least that much of the heap is free (it went)."""
+    """When a trim is worth it: `threshold` of the heap is free and a wave has gone since
+    the last trim. Either the heap holds that much more free than at its fullest since
+    (seen at a look), or RSS grew that much since (a wave between two looks used the pages
+    given back, and freed them again). What was trimmed already does not count again."""
 
     def __init__(self, threshold: int = TRIM_THRESHOLD) -> None:
         self.threshold = threshold
-        self._floor = math.inf
+        self._least_free = math.inf
+        self._least_resident = math.inf
 
-    def due(self, resident: int, free: int) -> bool:
-        self._floor = min(self._floor, resident)
-        return resident - self._floor >= self.threshold and free >= self.threshold
+    def due(self, free: int, resident: int) -> bool:
+        self._least_free = min(self._least_free, free)
+        self._least_resident = min(self._least_resident, resident)
+        threshold = self.threshold
+        return free >= threshold and (
+            free - self._least_free >= threshold or resident - self._least_resident >= threshold
+        )
 
-    def trimmed(self, resident: int) -> None:
-        self._floor = resident
+    def trimmed(self, free: int, resident: int) -> None:
+        self._least_free, self._least_resident = free, resident
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * PAGE_SIZE
 
 
 async def give_back_free_memory(interval: float = TRIM_INTERVAL) -> None:
@@ -102,6 +110,6 @@ async def give_back_free_memory(interval: float = TRIM_INTERVAL) -> None:
     while True:
         await trio.sleep(interval)
         free = free_heap_bytes()
-        if free is not None and trimmer.due(resident_bytes(), free):
+        if free is not None and trimmer.due(free, resident_bytes()):
             release_free_memory()
-            trimmer.trimmed(resident_bytes())
+            trimmer.trimmed(free, resident_bytes())
