@@ -258,6 +258,11 @@ def measure(spec: Spec, window: float, waves: int) -> str:
         )
 
 
+def flood(name: str, burst: attacks.Burst, unit: str, what: str) -> Spec:
+    """An HTTP/2 flood from 4 connections at a time, a new one as the proxy ends each."""
+    return Spec(name, attacks.flood(burst, unit), 4, f"HTTP/2 {what}, 4 connections at a time")
+
+
 def specs(args: argparse.Namespace) -> list[Spec]:
     n = args.attackers
     return [
@@ -305,35 +310,35 @@ def specs(args: argparse.Namespace) -> list[Spec]:
             "2,000 idle TCP connections against a proxy allowed 1,024 open files",
             open_files=1024,
         ),
-        Spec(
+        flood(
             "rapid-reset",
-            attacks.flood(attacks.rapid_reset, "HEADERS + RST_STREAM sent"),
-            4,
-            "HTTP/2 rapid reset: 4 connections at a time, requests each cancelled at once",
+            attacks.rapid_reset,
+            "HEADERS + RST_STREAM sent",
+            "rapid reset: requests each cancelled at once",
         ),
-        Spec(
+        flood(
             "made-you-reset",
-            attacks.flood(attacks.made_you_reset, "malformed requests sent"),
-            4,
-            "HTTP/2 MadeYouReset: 4 connections at a time, requests the proxy must reset",
+            attacks.made_you_reset,
+            "malformed requests sent",
+            "MadeYouReset: requests the proxy must reset",
         ),
-        Spec(
+        flood(
             "control-frames",
-            attacks.flood(attacks.control_frames, "PING and SETTINGS sent"),
-            4,
-            "HTTP/2 PING and SETTINGS floods, acknowledgements never read, 4 connections",
+            attacks.control_frames,
+            "PING and SETTINGS sent",
+            "PING and SETTINGS floods, acknowledgements never read",
         ),
-        Spec(
+        flood(
             "continuation",
-            attacks.flood(attacks.continuation, "CONTINUATION frames sent"),
-            4,
-            "HTTP/2 header block without end, 16 KiB CONTINUATION frames, 4 connections",
+            attacks.continuation,
+            "CONTINUATION frames sent",
+            "header block without end, 16 KiB CONTINUATION frames",
         ),
-        Spec(
+        flood(
             "hpack-bomb",
-            attacks.flood(attacks.hpack_bomb, "bomb requests sent"),
-            4,
-            "HTTP/2 6 KB header blocks that decode to 8 MB, 4 connections",
+            attacks.hpack_bomb,
+            "bomb requests sent",
+            "6 KB header blocks that decode to 8 MB",
         ),
         Spec(
             "zero-window",
