@@ -165,6 +165,7 @@ async def test_at_the_reserve_clients_are_let_in_as_soon_as_idle_ones_have_close
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(connections, "open_descriptors", lambda: 150)  # never recounted lower
+    monkeypatch.setattr(connections.time, "monotonic", lambda: 0.0)  # no recount: however slow
     monkeypatch.setattr(connections.resource, "getrlimit", lambda _: (200, 200))
     registry = ConnectionRegistry(10000)
     reserve = DescriptorReserve(64, registry)
