@@ -21,7 +21,7 @@ LIMIT = 20000
 def _feed(data: bytes, step: int) -> None:
     guard = FloodGuard(Http2Config(max_header_list_size=LIMIT))
     for start in range(0, len(data), step):
-        guard.received(data[start : start + step], 0.0)
+        guard.received(data[start : start + step], lambda: 0.0)
 
 
 def _block(*sizes: int, ended: bool) -> bytes:
@@ -74,9 +74,9 @@ def test_the_clients_resets_are_counted_before_h2_parses_the_read(step: int) -> 
     guard = FloodGuard(Http2Config(max_resets_per_second=200))
     data = PREFACE + b"".join(pairs[:200])
     for start in range(0, len(data), step):
-        guard.received(data[start : start + step], 5.0)
+        guard.received(data[start : start + step], lambda: 5.0)
     with pytest.raises(EnhanceYourCalm, match="more than 200 stream resets per second"):
-        guard.received(pairs[200], 5.5)
+        guard.received(pairs[200], lambda: 5.5)
     guard = FloodGuard(Http2Config(max_resets_per_second=200))
-    guard.received(data, 5.0)
-    guard.received(pairs[200], 6.0)  # the next second: a new count
+    guard.received(data, lambda: 5.0)
+    guard.received(pairs[200], lambda: 6.0)  # the next second: a new count

@@ -313,7 +313,7 @@ class H2ServerSession(Session[H2ServerStream]):
     # -- the flood guard ---------------------------------------------------------------------
 
     def _inspect(self, data: bytes) -> None:
-        self._guard.received(data, trio.current_time())
+        self._guard.received(data, trio.current_time)
 
     def _on_control_frame(self, event: h2.events.Event) -> None:
         self._guard.control.hit(trio.current_time())

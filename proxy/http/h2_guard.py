@@ -12,6 +12,8 @@ An offender gets GOAWAY(ENHANCE_YOUR_CALM) and is closed; other connections are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from proxy.config import Http2Config
 
 PREFACE_BYTES = 24  # "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -64,11 +66,12 @@ class FloodGuard:
         self._skip = PREFACE_BYTES  # bytes before the next frame header
         self._head = b""  # a frame header split across reads
 
-    def received(self, data: bytes, now: float) -> None:
+    def received(self, data: bytes, clock: Callable[[], float]) -> None:
         """Follow the frame headers in `data` (payloads are skipped, h2 parses them);
         raises EnhanceYourCalm for an oversized header block, or past the client's resets
         per second. Counted here, a rapid reset ends before h2 decodes the header blocks of
-        the read that crossed the line (one read may hold 2,000 of them: 100 ms of work)."""
+        the read that crossed the line (one read may hold 2,000 of them: 100 ms of work). The
+        clock is read only for a reset, not for every read."""
         if self._head:
             data = self._head + data
             self._head = b""
@@ -84,7 +87,7 @@ class FloodGuard:
                 elif self._block > self._block_limit:
                     raise EnhanceYourCalm(f"header block beyond {self._block_limit} bytes")
             elif kind == RST_STREAM:
-                self.resets.hit(now)
+                self.resets.hit(clock())
             pos += FRAME_HEADER_BYTES + length
         if pos < size:
             self._head = data[pos:]
