@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
-import os
 import resource
 import socket
 import subprocess
@@ -37,30 +36,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import attacks
+from bench import attacks, procstat
 from bench.attacks import Attack, Signals, Target
+from bench.targets import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
 REQUEST = b"GET /ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return procstat.seconds(sum(procstat.tree_ticks(pid).values()))
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return procstat.tree_rss(pid) / (1 << 20)
 
 
 @dataclass(frozen=True)

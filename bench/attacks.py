@@ -16,10 +16,10 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import h2.config
 import h2.connection
@@ -30,6 +30,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame
 ATTACKER_IP = "127.0.0.2"
 SEND_TIMEOUT = 2.0  # a send blocked this long: the proxy stopped reading this connection
 HEADERS, RST_STREAM, GOAWAY = 0x1, 0x3, 0x7
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,19 @@ def in_threads(attacker: Callable[[Target, Signals], None]) -> Attack:
         together([functools.partial(attacker, target)] * count, signals)
 
     return attack
+
+
+def one_after_another(signals: Signals, open_one: Callable[[], T]) -> Iterator[T]:
+    """The connections of a one-at-a-time attacker: the next once the last has ended, until
+    the attack stops; a failed connect or handshake is counted and tried again shortly."""
+    while not signals.stop.is_set():
+        try:
+            connection = open_one()
+        except OSError:
+            signals.count("connect or handshake failed")
+            time.sleep(0.1)
+            continue
+        yield connection
 
 
 # Connections held open: what the proxy did with them is read when the attack ends.
@@ -205,13 +219,10 @@ def read_status(reader: BinaryIO) -> int:
 def request_flood(target: Target, signals: Signals) -> None:
     """Keep-alive requests back to back, a new connection whenever one ends."""
     context = target.context()
-    while not signals.stop.is_set():
-        try:
-            tls = context.wrap_socket(connect(target), server_hostname="localhost")
-        except OSError:
-            signals.count("connect or handshake failed")
-            time.sleep(0.1)
-            continue
+    handshakes = one_after_another(
+        signals, lambda: context.wrap_socket(connect(target), server_hostname="localhost")
+    )
+    for tls in handshakes:
         signals.ready.set()
         with tls, tls.makefile("rb") as reader:
             try:
@@ -321,13 +332,7 @@ def flood(burst: Burst, unit: str) -> Attack:
     units sent and how each connection ended."""
 
     def attacker(target: Target, signals: Signals) -> None:
-        while not signals.stop.is_set():
-            try:
-                peer = H2Attacker(target)
-            except OSError:
-                signals.count("connect or handshake failed")
-                time.sleep(0.1)
-                continue
+        for peer in one_after_another(signals, lambda: H2Attacker(target)):
             signals.ready.set()
             with peer.sock:
                 signals.count(_flood_one(peer, burst, unit, signals))
@@ -406,13 +411,8 @@ def hpack_bomb(peer: H2Attacker) -> int:
 def zero_window(target: Target, signals: Signals) -> None:
     """100 streams asking for 1 MB each, with a window of 0 that is never opened; a new
     connection when the proxy ends one."""
-    while not signals.stop.is_set():
-        try:
-            peer = H2Attacker(target, {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-        except OSError:
-            signals.count("connect or handshake failed")
-            time.sleep(0.1)
-            continue
+    closed_window: dict[int, int] = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    for peer in one_after_another(signals, lambda: H2Attacker(target, closed_window)):
         with peer.sock:
             for _ in range(100):
                 peer.conn.send_headers(
