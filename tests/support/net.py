@@ -30,12 +30,15 @@ def free_ports(count: int, *, besides: tuple[int, ...] = ()) -> list[int]:
         return ports
 
 
-def free_dns_port() -> int:
-    """A loopback port free for both TCP and UDP right now, as a DNS server needs."""
+def free_dns_port(*, besides: tuple[int, ...] = ()) -> int:
+    """A loopback port free for both TCP and UDP right now, as a DNS server needs; none of
+    `besides` (ports chosen for its neighbours, not bound yet)."""
     while True:
         with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             tcp.bind(("127.0.0.1", 0))
             port = int(tcp.getsockname()[1])
+            if port in besides:
+                continue
             try:
                 udp.bind(("127.0.0.1", port))
             except OSError:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.support.net import free_dns_port, free_port
+from tests.support.net import free_dns_port, free_ports
 from tests.support.slow import require_slow
 
 START_TIMEOUT = 15.0
@@ -87,8 +87,9 @@ def run_pebble(
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
 
-    acme_port, management_port, dns_management_port = (free_port() for _ in range(3))
-    dns_port = free_dns_port()
+    # Chosen together: Pebble, its management port and the DNS server must not collide.
+    acme_port, management_port, dns_management_port = ports = free_ports(3)
+    dns_port = free_dns_port(besides=tuple(ports))
     config: dict[str, object] = {
         "listenAddress": f"127.0.0.1:{acme_port}",
         "managementListenAddress": f"127.0.0.1:{management_port}",
